@@ -1,0 +1,1 @@
+"""Thin entry points, one per DVC stage, and the typer CLI."""
