@@ -1,0 +1,239 @@
+"""Typed schema of params.yaml, grouped by stage, with `a.b=c` overrides.
+
+params.yaml is the single source of truth. Every stage reads it through `load_params`, so an
+unknown key, a wrong type or an out-of-range value fails the same way everywhere: one line that
+names the key. Overrides use the syntax of `dvc exp run -S` (`train.lr=3e-4`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SCHEDULES = ("linear", "cosine", "loglinear", "spindle", "spindle_paper")
+TIME_DESIGNS = ("none", "prefix", "layerwise", "embedding")
+
+
+class ParamsError(ValueError):
+    """A params file or override that does not fit the schema; the message names the key."""
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataParams(_Group):
+    """`prepare` stage: where text comes from and how it is cut into sequences."""
+
+    source: Literal["lm1b_mirror", "lm1b_hub", "text_files", "hub"] = "lm1b_mirror"
+    mirror_dir: str = "../shared/data/lm1b"
+    train_shards: list[int] = Field(default_factory=lambda: [10, 11, 12])
+    test_shards: list[int] = Field(default_factory=lambda: [13])
+    train_files: list[str] = Field(default_factory=list)
+    validation_files: list[str] = Field(default_factory=list)
+    test_files: list[str] = Field(default_factory=list)
+    hub_name: str | None = None
+    hub_config: str | None = None
+    text_column: str = "text"
+    validation_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    max_sentences: int | None = Field(None, ge=1)
+    max_seq_len: int = Field(64, ge=3, le=4096)
+    seed: int = 0
+
+
+class ModelParams(_Group):
+    """Which BERT initialises the denoiser, and how the time step enters it (PAPER §5)."""
+
+    name_or_path: str = "default"
+    time_design: Literal["none", "prefix", "layerwise", "embedding"] = "none"
+    random_init: bool = False
+    # Shape of a randomly initialised BERT (used only when name_or_path == "random").
+    hidden_size: int = Field(384, ge=8)
+    num_layers: int = Field(6, ge=1)
+    num_heads: int = Field(12, ge=1)
+    intermediate_size: int = Field(1536, ge=8)
+    head_init_seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> "ModelParams":
+        if self.hidden_size % self.num_heads:
+            raise ValueError("model.hidden_size must be divisible by model.num_heads")
+        return self
+
+
+class DiffusionParams(_Group):
+    """`schedule` stage: the forward process and its noise schedule (PAPER §2-§3)."""
+
+    schedule: Literal["linear", "cosine", "loglinear", "spindle", "spindle_paper"] = "spindle"
+    num_timesteps: int = Field(2048, ge=1, le=1_000_000)
+    spindle_lambda: float = Field(0.3, ge=0.0)
+    loglinear_eps: float = Field(1e-3, gt=0.0, lt=1.0)
+    hybrid_lambda: float = Field(0.01, ge=0.0)
+
+
+class TrainParams(_Group):
+    """`train` stage: optimisation and the Ray Train scaling."""
+
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(5e-5, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_steps: int = Field(50, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    grad_clip: float = Field(1.0, ge=0.0)
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    packed: bool = False
+    seed: int = 0
+    eval_every: int = Field(100, ge=1)
+    eval_batches: int = Field(4, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+    num_workers: int = Field(0, ge=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    max_failures: int = Field(2, ge=0)
+
+
+class EvalParams(_Group):
+    """`evaluate` stage: the bound on the test split and generation quality (PAPER §7)."""
+
+    full: bool = False
+    num_sequences: int = Field(256, ge=1)
+    batch_size: int = Field(32, ge=1)
+    bound_steps: int = Field(32, ge=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    num_samples: int = Field(64, ge=1)
+    sample_length: int = Field(0, ge=0)  # 0: sample lengths from the training histogram
+    sample_steps: int = Field(128, ge=1)
+    top_k: int = Field(30, ge=0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, gt=0.0)
+    num_references: int = Field(1000, ge=1)
+    sample_seed: int = 0
+
+
+class TuneParams(_Group):
+    """`tune` stage (opt-in): Ray Tune over the time design and, when asked, lr and lambda."""
+
+    time_designs: list[Literal["none", "prefix", "layerwise", "embedding"]] = Field(
+        default_factory=lambda: list(TIME_DESIGNS)
+    )
+    lrs: list[float] = Field(default_factory=list)
+    spindle_lambdas: list[float] = Field(default_factory=list)
+    num_samples: int = Field(1, ge=1)
+    steps: int = Field(200, ge=1)
+    grace_period: int = Field(50, ge=1)
+    max_concurrent: int = Field(1, ge=1)
+
+
+class TrackingParams(_Group):
+    """MLflow: one experiment for every stage."""
+
+    experiment: str = "diffusionbert"
+
+
+class Params(_Group):
+    data: DataParams = Field(default_factory=DataParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    diffusion: DiffusionParams = Field(default_factory=DiffusionParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvalParams = Field(default_factory=EvalParams)
+    tune: TuneParams = Field(default_factory=TuneParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+
+    @model_validator(mode="after")
+    def _spindle_keeps_alpha_monotone(self) -> "Params":
+        # Imported lazily: the bound lives with the schedules, which need torch.
+        from pipeline.diffusion.schedules import max_spindle_lambda
+
+        d = self.diffusion
+        if d.schedule == "spindle" and d.spindle_lambda > max_spindle_lambda(d.num_timesteps):
+            raise ValueError(
+                f"diffusion.spindle_lambda={d.spindle_lambda} breaks monotonicity of alpha_t for "
+                f"T={d.num_timesteps}: it must be <= {max_spindle_lambda(d.num_timesteps):.4f}"
+            )
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """Flattened `group.key` -> value, for MLflow params."""
+        out: dict[str, Any] = {}
+        for group, values in self.model_dump().items():
+            for key, value in values.items():
+                out[f"{group}.{key}"] = value
+        return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (["a", "b"], c) with c parsed as YAML (so 3e-4, true, [1,2] work)."""
+    if "=" not in text:
+        raise ParamsError(f"override {text!r} is not of the form key=value (e.g. train.lr=3e-4)")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ParamsError(f"override {text!r} has an empty key")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str) and _looks_like_float(value):
+        value = float(value)  # YAML 1.1 reads 3e-4 as a string
+    return path, value
+
+
+def _looks_like_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each `a.b=c` in a nested dict; an unknown group or key is caught by validation."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ParamsError(f"override {item!r}: {part!r} is not a group")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def params_from_dict(raw: dict[str, Any]) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_describe(err)) from None
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read and validate params.yaml (missing file -> defaults only when path is None)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ParamsError(f"params file {p} does not exist")
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ParamsError(f"params file {p} must hold a mapping of stage groups")
+        raw = loaded or {}
+    return params_from_dict(apply_overrides(raw, list(overrides or [])))
+
+
+def _describe(err: ValidationError) -> str:
+    """One line per problem, each naming the dotted key."""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "params"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        given = e.get("input")
+        suffix = f" (got {given!r})" if e["type"] != "extra_forbidden" and not isinstance(given, dict) else ""
+        lines.append(f"{key}: {msg}{suffix}")
+    return "invalid params: " + "; ".join(lines)

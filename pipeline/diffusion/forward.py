@@ -1,0 +1,76 @@
+"""Forward process q(x_t | x0) of absorbing-state diffusion, and time sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from pipeline.diffusion.schedules import Schedule
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """Ids the diffusion treats specially: `mask` absorbs; `never_masked` are never noised and
+    never generated ([CLS], [SEP], [PAD], and any other special token but [UNK])."""
+
+    mask: int
+    pad: int
+    never_masked: tuple[int, ...]
+
+    @property
+    def forbidden_outputs(self) -> tuple[int, ...]:
+        """Ids the denoiser may never predict as x0 (SUBS): never-masked ones and [MASK]."""
+        return tuple(sorted(set(self.never_masked) | {self.mask}))
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> "SpecialIds":
+        specials = set(tokenizer.all_special_ids) - {tokenizer.mask_token_id}
+        if tokenizer.unk_token_id is not None:
+            specials.discard(tokenizer.unk_token_id)
+        return cls(mask=tokenizer.mask_token_id, pad=tokenizer.pad_token_id, never_masked=tuple(sorted(specials)))
+
+
+def content_mask(ids: Tensor, special: SpecialIds, attention_mask: Tensor | None = None) -> Tensor:
+    """True where a position holds real content that the forward process may mask. [B, L]"""
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    for i in special.never_masked:
+        keep &= ids != i
+    if attention_mask is not None:
+        keep &= attention_mask.bool()
+    return keep
+
+
+def stratified_times(batch: int, num_timesteps: int, generator: torch.Generator | None = None) -> Tensor:
+    """Integer t in 1..T, one per row, stratified t_i = ceil(T (u + i) / B) to cut variance. [B]"""
+    u = torch.rand((), generator=generator, dtype=torch.float64)
+    frac = (u + torch.arange(batch, dtype=torch.float64)) / batch  # [B] in (0, 1)
+    return (frac * num_timesteps).ceil().clamp(1, num_timesteps)
+
+
+def stratified_continuous_times(
+    batch: int, num_timesteps: int, eps: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """Continuous t (in steps) with t/T ~ U[eps, 1], stratified across the batch. [B]"""
+    u = torch.rand((), generator=generator, dtype=torch.float64)
+    frac = (u + torch.arange(batch, dtype=torch.float64)) / batch
+    return (eps + (1.0 - eps) * frac) * num_timesteps
+
+
+def q_sample(
+    x0: Tensor,
+    t: Tensor,
+    schedule: Schedule,
+    maskable: Tensor,
+    mask_id: int,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Noise x0 [B, L] to step t [B]: each maskable position stays with prob alpha_t(x0_i).
+
+    Returns (x_t [B, L], masked [B, L] bool).
+    """
+    alpha = schedule.alpha(t, x0, maskable)  # [B, L] float64
+    u = torch.rand(x0.shape, generator=generator, dtype=torch.float64)
+    masked = maskable & (u >= alpha)
+    return torch.where(masked, torch.full_like(x0, mask_id), x0), masked

@@ -1,0 +1,213 @@
+"""Generation: the ancestral reverse process (PAPER §6) and BERT-Mouth Gibbs sampling.
+
+The reverse step t -> s reveals each masked position with probability sum_v p(v) a(v) and
+draws its token proportionally to p(v) a(v), a(v) = (alpha_s(v) - alpha_t(v)) / (1 - alpha_t(v));
+for a token-independent schedule the reveal chance is just a. Truncation (top-k, top-p,
+temperature) acts on p_theta(x0 | x_t) only, never on the reveal chance. Draws are float64
+inverse-CDF draws from a seeded generator, one uniform per position per step whether or not the
+model was called, so the cached sampler returns exactly the tokens of the uncached one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from pipeline.diffusion.forward import SpecialIds
+from pipeline.diffusion.schedules import Schedule
+
+Denoiser = Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]
+
+
+@dataclass
+class SampleOutput:
+    tokens: Tensor  # [B, L] including [CLS] / [SEP] / [PAD]
+    attention_mask: Tensor  # [B, L]
+    model_calls: int  # forward invocations
+    row_calls: Tensor  # [B] forwards each sequence took part in
+    seconds: float
+    model_seconds: float = 0.0
+    trace: list[int] = field(default_factory=list)  # masked positions left after each step
+
+
+def initial_canvas(lengths: Sequence[int] | Tensor, special: SpecialIds, cls_id: int, sep_id: int) -> tuple[Tensor, Tensor]:
+    """[CLS] [MASK]*n [SEP] [PAD]... for each content length n: (ids [B, L], attention [B, L])."""
+    lengths = torch.as_tensor(lengths, dtype=torch.long)
+    if (lengths < 1).any():
+        raise ValueError("every sample needs a content length >= 1")
+    width = int(lengths.max()) + 2
+    pos = torch.arange(width)[None, :]  # [1, L]
+    ids = torch.full((len(lengths), width), special.pad, dtype=torch.long)
+    ids[pos <= lengths[:, None]] = special.mask
+    ids[:, 0] = cls_id
+    ids[torch.arange(len(lengths)), lengths + 1] = sep_id
+    return ids, pos <= lengths[:, None] + 1
+
+
+def truncated_probs(
+    logits: Tensor, forbidden_ids: Sequence[int], top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0
+) -> Tensor:
+    """p_theta(x0 | x_t) after SUBS, temperature, top-k and top-p, in float64. [N, V]"""
+    logits = logits.double() / temperature
+    if forbidden_ids:
+        logits = logits.index_fill(-1, torch.as_tensor(list(forbidden_ids), device=logits.device), float("-inf"))
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [N, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop_sorted = cum - torch.softmax(sorted_logits, -1) >= top_p  # keep the token that crosses p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def draw_categorical(weights: Tensor, uniforms: Tensor) -> Tensor:
+    """Inverse-CDF draw from unnormalised float64 weights [N, V] with uniforms [N]. [N]"""
+    cdf = weights.cumsum(-1)
+    target = uniforms * cdf[:, -1]
+    index = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)
+    return index.clamp_max(weights.shape[-1] - 1)
+
+
+@torch.no_grad()
+def ancestral_sample(
+    denoiser: Denoiser,
+    schedule: Schedule,
+    lengths: Sequence[int] | Tensor,
+    special: SpecialIds,
+    cls_id: int,
+    sep_id: int,
+    *,
+    grid: Sequence[int],
+    top_k: int = 0,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+    seed: int = 0,
+    cache: bool = False,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int], None] | None = None,
+) -> SampleOutput:
+    """Reverse process on a descending time grid (T ... 0; step skipping = a coarser grid).
+
+    `cache=True` is valid only for a time-agnostic denoiser: a row's output is recomputed only
+    after that row changed, so each row costs at most its length in model calls.
+    """
+    T = schedule.num_timesteps
+    if grid[0] != T or grid[-1] != 0:
+        raise ValueError(f"time grid must run from T={T} down to 0, got {grid[0]}..{grid[-1]}")
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    x, attn = initial_canvas(lengths, special, cls_id, sep_id)
+    batch, width = x.shape
+    masked = x == special.mask  # [B, L]
+    forbidden = special.forbidden_outputs
+    probs: Tensor | None = None  # [B, L, V] float32 store of float64 truncated p; valid where masked
+    stale = torch.ones(batch, dtype=torch.bool)
+    row_calls = torch.zeros(batch, dtype=torch.long)
+    calls, model_seconds, trace = 0, 0.0, []
+    for step, (t_step, s_step) in enumerate(zip(grid[:-1], grid[1:])):
+        # One set of uniforms per step, drawn before any early exit, keeps every path in lockstep.
+        u_reveal = torch.rand(batch, width, generator=gen, dtype=torch.float64)
+        u_token = torch.rand(batch, width, generator=gen, dtype=torch.float64)
+        if not masked.any():
+            trace.append(0)
+            continue
+        need = masked.any(1) & (stale if cache else torch.ones_like(stale))
+        if need.any():
+            rows = need.nonzero(as_tuple=True)[0]
+            s_frac = torch.full((len(rows),), t_step / T, dtype=torch.float32, device=device)
+            sel = masked[rows].to(device)
+            tick = time.perf_counter()
+            logits = denoiser(x[rows].to(device), attn[rows].to(device), s_frac, sel)  # [N, V]
+            model_seconds += time.perf_counter() - tick
+            calls += 1
+            row_calls[rows] += 1
+            p = truncated_probs(logits.cpu(), forbidden, top_k, top_p, temperature)  # [N, V]
+            if probs is None:
+                probs = torch.zeros(batch, width, p.shape[-1], dtype=torch.float32)
+            block = probs[rows]
+            block[masked[rows]] = p.float()
+            probs[rows] = block
+            stale[rows] = False
+        t = torch.full((batch,), float(t_step), dtype=torch.float64)
+        s = torch.full((batch,), float(s_step), dtype=torch.float64)
+        reveal_table = schedule.reveal_probability(t, s)  # [B, V] or [B, 1]
+        b_idx, l_idx = masked.nonzero(as_tuple=True)  # [M]
+        if reveal_table.shape[-1] == 1:
+            chance = reveal_table[b_idx, 0]  # sum_v p(v) a = a
+        else:  # sum_v p(v) a(v) for every position at once: [B, L, V] @ [B, V, 1]
+            chance = torch.bmm(probs, reveal_table[:, :, None].to(probs.dtype)).squeeze(-1)[b_idx, l_idx].double()
+        hit = u_reveal[b_idx, l_idx] < chance
+        if hit.any():
+            hb, hl = b_idx[hit], l_idx[hit]
+            weights = probs[hb, hl].double()  # [H, V]
+            if reveal_table.shape[-1] != 1:
+                weights = weights * reveal_table[hb]
+            x[hb, hl] = draw_categorical(weights, u_token[hb, hl])
+            masked[hb, hl] = False
+            stale[hb.unique()] = True
+        trace.append(int(masked.sum()))
+        if progress is not None:
+            progress(step + 1)
+    if masked.any():  # cannot happen on a grid that ends at 0 (a = 1 there); guard anyway
+        raise RuntimeError("sampling ended with [MASK] tokens left")
+    return SampleOutput(x, attn, calls, row_calls, time.perf_counter() - start, model_seconds, trace)
+
+
+@torch.no_grad()
+def gibbs_sample(
+    denoiser: Denoiser,
+    lengths: Sequence[int] | Tensor,
+    special: SpecialIds,
+    cls_id: int,
+    sep_id: int,
+    *,
+    sweeps: int = 2,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> SampleOutput:
+    """BERT-Mouth (Wang & Cho 2019): from all [MASK], repeatedly mask one position per row and
+    resample it from the MLM. The first sweep visits positions in a random order, so every
+    [MASK] is filled; later sweeps revisit every position in a fresh random order."""
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    x, attn = initial_canvas(lengths, special, cls_id, sep_id)
+    lengths_t = torch.as_tensor(lengths, dtype=torch.long)
+    batch, width = x.shape
+    forbidden = special.forbidden_outputs
+    calls, model_seconds = 0, 0.0
+    rows = torch.arange(batch)
+    for _ in range(max(1, sweeps)):
+        # [B, Lmax] random order of each row's content positions (1..n); rows shorter than Lmax
+        # keep revisiting their own positions, which is harmless.
+        keys = torch.rand(batch, width - 2, generator=gen, dtype=torch.float64)
+        keys[torch.arange(width - 2)[None, :] >= lengths_t[:, None]] = 2.0
+        order = keys.argsort(1) + 1
+        for j in range(width - 2):
+            pos = torch.minimum(order[:, j], lengths_t)  # [B]
+            x[rows, pos] = special.mask
+            sel = torch.zeros_like(x, dtype=torch.bool)
+            sel[rows, pos] = True
+            s_frac = torch.ones(batch, dtype=torch.float32, device=device)
+            tick = time.perf_counter()
+            logits = denoiser(x.to(device), attn.to(device), s_frac, sel.to(device))  # [B, V]
+            model_seconds += time.perf_counter() - tick
+            calls += 1
+            p = truncated_probs(logits.cpu(), forbidden, top_k, top_p, temperature)
+            u = torch.rand(batch, generator=gen, dtype=torch.float64)
+            x[rows, pos] = draw_categorical(p, u)
+    return SampleOutput(x, attn, calls, torch.full((batch,), calls), time.perf_counter() - start, model_seconds)
+
+
+def decode(tokens: Tensor, tokenizer) -> list[str]:
+    """Sample ids -> text without special tokens."""
+    return tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=True)

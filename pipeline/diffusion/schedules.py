@@ -1,0 +1,269 @@
+"""Noise schedules of the absorbing-state forward process (PAPER §2-§3).
+
+A schedule answers one question, vectorised over a batch: the probability alpha_t(v) that a
+token with vocabulary id v is still unmasked at step t. Time is given in steps t in [0, T]
+(floats allowed: the continuous-time loss samples t/T in [eps, 1]); s = t / T is the fraction.
+
+Every schedule has alpha_0 = 1, alpha_T = 0 and alpha non-increasing in t for every id, which is
+what makes the posterior and the bound of `loss.py` exact. Token-dependent schedules (spindle)
+return one alpha per vocabulary id, shape [B, V]; the others return [B, 1], broadcastable.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+
+class ScheduleError(ValueError):
+    """A schedule that cannot be built as asked (unknown name, non-monotone alpha, ...)."""
+
+
+def max_spindle_lambda(num_timesteps: int) -> float:
+    """Largest lambda * max|h| that keeps the discrete spindle alpha monotone (PAPER §3).
+
+    alpha_{t-1} - alpha_t = 1/T + lambda h (sin(pi t/T) - sin(pi (t-1)/T)) and the sine
+    increment is at most sin(pi/T) in size, so lambda |h| <= 1 / (T sin(pi / T)).
+    """
+    if num_timesteps <= 1:
+        return math.inf
+    return 1.0 / (num_timesteps * math.sin(math.pi / num_timesteps))
+
+
+class Schedule(ABC):
+    """alpha_t for every vocabulary id; subclasses implement `_alpha(s, context)` on fractions."""
+
+    name: str = "base"
+    token_dependent: bool = False
+    continuous: bool = False  # trained with the continuous-time loss (MDLM)
+
+    def __init__(self, num_timesteps: int) -> None:
+        if num_timesteps < 1:
+            raise ScheduleError(f"num_timesteps must be >= 1, got {num_timesteps}")
+        self.num_timesteps = int(num_timesteps)
+
+    # -- public API -------------------------------------------------------------------------
+    def alpha_vocab(self, t: Tensor, context: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """alpha_t(v): t [B] in steps -> [B, V] (token-dependent) or [B, 1], float64.
+
+        `context` = (ids [B, L], content_mask [B, L]) of the sequences being noised; only the
+        authors' per-sentence spindle variant reads it.
+        """
+        s = self._fraction(t)  # [B]
+        return self._alpha(s, context).clamp(0.0, 1.0)
+
+    def alpha(self, t: Tensor, ids: Tensor, content_mask: Tensor | None = None) -> Tensor:
+        """alpha_t at each position: t [B], ids [B, L] -> [B, L] float64."""
+        mask = content_mask if content_mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        table = self.alpha_vocab(t, (ids, mask))  # [B, V] or [B, 1]
+        if table.shape[-1] == 1:
+            return table.expand(ids.shape[0], ids.shape[1])
+        return table.gather(1, ids)
+
+    def dalpha_vocab(self, t: Tensor, context: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """d alpha / d s (s = t / T), same shape as `alpha_vocab`; for the continuous loss."""
+        s = self._fraction(t)
+        return self._dalpha(s, context)
+
+    def reveal_probability(
+        self, t: Tensor, s: Tensor, context: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """a(v) = (alpha_s(v) - alpha_t(v)) / (1 - alpha_t(v)): chance a masked v is revealed
+        when stepping from t to s < t. [B, V] or [B, 1], float64. Where alpha_t(v) = 1 no token
+        v can be masked, so a = 1 there (keeps 0/0 out of the bound)."""
+        a_t = self.alpha_vocab(t, context)
+        a_s = self.alpha_vocab(s, context)
+        denom = 1.0 - a_t
+        safe = denom > 0
+        return torch.where(safe, (a_s - a_t) / torch.where(safe, denom, 1.0), torch.ones_like(a_t)).clamp(0.0, 1.0)
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _fraction(self, t: Tensor) -> Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return (t.reshape(-1) / self.num_timesteps).clamp(0.0, 1.0)
+
+    @abstractmethod
+    def _alpha(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor: ...
+
+    @abstractmethod
+    def _dalpha(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor: ...
+
+    def describe(self) -> dict:
+        return {"schedule": self.name, "num_timesteps": self.num_timesteps}
+
+
+class LinearSchedule(Schedule):
+    """D3PM's (T - t + 1)^-1 schedule: beta_t = 1/(T-t+1), hence alpha_t = 1 - t/T."""
+
+    name = "linear"
+
+    def _alpha(self, s, context):
+        return (1.0 - s)[:, None]
+
+    def _dalpha(self, s, context):
+        return -torch.ones_like(s)[:, None]
+
+
+class LogLinearSchedule(LinearSchedule):
+    """MDLM/SEDD continuous time: alpha(s) = 1 - s, trained with t ~ U[eps, 1] and weight 1/s."""
+
+    name = "loglinear"
+    continuous = True
+
+    def __init__(self, num_timesteps: int, eps: float = 1e-3) -> None:
+        super().__init__(num_timesteps)
+        self.eps = float(eps)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "eps": self.eps}
+
+
+class CosineSchedule(Schedule):
+    """I-DDPM cosine: alpha(s) = f(s) / f(0), f(s) = cos(pi/2 * (s + c) / (1 + c))^2, c = 0.008."""
+
+    name = "cosine"
+    offset = 0.008
+
+    def _f(self, s: Tensor) -> Tensor:
+        return torch.cos(0.5 * math.pi * (s + self.offset) / (1 + self.offset)) ** 2
+
+    def _alpha(self, s, context):
+        return (self._f(s) / self._f(torch.zeros_like(s)))[:, None]
+
+    def _dalpha(self, s, context):
+        c = self.offset
+        arg = 0.5 * math.pi * (s + c) / (1 + c)
+        df = -2 * torch.cos(arg) * torch.sin(arg) * 0.5 * math.pi / (1 + c)
+        return (df / self._f(torch.zeros_like(s)))[:, None]
+
+
+class SpindleSchedule(Schedule):
+    """Token-aware spindle, a function of the vocabulary id only (our exact version, PAPER §3):
+
+    alpha_t(v) = 1 - s - lambda * sin(pi s) * h(v),  h(v) = centred information in [-1, 1].
+    Informative ids (h > 0) are masked earlier in the forward process, so generated last.
+    """
+
+    name = "spindle"
+    token_dependent = True
+
+    def __init__(self, num_timesteps: int, information: Tensor, spindle_lambda: float = 0.3) -> None:
+        super().__init__(num_timesteps)
+        h = torch.as_tensor(information, dtype=torch.float64).reshape(-1)
+        if not torch.isfinite(h).all():
+            raise ScheduleError("spindle: the centred information h(v) has non-finite entries")
+        limit = max_spindle_lambda(num_timesteps)
+        worst = float(spindle_lambda) * float(h.abs().max()) if h.numel() else 0.0
+        if worst > limit + 1e-12:
+            raise ScheduleError(
+                f"spindle_lambda={spindle_lambda} makes alpha_t non-monotone for T={num_timesteps}: "
+                f"lambda * max|h| = {worst:.4f} > {limit:.4f} = 1/(T sin(pi/T)); lower the lambda"
+            )
+        self.h = h  # [V]
+        self.spindle_lambda = float(spindle_lambda)
+
+    def _alpha(self, s, context):
+        return 1.0 - s[:, None] - self.spindle_lambda * torch.sin(math.pi * s)[:, None] * self.h[None, :]
+
+    def _dalpha(self, s, context):
+        return -1.0 - self.spindle_lambda * math.pi * torch.cos(math.pi * s)[:, None] * self.h[None, :]
+
+    def describe(self) -> dict:
+        return {**super().describe(), "spindle_lambda": self.spindle_lambda}
+
+
+class SpindlePaperSchedule(Schedule):
+    """The authors' per-sentence spindle (ablation only; its bound is LEAKY, PAPER §3).
+
+    alpha_t(i) = clip(1 - s + lambda sin(pi s) (w(x_i) - mean_j w(x_j)), 0, 1) with
+    w(v) = log(count(v)+1) / max_u log(count(u)+1) and the mean over the sentence's real tokens.
+    Centring on the true sentence leaks x0 into the bound. Without a sentence (sampling), the
+    mean is replaced by the corpus mean of w, its expectation.
+    """
+
+    name = "spindle_paper"
+    token_dependent = True
+    leaky = True
+
+    def __init__(self, num_timesteps: int, counts: Tensor, spindle_lambda: float = 0.3) -> None:
+        super().__init__(num_timesteps)
+        counts = torch.as_tensor(counts, dtype=torch.float64).reshape(-1)
+        logc = torch.log(counts + 1.0)
+        self.w = logc / logc.max().clamp_min(1e-12)  # [V] in [0, 1]
+        total = counts.sum()
+        self.corpus_mean = float((counts * self.w).sum() / total) if total > 0 else 0.0
+        limit = max_spindle_lambda(num_timesteps)
+        if spindle_lambda > limit + 1e-12:
+            raise ScheduleError(
+                f"spindle_lambda={spindle_lambda} makes alpha_t non-monotone for T={num_timesteps}: "
+                f"it must be <= {limit:.4f}"
+            )
+        self.spindle_lambda = float(spindle_lambda)
+
+    def _centre(self, context, batch: int) -> Tensor:
+        if context is None:
+            return torch.full((batch, 1), self.corpus_mean, dtype=torch.float64)
+        ids, mask = context
+        w_tok = self.w[ids] * mask  # [B, L]
+        n = mask.sum(1, keepdim=True).clamp_min(1)
+        return w_tok.sum(1, keepdim=True) / n  # [B, 1]
+
+    def _alpha(self, s, context):
+        centred = self.w[None, :] - self._centre(context, s.shape[0])  # [B, V]
+        return 1.0 - s[:, None] + self.spindle_lambda * torch.sin(math.pi * s)[:, None] * centred
+
+    def _dalpha(self, s, context):
+        centred = self.w[None, :] - self._centre(context, s.shape[0])
+        return -1.0 + self.spindle_lambda * math.pi * torch.cos(math.pi * s)[:, None] * centred
+
+    def describe(self) -> dict:
+        return {**super().describe(), "spindle_lambda": self.spindle_lambda, "leaky": True}
+
+
+SCHEDULE_NAMES = ("linear", "cosine", "loglinear", "spindle", "spindle_paper")
+
+
+def build_schedule(
+    name: str,
+    num_timesteps: int,
+    *,
+    information: Tensor | None = None,
+    counts: Tensor | None = None,
+    spindle_lambda: float = 0.3,
+    eps: float = 1e-3,
+) -> Schedule:
+    """Schedule by name; spindle needs the centred information h(v), spindle_paper the counts."""
+    if name == "linear":
+        return LinearSchedule(num_timesteps)
+    if name == "cosine":
+        return CosineSchedule(num_timesteps)
+    if name == "loglinear":
+        return LogLinearSchedule(num_timesteps, eps)
+    if name == "spindle":
+        if information is None:
+            raise ScheduleError("spindle needs token statistics (the centred information h(v))")
+        return SpindleSchedule(num_timesteps, information, spindle_lambda)
+    if name == "spindle_paper":
+        if counts is None:
+            raise ScheduleError("spindle_paper needs token statistics (the token counts)")
+        return SpindlePaperSchedule(num_timesteps, counts, spindle_lambda)
+    raise ScheduleError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+
+
+def time_grid(num_timesteps: int, step_size: int = 1) -> list[int]:
+    """Descending grid T, T-k, ..., 0 for a reverse chain with step skipping k (last gap may be short)."""
+    if step_size < 1:
+        raise ScheduleError(f"step size must be >= 1, got {step_size}")
+    grid = list(range(num_timesteps, 0, -step_size))
+    return grid + [0]
+
+
+def grid_for_steps(num_timesteps: int, num_steps: int) -> list[int]:
+    """Descending grid of `num_steps` (near-)equal steps from T to 0."""
+    if num_steps < 1:
+        raise ScheduleError(f"number of steps must be >= 1, got {num_steps}")
+    num_steps = min(num_steps, num_timesteps)
+    return sorted({round(j * num_timesteps / num_steps) for j in range(num_steps + 1)}, reverse=True)

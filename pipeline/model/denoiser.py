@@ -1,0 +1,203 @@
+"""The BERT denoiser p_theta(x0 | x_t, t) and the four ways the time step enters it (PAPER §5).
+
+- `none` (TAD): plain BertForMaskedLM; the noise level is read from the share of [MASK].
+- `embedding`: a time embedding added to the word embeddings (last layer zero-initialised).
+- `layerwise` (LTE): per layer, sinusoid(t) -> Linear(d, 2d) -> ReLU -> Linear(2d, d) added to
+  the hidden states entering that layer (last layer zero-initialised).
+- `prefix` (PTE): a time token after [CLS] from a dedicated table of T + 1 rows, so its ids never
+  collide with WordPieces; content tokens keep their position ids.
+
+With zero-initialised additions, `none`, `embedding` and `layerwise` compute exactly what the
+pretrained BERT computes at initialisation, for every t. `prefix` cannot (one more token changes
+attention).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from transformers import BertConfig, BertForMaskedLM, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import MaskedLMOutput
+
+TIME_DESIGNS = ("none", "prefix", "layerwise", "embedding")
+
+
+class DiffusionBertConfig(PretrainedConfig):
+    """A BERT config plus the diffusion facts the model needs to be used on its own."""
+
+    model_type = "diffusion_bert"
+
+    def __init__(
+        self,
+        bert: dict | None = None,
+        time_design: str = "none",
+        num_timesteps: int = 2048,
+        diffusion: dict | None = None,
+        **kwargs,
+    ) -> None:
+        if time_design not in TIME_DESIGNS:
+            raise ValueError(f"unknown time design {time_design!r}; choose one of {', '.join(TIME_DESIGNS)}")
+        self.bert = dict(bert or {})
+        self.time_design = time_design
+        self.num_timesteps = int(num_timesteps)
+        self.diffusion = dict(diffusion or {})  # schedule name, lambda, ... for `dbert generate`
+        super().__init__(**kwargs)
+
+    def bert_config(self) -> BertConfig:
+        return BertConfig(**self.bert)
+
+
+def sinusoidal_embedding(s: Tensor, dim: int, scale: float = 1000.0) -> Tensor:
+    """Transformer-style features of the time fraction s in [0, 1]: [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=s.device, dtype=torch.float32) / max(half, 1))
+    args = (s.float() * scale)[:, None] * freqs[None, :]  # [B, half]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimeMLP(nn.Module):
+    """sinusoid(t) -> Linear(d, 2d) -> ReLU -> Linear(2d, d); the last layer starts at zero."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.net = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, hidden))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.net[2].weight)
+        nn.init.zeros_(self.net[2].bias)
+
+    def forward(self, s: Tensor) -> Tensor:  # [B] -> [B, d]
+        return self.net(sinusoidal_embedding(s, self.hidden).to(self.net[0].weight.dtype))
+
+
+class DiffusionBertForDenoising(PreTrainedModel):
+    """BertForMaskedLM plus time conditioning; `denoise` returns logits only where asked."""
+
+    config_class = DiffusionBertConfig
+    base_model_prefix = "diffusion_bert"
+    _no_split_modules = ["BertLayer"]
+
+    def __init__(self, config: DiffusionBertConfig, mlm: BertForMaskedLM | None = None) -> None:
+        super().__init__(config)
+        self.mlm = mlm if mlm is not None else BertForMaskedLM(config.bert_config())
+        hidden = self.mlm.config.hidden_size
+        design = config.time_design
+        self.time_embedding = TimeMLP(hidden) if design == "embedding" else None
+        self.layer_time = (
+            nn.ModuleList(TimeMLP(hidden) for _ in range(self.mlm.config.num_hidden_layers))
+            if design == "layerwise"
+            else None
+        )
+        self.prefix_table = nn.Embedding(config.num_timesteps + 1, hidden) if design == "prefix" else None
+        if self.prefix_table is not None:
+            nn.init.normal_(self.prefix_table.weight, std=self.mlm.config.initializer_range)
+        self._layer_offsets: list[Tensor] | None = None
+        if self.layer_time is not None:
+            for index, layer in enumerate(self.mlm.bert.encoder.layer):
+                layer.register_forward_pre_hook(self._make_layer_hook(index), with_kwargs=True)
+
+    # transformers calls this for weights missing from a checkpoint; BERT's own init covers
+    # its modules, ours only need the zero start.
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, TimeMLP):
+            module.reset_parameters()
+
+    @property
+    def time_agnostic(self) -> bool:
+        return self.config.time_design == "none"
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.mlm.config.max_position_embeddings)
+
+    def _make_layer_hook(self, index: int):
+        def hook(module, args, kwargs):
+            if self._layer_offsets is None:
+                return None
+            offset = self._layer_offsets[index]  # [B, 1, d]
+            if args:
+                return (args[0] + offset.to(args[0].dtype), *args[1:]), kwargs
+            kwargs = dict(kwargs)
+            kwargs["hidden_states"] = kwargs["hidden_states"] + offset.to(kwargs["hidden_states"].dtype)
+            return args, kwargs
+
+        return hook
+
+    def denoise(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        s: Tensor | None = None,
+        positions: Tensor | None = None,
+    ) -> Tensor:
+        """Logits of p_theta(x0 | x_t): [B, L, V], or [N, V] at the N True `positions`.
+
+        input_ids [B, L]; s [B] = t / T in [0, 1] (ignored by `none`).
+        """
+        batch, length = input_ids.shape
+        if length > self.max_positions:
+            raise ValueError(
+                f"sequence length {length} exceeds the model's {self.max_positions} position embeddings"
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        design = self.config.time_design
+        if design != "none" and s is None:
+            raise ValueError(f"time design {design!r} needs the time step s")
+        bert = self.mlm.bert
+        kwargs: dict = {"attention_mask": attention_mask.long()}
+        if design == "none":
+            kwargs["input_ids"] = input_ids
+        elif design == "embedding":
+            embeds = bert.embeddings.word_embeddings(input_ids)  # [B, L, d]
+            kwargs["inputs_embeds"] = embeds + self.time_embedding(s).to(embeds.dtype)[:, None, :]
+        elif design == "layerwise":
+            kwargs["input_ids"] = input_ids
+            self._layer_offsets = [mlp(s)[:, None, :] for mlp in self.layer_time]
+        elif design == "prefix":
+            step = (s.float() * self.config.num_timesteps).round().long().clamp(0, self.config.num_timesteps)
+            words = bert.embeddings.word_embeddings(input_ids)  # [B, L, d]
+            time_token = self.prefix_table(step).to(words.dtype)[:, None, :]  # [B, 1, d]
+            kwargs["inputs_embeds"] = torch.cat([words[:, :1], time_token, words[:, 1:]], dim=1)  # [B, L+1, d]
+            pos = torch.arange(length, device=input_ids.device)
+            kwargs["position_ids"] = torch.cat([pos[:1], pos[:1], pos[1:]])[None, :].expand(batch, -1)
+            ones = torch.ones_like(attention_mask[:, :1])
+            kwargs["attention_mask"] = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], 1).long()
+            kwargs["token_type_ids"] = torch.zeros(batch, length + 1, dtype=torch.long, device=input_ids.device)
+        try:
+            hidden = bert(**kwargs).last_hidden_state  # [B, L(+1), d]
+        finally:
+            self._layer_offsets = None
+        if design == "prefix":
+            hidden = torch.cat([hidden[:, :1], hidden[:, 2:]], dim=1)  # drop the time token: [B, L, d]
+        if positions is not None:
+            hidden = hidden[positions]  # [N, d]
+        return self.mlm.cls(hidden)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        s: Tensor | None = None,
+        positions: Tensor | None = None,
+        **_: object,
+    ) -> MaskedLMOutput:
+        return MaskedLMOutput(logits=self.denoise(input_ids, attention_mask, s, positions))
+
+
+def register_auto_classes() -> None:
+    """Let AutoConfig / AutoModel resolve `diffusion_bert` (export round trip)."""
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        AutoConfig.register("diffusion_bert", DiffusionBertConfig)
+        AutoModel.register(DiffusionBertConfig, DiffusionBertForDenoising)
+    except ValueError:
+        pass  # already registered
