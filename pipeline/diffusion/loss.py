@@ -27,8 +27,10 @@ Denoiser = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 def subs_log_probs(logits: Tensor, forbidden_ids: Sequence[int]) -> Tensor:
-    """log p_theta(x0 | x_t) with zero mass on [MASK] and never-masked ids (SUBS). [N, V] fp32."""
-    logits = logits.float()
+    """log p_theta(x0 | x_t) with zero mass on [MASK] and never-masked ids (SUBS). [N, V], fp32
+    (or fp64 when the logits are fp64: the exactness tests use that)."""
+    if logits.dtype != torch.float64:
+        logits = logits.float()
     if forbidden_ids:
         logits = logits.index_fill(-1, torch.as_tensor(list(forbidden_ids), device=logits.device), float("-inf"))
     return torch.log_softmax(logits, dim=-1)

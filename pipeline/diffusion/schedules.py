@@ -153,6 +153,8 @@ class SpindleSchedule(Schedule):
     def __init__(self, num_timesteps: int, information: Tensor, spindle_lambda: float = 0.3) -> None:
         super().__init__(num_timesteps)
         h = torch.as_tensor(information, dtype=torch.float64).reshape(-1)
+        if not (math.isfinite(spindle_lambda) and spindle_lambda >= 0):
+            raise ScheduleError(f"spindle_lambda must be finite and >= 0, got {spindle_lambda}")
         if not torch.isfinite(h).all():
             raise ScheduleError("spindle: the centred information h(v) has non-finite entries")
         limit = max_spindle_lambda(num_timesteps)

@@ -102,6 +102,7 @@ class DiffusionBertForDenoising(PreTrainedModel):
         if self.layer_time is not None:
             for index, layer in enumerate(self.mlm.bert.encoder.layer):
                 layer.register_forward_pre_hook(self._make_layer_hook(index), with_kwargs=True)
+        self.post_init()  # transformers 5: collects the MLM's tied weights for save / load
 
     # transformers calls this for weights missing from a checkpoint; BERT's own init covers
     # its modules, ours only need the zero start.
