@@ -141,6 +141,17 @@ def _is_local_store(uri: str) -> bool:
     return scheme not in {"http", "https", "databricks", "databricks-uc", "uc"}
 
 
+def _experiment_artifact_location(uri: str, root: Path | str | None) -> str | None:
+    """Artifacts of new experiments: next to a sqlite db, under the root for other databases,
+    the server's choice for a tracking server or a file store."""
+    db = _sqlite_path(uri)
+    if db is not None:
+        return (db.resolve().parent / ARTIFACT_DIR).as_uri()
+    if not _is_local_store(uri) or uri.startswith("file:") or "://" not in uri:
+        return None
+    return artifact_location(root)
+
+
 def _sqlite_path(uri: str) -> Path | None:
     if uri.startswith("sqlite:///"):
         path = uri[len("sqlite:///") :].split("?", 1)[0]
@@ -193,7 +204,7 @@ def setup_tracking(experiment: str = DEFAULT_EXPERIMENT, root: Path | str | None
         client = mlflow.MlflowClient(tracking_uri=uri)  # creates the sqlite schema if missing
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
-            location = artifact_location(root) if local else None
+            location = _experiment_artifact_location(uri, root)
             try:
                 exp_id = client.create_experiment(experiment, artifact_location=location)
             except MlflowException:
@@ -269,13 +280,15 @@ def path_md5(path: Path | str) -> str:
 
 def _display_path(path: Path, root: Path | None) -> str:
     p = Path(path).expanduser()
-    if root is not None:
-        absolute = p if p.is_absolute() else root / p
+    if root is None:
+        return posixpath.normpath(p.as_posix())
+    absolute = Path(os.path.abspath(p if p.is_absolute() else root / p))
+    for candidate in (absolute, absolute.resolve()):
         try:
-            return Path(os.path.normpath(absolute)).relative_to(root).as_posix()
+            return candidate.relative_to(root).as_posix()
         except ValueError:
-            return Path(os.path.normpath(absolute)).as_posix()
-    return posixpath.normpath(p.as_posix())
+            continue
+    return absolute.as_posix()
 
 
 def dependency_md5s(paths: list[Path] | list[str], root: Path | str | None = None) -> dict[str, str]:
@@ -295,10 +308,10 @@ def dependency_md5s(paths: list[Path] | list[str], root: Path | str | None = Non
 
 def _safe_key(key: str) -> str:
     """A valid MLflow param/tag key: allowed characters only, normalised, <= 250 chars."""
-    key = _BAD_KEY_CHARS.sub("_", key)
-    key = posixpath.normpath(key).lstrip("/")
-    key = key.replace("..", "__")
-    return key[:MAX_KEY_LENGTH] or "_"
+    key = posixpath.normpath(_BAD_KEY_CHARS.sub("_", key)).lstrip("/")
+    if key == "." or key.startswith(".."):
+        key = "_" + key
+    return key[:MAX_KEY_LENGTH].rstrip("/") or "_"
 
 
 def _user() -> str:
@@ -308,26 +321,40 @@ def _user() -> str:
         return os.environ.get("USER") or os.environ.get("USERNAME") or "unknown"
 
 
+def _checkout(root: Path | str | None) -> Path:
+    """`root`, else the git work tree of the current directory (a DVC exp copy is its own)."""
+    if root is not None:
+        return Path(root).expanduser().resolve()
+    here = Path.cwd().resolve()
+    return _git_toplevel(here) or here
+
+
 def lineage_tags(
     stage: str, deps: list[Path] | list[str] | None = None, root: Path | str | None = None
 ) -> dict[str, str]:
     """Tags that tie a run to its code and inputs.
 
-    `git_commit` (omitted outside git) of `root`, or of the checkout in the current directory
-    when `root` is None (inside a `dvc exp run --temp` copy that is the experiment's baseline),
-    `stage`, `dvc_exp_name` / `dvc_exp_baseline_rev` when DVC sets them, `dep_md5.<path>` per
-    dependency (paths relative to the project root), `host`, `user`.
+    `git_commit` (omitted outside git), `stage`, `dvc_exp_name` / `dvc_exp_baseline_rev` when
+    DVC sets them, `dep_md5.<path>` per dependency, `host`, `user`.
+
+    With `root`, the commit is `root`'s and relative deps are relative to it. Without, both come
+    from the checkout the stage runs in (the current directory's git work tree): inside a
+    `dvc exp run --temp/--queue` copy that is the copy, whose HEAD is the experiment's baseline
+    and whose files are the ones the stage reads, not the main repository's.
     """
-    base = _root(root)
+    base = _checkout(root)
     tags: dict[str, str] = {}
-    commit = git_commit(root if root is not None else Path.cwd())
+    commit = git_commit(base)
     if commit:
         tags["git_commit"] = commit
     tags["stage"] = stage
     for env, tag in (("DVC_EXP_NAME", "dvc_exp_name"), ("DVC_EXP_BASELINE_REV", "dvc_exp_baseline_rev")):
         if os.environ.get(env):
             tags[tag] = os.environ[env]
-    for rel, md5 in dependency_md5s(list(deps or []), root=base).items():
+    paths = [Path(d).expanduser() for d in deps or []]
+    if root is None:  # relative to where the stage runs
+        paths = [p if p.is_absolute() else Path.cwd() / p for p in paths]
+    for rel, md5 in dependency_md5s(paths, root=base).items():
         tags[_safe_key(f"dep_md5.{rel}")] = md5
     tags["host"] = socket.gethostname()
     tags["user"] = _user()
@@ -574,7 +601,7 @@ def ui_command(host: str = "127.0.0.1", port: int = 5000, root: Path | str | Non
         "--backend-store-uri",
         uri,
         "--default-artifact-root",
-        artifact_location(root),
+        _experiment_artifact_location(uri, root) or artifact_location(root),
         "--host",
         host,
         "--port",

@@ -269,3 +269,15 @@ def grid_for_steps(num_timesteps: int, num_steps: int) -> list[int]:
         raise ScheduleError(f"number of steps must be >= 1, got {num_steps}")
     num_steps = min(num_steps, num_timesteps)
     return sorted({round(j * num_timesteps / num_steps) for j in range(num_steps + 1)}, reverse=True)
+
+
+def schedule_from_params(diffusion, information=None, counts=None) -> Schedule:
+    """Build the schedule a `DiffusionParams` (or any object with the same fields) describes."""
+    return build_schedule(
+        diffusion.schedule,
+        diffusion.num_timesteps,
+        information=None if information is None else torch.as_tensor(information),
+        counts=None if counts is None else torch.as_tensor(counts),
+        spindle_lambda=diffusion.spindle_lambda,
+        eps=diffusion.loglinear_eps,
+    )
