@@ -1,0 +1,82 @@
+"""Where each stage writes its outputs, and loaders for what later stages read.
+
+One layout for the DVC stages, the CLI and the tests (which point it at a temporary root).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @property
+    def prepared(self) -> Path:
+        return self.root / "data" / "prepared"
+
+    @property
+    def token_stats(self) -> Path:
+        return self.root / "data" / "token_stats"
+
+    @property
+    def schedule(self) -> Path:
+        return self.root / "data" / "schedule"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "models" / "final"
+
+    @property
+    def train_out(self) -> Path:
+        return self.root / "outputs" / "train"
+
+    @property
+    def eval_out(self) -> Path:
+        return self.root / "outputs" / "evaluate"
+
+    @property
+    def tune_out(self) -> Path:
+        return self.root / "outputs" / "tune"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def ray_results(self) -> Path:
+        return self.root / "ray_results"
+
+
+@contextmanager
+def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Write a stage output into a temporary sibling and move it into place only on success,
+    so a failed stage never leaves a half-written output behind."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    tmp.rename(target)
+
+
+def write_json(obj, path: str | os.PathLike[str]) -> None:
+    """Canonical JSON (sorted keys, trailing newline): the bytes depend on the content only."""
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def read_json(path: str | os.PathLike[str]):
+    return json.loads(Path(path).read_text(encoding="utf-8"))

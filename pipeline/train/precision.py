@@ -1,0 +1,41 @@
+"""Mixed precision: bf16 autocast where the hardware has fast bf16, fp32 elsewhere.
+
+On CPUs with AMX (or AVX512-BF16) a bf16 autocast training step of the default model runs about
+2-3x faster than fp32 (benchmarks/); on CUDA GPUs bf16 is the default whenever supported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+
+@lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """`auto` -> `bf16` on a bf16-capable GPU or a CPU with AMX / AVX512-BF16, else `fp32`."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"unknown precision {precision!r}; choose auto, fp32 or bf16")
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def autocast(device: torch.device | str, precision: str):
+    """Autocast context for a resolved precision (`fp32` -> a no-op context)."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
