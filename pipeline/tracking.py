@@ -131,7 +131,11 @@ def tracking_uri(root: Path | str | None = None) -> str:
 
 
 def artifact_location(root: Path | str | None = None) -> str:
-    """`file://<abs root>/mlartifacts`: where runs of experiments we create keep artifacts."""
+    """`file://<abs root>/mlartifacts`, the artifact root of the default store.
+
+    Experiments that `setup_tracking` creates in a sqlite store keep artifacts in `mlartifacts`
+    next to the database file, which for the default store is exactly this folder.
+    """
     return (_root(root) / ARTIFACT_DIR).as_uri()
 
 
@@ -186,8 +190,11 @@ def quiet_mlflow_logs(level: int = logging.WARNING) -> None:
 def setup_tracking(experiment: str = DEFAULT_EXPERIMENT, root: Path | str | None = None) -> str:
     """Point MLflow at the project store, create `experiment` once, make it active; its id.
 
-    Safe to call again and from concurrent processes: a lost creation race re-reads the
-    experiment, and a deleted experiment of that name is restored.
+    Safe to call again and from concurrent processes: for a local store, schema and experiment
+    creation run under an inter-process file lock (sqlite migrations from several processes at
+    once corrupt `alembic_version`); a lost creation race re-reads the experiment; a deleted
+    experiment of that name is restored. The lock only covers processes on this machine, so
+    still call this in the driver before Ray workers or Tune trials start.
     """
     import mlflow
     from mlflow.exceptions import MlflowException

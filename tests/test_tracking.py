@@ -176,7 +176,9 @@ def test_setup_tracking_from_concurrent_processes_creates_one_experiment(clean_m
     )
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "1"}
     procs = [
-        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        subprocess.Popen(
+            [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
         for _ in range(3)
     ]
     results = [p.communicate(timeout=120) for p in procs]

@@ -1,0 +1,117 @@
+"""The evaluate stage's work: the bound on the test split and the quality of generated text.
+
+Everything here is a function of (params, prepared data, exported model); the stage only writes
+what this returns. Numbers on the bundled shards are labelled "LM1B-sample".
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pipeline.artifacts import Layout
+from pipeline.config import Params
+from pipeline.data.stats import length_log_probs
+from pipeline.data.tokenize import TokenizedSplit
+from pipeline.diffusion.forward import SpecialIds
+from pipeline.eval.bound import perplexity_bound
+from pipeline.eval.generation import fixed_or_sampled_lengths, generate
+from pipeline.eval.metrics import TOKENIZATION, generation_metrics
+from pipeline.train.export import load_exported
+
+# progress(task, advance, total): the stage turns this into a progress bar.
+Progress = Callable[[str, int, int], None]
+
+FULL_EVALUATION = {"num_sequences": None, "bound_steps": 128, "num_samples": 1000}
+
+
+def evaluation_settings(params: Params) -> dict:
+    """The effective sizes: the params, or the paper-sized ones when `evaluate.full` is set."""
+    ev = params.evaluate
+    settings = {"num_sequences": ev.num_sequences, "bound_steps": ev.bound_steps, "num_samples": ev.num_samples}
+    if ev.full:
+        settings.update(FULL_EVALUATION)
+    return settings
+
+
+def corpus_label(params: Params) -> str:
+    return "LM1B-sample" if params.data.source == "lm1b_mirror" else params.data.source
+
+
+def evaluate_model(params: Params, layout: Layout, model_dir: str | Path, progress: Progress | None = None) -> dict:
+    """Bound (per token and per word, over `evaluate.seeds`) and generation metrics."""
+    ev = params.evaluate
+    settings = evaluation_settings(params)
+    model, tokenizer, schedule = load_exported(model_dir)
+    special = SpecialIds.from_tokenizer(tokenizer)
+    test = TokenizedSplit.load(layout.prepared / "test")
+    if settings["num_sequences"] is not None:
+        test = _head(test, settings["num_sequences"])
+    histogram = np.load(layout.token_stats / "lengths.npy")
+    length_lp = length_log_probs(histogram, max_length=params.data.max_seq_len - 2)
+
+    def tick(task: str, total: int):
+        return (lambda n: progress(task, n, total)) if progress is not None else None
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        bound = perplexity_bound(
+            model.denoise, test, schedule, special, num_steps=settings["bound_steps"], seeds=tuple(ev.seeds),
+            batch_size=ev.batch_size, length_log_probs=length_lp,
+            progress=tick("bound", len(test) * len(ev.seeds)),
+        )
+    bound["seconds"] = time.perf_counter() - start
+
+    references = _references(layout, ev.num_references)
+    n = settings["num_samples"]
+    lengths = fixed_or_sampled_lengths(2 * n, ev.sample_length, histogram, ev.sample_seed)
+    start = time.perf_counter()
+    gen = generate(
+        model, tokenizer, schedule, lengths=lengths, steps=ev.sample_steps, top_k=ev.top_k, top_p=ev.top_p,
+        temperature=ev.temperature, seed=ev.sample_seed, batch_size=ev.batch_size,
+        progress=tick("generate", 2 * n),
+    )
+    samples, self_bleu_set = gen.texts[:n], gen.texts[n:]
+    quality = generation_metrics(samples, references, self_bleu_samples=self_bleu_set)
+    quality.update({
+        "model_calls_per_sample": gen.model_calls * ev.batch_size / max(len(lengths), 1),
+        "seconds_per_sample": gen.seconds / max(len(lengths), 1),
+        "sample_steps": ev.sample_steps,
+        "lengths": "fixed" if ev.sample_length > 0 else "sampled from the training length histogram",
+        "bleu_tokenization": TOKENIZATION,
+    })
+    return {
+        "label": corpus_label(params),
+        "leaky": bool(getattr(schedule, "leaky", False)),
+        "model_dir": str(model_dir),
+        "time_design": model.config.time_design,
+        "settings": {**settings, "seeds": list(ev.seeds), "num_timesteps": schedule.num_timesteps,
+                     "full": ev.full, "split": "test"},
+        "bound": bound,
+        "generation": quality,
+        "samples": samples,
+    }
+
+
+def summary_metrics(report: dict) -> dict:
+    """The flat numbers for metrics.json / MLflow."""
+    b, g = report["bound"], report["generation"]
+    out = {f"bound.{k}": v for k, v in b.items() if k.startswith("ppl_")}
+    out.update({f"generation.{k}": v for k, v in g.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return out
+
+
+def _head(split: TokenizedSplit, n: int) -> TokenizedSplit:
+    n = min(n, len(split))
+    end = int(split.offsets[n])
+    return TokenizedSplit(split.ids[:end], split.offsets[: n + 1], split.word_counts[:n])
+
+
+def _references(layout: Layout, limit: int) -> list[str]:
+    path = layout.prepared / "test.txt"
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return lines[:limit]
