@@ -78,7 +78,7 @@ def evaluate_model(params: Params, layout: Layout, model_dir: str | Path, progre
     samples, self_bleu_set = gen.texts[:n], gen.texts[n:]
     quality = generation_metrics(samples, references, self_bleu_samples=self_bleu_set)
     quality.update({
-        "model_calls_per_sample": gen.model_calls * ev.batch_size / max(len(lengths), 1),
+        "model_calls_per_sample": gen.row_calls / max(len(lengths), 1),
         "seconds_per_sample": gen.seconds / max(len(lengths), 1),
         "sample_steps": ev.sample_steps,
         "lengths": "fixed" if ev.sample_length > 0 else "sampled from the training length histogram",

@@ -17,7 +17,8 @@ from pipeline.diffusion.schedules import Schedule, grid_for_steps
 class Generation:
     texts: list[str]
     lengths: list[int]
-    model_calls: int
+    model_calls: int  # forward invocations (a call may cover several rows)
+    row_calls: int  # sum over samples of the forwards each took part in
     seconds: float
     model_seconds: float
 
@@ -47,7 +48,7 @@ def generate(
     use_cache = bool(getattr(model, "time_agnostic", False)) if cache is None else cache
     grid = grid_for_steps(schedule.num_timesteps, steps)
     texts: list[str] = []
-    calls, seconds, model_seconds = 0, 0.0, 0.0
+    calls, row_calls, seconds, model_seconds = 0, 0, 0.0, 0.0
     for start in range(0, len(lengths), batch_size):
         chunk = list(lengths[start : start + batch_size])
         chunk_seed = seed * 1_000_003 + start
@@ -65,11 +66,12 @@ def generate(
             raise ValueError(f"unknown sampler {sampler!r}; choose ancestral or gibbs")
         texts.extend(decode(out.tokens, tokenizer))
         calls += out.model_calls
+        row_calls += int(out.row_calls.sum())
         seconds += out.seconds
         model_seconds += out.model_seconds
         if progress is not None:
             progress(len(chunk))
-    return Generation(texts, [int(n) for n in lengths], calls, seconds, model_seconds)
+    return Generation(texts, [int(n) for n in lengths], calls, row_calls, seconds, model_seconds)
 
 
 def fixed_or_sampled_lengths(n: int, length: int, histogram: np.ndarray | None, seed: int) -> list[int]:

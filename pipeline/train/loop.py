@@ -131,6 +131,9 @@ def train_loop(
     progress = Progress()
     if resume_from is not None:
         progress = load_checkpoint(resume_from, model, optimizer, scheduler, ema)
+        # The run may continue with a different step budget: take the LR from this schedule.
+        for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * fn(scheduler.last_epoch)
     precision = resolve_precision(tp.precision, device)
     wrapped = wrap_model(model)
 
