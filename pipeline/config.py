@@ -113,6 +113,8 @@ class EvalParams(_Group):
     temperature: float = Field(1.0, gt=0.0)
     num_references: int = Field(1000, ge=1)
     sample_seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compare_init: bool = True  # also bound the untrained initial model (seed 0) for comparison
 
 
 class TuneParams(_Group):

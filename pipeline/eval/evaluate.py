@@ -22,6 +22,7 @@ from pipeline.eval.bound import perplexity_bound
 from pipeline.eval.generation import fixed_or_sampled_lengths, generate
 from pipeline.eval.metrics import TOKENIZATION, generation_metrics
 from pipeline.train.export import load_exported
+from pipeline.train.precision import autocast, resolve_precision
 
 # progress(task, advance, total): the stage turns this into a progress bar.
 Progress = Callable[[str, int, int], None]
@@ -47,6 +48,8 @@ def evaluate_model(params: Params, layout: Layout, model_dir: str | Path, progre
     ev = params.evaluate
     settings = evaluation_settings(params)
     model, tokenizer, schedule = load_exported(model_dir)
+    precision = resolve_precision(ev.precision, "cpu")
+    denoise = _with_precision(model.denoise, precision)
     special = SpecialIds.from_tokenizer(tokenizer)
     test = TokenizedSplit.load(layout.prepared / "test")
     if settings["num_sequences"] is not None:
@@ -60,11 +63,14 @@ def evaluate_model(params: Params, layout: Layout, model_dir: str | Path, progre
     start = time.perf_counter()
     with torch.no_grad():
         bound = perplexity_bound(
-            model.denoise, test, schedule, special, num_steps=settings["bound_steps"], seeds=tuple(ev.seeds),
+            denoise, test, schedule, special, num_steps=settings["bound_steps"], seeds=tuple(ev.seeds),
             batch_size=ev.batch_size, length_log_probs=length_lp,
             progress=tick("bound", len(test) * len(ev.seeds)),
         )
     bound["seconds"] = time.perf_counter() - start
+    if ev.compare_init:
+        bound["initial_model"] = _initial_model_bound(params, schedule, test, special, settings, length_lp, precision)
+        bound["reduction_vs_initial"] = 1.0 - bound["ppl_token_mean"] / bound["initial_model"]["ppl_token"]
 
     references = _references(layout, ev.num_references)
     n = settings["num_samples"]
@@ -72,7 +78,7 @@ def evaluate_model(params: Params, layout: Layout, model_dir: str | Path, progre
     start = time.perf_counter()
     gen = generate(
         model, tokenizer, schedule, lengths=lengths, steps=ev.sample_steps, top_k=ev.top_k, top_p=ev.top_p,
-        temperature=ev.temperature, seed=ev.sample_seed, batch_size=ev.batch_size,
+        temperature=ev.temperature, seed=ev.sample_seed, batch_size=ev.batch_size, denoiser=denoise,
         progress=tick("generate", 2 * n),
     )
     samples, self_bleu_set = gen.texts[:n], gen.texts[n:]
@@ -89,7 +95,7 @@ def evaluate_model(params: Params, layout: Layout, model_dir: str | Path, progre
         "leaky": bool(getattr(schedule, "leaky", False)),
         "model_dir": str(model_dir),
         "time_design": model.config.time_design,
-        "settings": {**settings, "seeds": list(ev.seeds), "num_timesteps": schedule.num_timesteps,
+        "settings": {**settings, "seeds": list(ev.seeds), "num_timesteps": schedule.num_timesteps, "precision": precision,
                      "full": ev.full, "split": "test"},
         "bound": bound,
         "generation": quality,
@@ -97,10 +103,33 @@ def evaluate_model(params: Params, layout: Layout, model_dir: str | Path, progre
     }
 
 
+def _with_precision(denoise, precision: str):
+    def run(*args):
+        with autocast("cpu", precision):
+            return denoise(*args)
+
+    return run
+
+
+def _initial_model_bound(params: Params, schedule, test, special, settings: dict, length_lp, precision: str) -> dict:
+    """The same bound for the model as it was before training (first seed only)."""
+    from pipeline.train.loop import build_model
+
+    initial = build_model(params, schedule).eval()
+    with torch.no_grad():
+        report = perplexity_bound(_with_precision(initial.denoise, precision), test, schedule, special, num_steps=settings["bound_steps"],
+                                  seeds=(params.evaluate.seeds[0],), batch_size=params.evaluate.batch_size,
+                                  length_log_probs=length_lp)
+    return report["runs"][0]
+
+
 def summary_metrics(report: dict) -> dict:
     """The flat numbers for metrics.json / MLflow."""
     b, g = report["bound"], report["generation"]
     out = {f"bound.{k}": v for k, v in b.items() if k.startswith("ppl_")}
+    if "initial_model" in b:
+        out["bound.initial_ppl_token"] = b["initial_model"]["ppl_token"]
+        out["bound.reduction_vs_initial"] = b["reduction_vs_initial"]
     out.update({f"generation.{k}": v for k, v in g.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     return out
 
