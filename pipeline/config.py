@@ -77,6 +77,7 @@ class DiffusionParams(_Group):
 class TrainParams(_Group):
     """`train` stage: optimisation and the Ray Train scaling."""
 
+    objective: Literal["diffusion", "mlm"] = "diffusion"  # mlm: plain BERT fine-tune (BERT-Mouth)
     steps: int = Field(600, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(5e-5, gt=0.0)
@@ -113,6 +114,13 @@ class EvalParams(_Group):
     temperature: float = Field(1.0, gt=0.0)
     num_references: int = Field(1000, ge=1)
     sample_seed: int = 0
+    table_steps: list[int] = Field(default_factory=lambda: [2, 8, 16, 64, 128])  # steps vs time vs quality
+    table_sequences: int = Field(32, ge=1)
+    table_samples: int = Field(16, ge=2)
+    qd_top_k: list[int] = Field(default_factory=lambda: [1, 3, 10, 30, 0])  # 0 = no truncation
+    qd_samples: int = Field(16, ge=2)
+    sampler: Literal["ancestral", "gibbs"] = "ancestral"  # gibbs: BERT-Mouth
+    gibbs_sweeps: int = Field(2, ge=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compare_init: bool = True  # also bound the untrained initial model (seed 0) for comparison
 

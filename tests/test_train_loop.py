@@ -79,3 +79,9 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     values = [warmup_cosine(s, 10, 100, 0.1) for s in range(100)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert values[-1] == pytest.approx(0.1, abs=1e-3) and values == values[:10] + sorted(values[10:], reverse=True)
+
+
+def test_plain_mlm_objective_trains_for_the_bert_mouth_baseline(tiny_data):
+    p = params("train.objective=mlm", "train.steps=3", "train.eval_every=3")
+    result = train_loop(p, tiny_data)
+    assert "train_mlm_ce" in result.history[-1] and "val_bound" in result.history[-1]

@@ -126,6 +126,31 @@ def diffusion_loss(
     return LossOutput(loss, float(bound_sum.detach()), float(ce_sum.detach()), num_tokens, int(target.numel()))
 
 
+def mlm_loss(
+    denoiser: Denoiser,
+    x0: Tensor,
+    attention_mask: Tensor,
+    special: SpecialIds,
+    generator: torch.Generator | None = None,
+    mask_prob: float = 0.15,
+) -> LossOutput:
+    """Plain masked-LM cross-entropy (BERT's 15%, all replaced by [MASK]): the fine-tune behind
+    the BERT-Mouth baseline, which then samples by Gibbs sampling. Not a bound."""
+    maskable = content_mask(x0, special, attention_mask)
+    u = torch.rand(x0.shape, generator=generator, dtype=torch.float64).to(x0.device)
+    masked = maskable & (u < mask_prob)
+    num_tokens = int(maskable.sum())
+    if not masked.any():
+        zero = torch.zeros((), device=x0.device, requires_grad=True)
+        return LossOutput(zero * 0.0, 0.0, 0.0, num_tokens, 0)
+    x_in = torch.where(masked, torch.full_like(x0, special.mask), x0)
+    ones = torch.ones(x0.shape[0], dtype=torch.float32, device=x0.device)  # "fully noisy" time
+    log_probs = subs_log_probs(denoiser(x_in, attention_mask, ones, masked), special.forbidden_outputs)
+    ce = -log_probs.gather(1, x0[masked][:, None]).squeeze(1)
+    ce_sum = ce.sum()
+    return LossOutput(ce_sum / ce.numel(), float(ce_sum.detach()), float(ce_sum.detach()), num_tokens, int(ce.numel()))
+
+
 @torch.no_grad()
 def sequence_bound(
     denoiser: Denoiser,

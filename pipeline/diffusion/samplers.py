@@ -131,24 +131,24 @@ def ancestral_sample(
             p = truncated_probs(logits.cpu(), forbidden, top_k, top_p, temperature)  # [N, V]
             if probs is None:
                 probs = torch.zeros(batch, width, p.shape[-1], dtype=torch.float32)
-            block = probs[rows]
-            block[masked[rows]] = p.float()
-            probs[rows] = block
+            sel_b, sel_l = sel.cpu().nonzero(as_tuple=True)
+            probs[rows[sel_b], sel_l] = p.float()  # in place, row-major like the model's output
             stale[rows] = False
-        t = torch.full((batch,), float(t_step), dtype=torch.float64)
-        s = torch.full((batch,), float(s_step), dtype=torch.float64)
-        reveal_table = schedule.reveal_probability(t, s)  # [B, V] or [B, 1]
+        # Every row is at the same step: one [1, V] (or [1, 1]) reveal table serves the batch.
+        t = torch.full((1,), float(t_step), dtype=torch.float64)
+        s = torch.full((1,), float(s_step), dtype=torch.float64)
+        reveal = schedule.reveal_probability(t, s)[0]  # [V] or [1]
         b_idx, l_idx = masked.nonzero(as_tuple=True)  # [M]
-        if reveal_table.shape[-1] == 1:
-            chance = reveal_table[b_idx, 0]  # sum_v p(v) a = a
-        else:  # sum_v p(v) a(v) for every position at once: [B, L, V] @ [B, V, 1]
-            chance = torch.bmm(probs, reveal_table[:, :, None].to(probs.dtype)).squeeze(-1)[b_idx, l_idx].double()
+        if reveal.shape[-1] == 1:
+            chance = reveal.expand(len(b_idx))  # sum_v p(v) a = a
+        else:  # sum_v p(v) a(v) at every position at once: [B, L, V] @ [V]
+            chance = (probs @ reveal.to(probs.dtype))[b_idx, l_idx].double()
         hit = u_reveal[b_idx, l_idx] < chance
         if hit.any():
             hb, hl = b_idx[hit], l_idx[hit]
             weights = probs[hb, hl].double()  # [H, V]
-            if reveal_table.shape[-1] != 1:
-                weights = weights * reveal_table[hb]
+            if reveal.shape[-1] != 1:
+                weights = weights * reveal[None, :]
             x[hb, hl] = draw_categorical(weights, u_token[hb, hl])
             masked[hb, hl] = False
             stale[hb.unique()] = True

@@ -79,7 +79,7 @@ def evaluate_model(params: Params, layout: Layout, model_dir: str | Path, progre
     gen = generate(
         model, tokenizer, schedule, lengths=lengths, steps=ev.sample_steps, top_k=ev.top_k, top_p=ev.top_p,
         temperature=ev.temperature, seed=ev.sample_seed, batch_size=ev.batch_size, denoiser=denoise,
-        progress=tick("generate", 2 * n),
+        sampler=ev.sampler, gibbs_sweeps=ev.gibbs_sweeps, progress=tick("generate", 2 * n),
     )
     samples, self_bleu_set = gen.texts[:n], gen.texts[n:]
     quality = generation_metrics(samples, references, self_bleu_samples=self_bleu_set)
@@ -90,8 +90,15 @@ def evaluate_model(params: Params, layout: Layout, model_dir: str | Path, progre
         "lengths": "fixed" if ev.sample_length > 0 else "sampled from the training length histogram",
         "bleu_tokenization": TOKENIZATION,
     })
+    extra = dict(model=model, tokenizer=tokenizer, schedule=schedule, special=special, denoise=denoise,
+                 test=test, histogram=histogram, references=references, params=params)
+    steps_table = steps_quality_table(**extra, progress=tick("steps table", len(ev.table_steps)))
+    qd_curve = quality_diversity_curve(**extra, progress=tick("quality-diversity", len(ev.qd_top_k)))
     return {
         "label": corpus_label(params),
+        "packed": params.train.packed,
+        "steps_table": steps_table,
+        "quality_diversity": qd_curve,
         "leaky": bool(getattr(schedule, "leaky", False)),
         "model_dir": str(model_dir),
         "time_design": model.config.time_design,
@@ -121,6 +128,60 @@ def _initial_model_bound(params: Params, schedule, test, special, settings: dict
                                   seeds=(params.evaluate.seeds[0],), batch_size=params.evaluate.batch_size,
                                   length_log_probs=length_lp)
     return report["runs"][0]
+
+
+def _samples_quality(model, tokenizer, schedule, denoise, histogram, references, params: Params, *, n: int,
+                     steps: int, top_k: int, seed: int) -> dict:
+    """BLEU / Self-BLEU of two disjoint sets of n samples, and their cost."""
+    ev = params.evaluate
+    lengths = fixed_or_sampled_lengths(2 * n, ev.sample_length, histogram, seed)
+    gen = generate(model, tokenizer, schedule, lengths=lengths, steps=steps, top_k=top_k, top_p=ev.top_p,
+                   temperature=ev.temperature, seed=seed, batch_size=ev.batch_size, denoiser=denoise,
+                   sampler=ev.sampler, gibbs_sweeps=ev.gibbs_sweeps)
+    quality = generation_metrics(gen.texts[:n], references, self_bleu_samples=gen.texts[n:])
+    return {
+        "bleu": quality["bleu"], "self_bleu": quality["self_bleu"], "unigram_entropy": quality["unigram_entropy"],
+        "model_calls_per_sample": gen.row_calls / len(lengths), "seconds_per_sample": gen.seconds / len(lengths),
+        "num_samples": n,
+    }
+
+
+def steps_quality_table(*, model, tokenizer, schedule, special, denoise, test, histogram, references, params: Params,
+                        progress=None) -> list[dict]:
+    """PAPER Table 3 at this scale: for each number of reverse steps, the bound of that step
+    chain (first `table_sequences` test sentences, first seed) and the quality, calls and time
+    of samples drawn with the same steps."""
+    ev = params.evaluate
+    subset = _head(test, ev.table_sequences)
+    rows = []
+    for steps in ev.table_steps:
+        with torch.no_grad():
+            bound = perplexity_bound(denoise, subset, schedule, special, num_steps=steps, seeds=(ev.seeds[0],),
+                                     batch_size=ev.batch_size)
+        row = {"steps": min(steps, schedule.num_timesteps), "ppl_token": bound["runs"][0]["ppl_token"],
+               "ppl_word": bound["runs"][0]["ppl_word"], "bound_sequences": len(subset)}
+        row.update(_samples_quality(model, tokenizer, schedule, denoise, histogram, references, params,
+                                    n=ev.table_samples, steps=steps, top_k=ev.top_k, seed=ev.sample_seed + 1))
+        rows.append(row)
+        if progress is not None:
+            progress(1)
+    return rows
+
+
+def quality_diversity_curve(*, model, tokenizer, schedule, special, denoise, test, histogram, references,
+                            params: Params, progress=None) -> list[dict]:
+    """BLEU (quality) against Self-BLEU (diversity) as top-k varies, at `sample_steps` steps."""
+    del special, test
+    ev = params.evaluate
+    points = []
+    for top_k in ev.qd_top_k:
+        point = {"top_k": top_k}
+        point.update(_samples_quality(model, tokenizer, schedule, denoise, histogram, references, params,
+                                      n=ev.qd_samples, steps=ev.sample_steps, top_k=top_k, seed=ev.sample_seed + 2))
+        points.append(point)
+        if progress is not None:
+            progress(1)
+    return points
 
 
 def summary_metrics(report: dict) -> dict:

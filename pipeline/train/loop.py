@@ -19,7 +19,7 @@ from pipeline.data.batching import iterate_batches, num_batches
 from pipeline.data.stats import TokenStatistics
 from pipeline.data.tokenize import TokenizedSplit
 from pipeline.diffusion.forward import SpecialIds
-from pipeline.diffusion.loss import diffusion_loss
+from pipeline.diffusion.loss import diffusion_loss, mlm_loss
 from pipeline.diffusion.schedules import Schedule, schedule_from_params
 from pipeline.model.denoiser import DiffusionBertForDenoising
 from pipeline.model.loading import build_denoiser, load_tokenizer, random_bert_config
@@ -162,7 +162,10 @@ def train_loop(
             attn = batch["attention_mask"].to(device)
             gen = torch.Generator().manual_seed(step_seed(tp.seed, rank, progress.step))
             with autocast(device, precision):
-                out = diffusion_loss(forward, ids, attn, schedule, special, gen, params.diffusion.hybrid_lambda)
+                if tp.objective == "mlm":
+                    out = mlm_loss(forward, ids, attn, special, gen)
+                else:
+                    out = diffusion_loss(forward, ids, attn, schedule, special, gen, params.diffusion.hybrid_lambda)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tp.grad_clip if tp.grad_clip > 0 else float("inf"))
@@ -185,7 +188,8 @@ def train_loop(
                 metrics = {
                     "step": progress.step,
                     "loss": window_loss / window_steps,
-                    "train_bound": out.bound_sum / max(out.num_tokens, 1),
+                    "train_bound" if tp.objective == "diffusion" else "train_mlm_ce":
+                        out.bound_sum / max(out.num_tokens if tp.objective == "diffusion" else out.num_masked, 1),
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm),
                     "tokens_per_s": window_tokens * world_size / max(window_time, 1e-9),
