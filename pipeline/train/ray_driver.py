@@ -131,7 +131,7 @@ def check_placement(num_workers: int, cpus_per_worker: float, use_gpu: bool, *, 
         )
     if use_gpu and num_workers > total_gpus + 1e-9:
         raise PlacementError(
-            f"train.num_workers={num_workers} with train.use_gpu=true needs {num_workers} GPUs but the Ray "
+            f"train.num_workers={num_workers} with train.use_gpu=true needs {num_workers} GPU(s) but the Ray "
             f"cluster has {_fmt(total_gpus)}"
         )
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
@@ -272,8 +272,9 @@ def train_worker_body(
     """Everything a worker does, without Ray: load data, resume, train, report.
 
     `deliver(metrics, checkpoint_dir, last)` hands each report on (to Ray Train, to Tune, to the
-    driver); `checkpoint_dir` is a temporary directory on rank 0 at checkpoint steps, else None.
-    Returns rank 0's last metrics.
+    driver); `checkpoint_dir` is a temporary directory on rank 0 at checkpoint steps, else None,
+    deleted after `deliver` returns. Returns this rank's last metrics (Ray Train keeps rank 0's as
+    `Result.return_value`).
     """
     import torch
 
@@ -623,14 +624,20 @@ def run_training(
             train_logger.setLevel(saved_level)
     if result.error:
         raise TrainingError(f"training run {run_name} failed: {_short(result.error)}") from result.error
-    if result.checkpoint is None:
+    # A resume of a run that had already reached train.steps trains nothing and reports nothing:
+    # its final checkpoint is the one it resumed from.
+    final = result.checkpoint.path if result.checkpoint is not None else resume_from
+    if final is None:
         raise TrainingError(f"training run {run_name} reported no checkpoint")
 
     checkpoint_dir = (layout.checkpoints / run_name).resolve()
     if checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir)
     checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
-    result.checkpoint.to_directory(str(checkpoint_dir))
+    if result.checkpoint is not None:
+        result.checkpoint.to_directory(str(checkpoint_dir))
+    else:
+        shutil.copytree(final, checkpoint_dir)
 
     precision = next((h["precision"] for h in reversed(history) if h.get("precision")), None)
     if precision is None:

@@ -157,6 +157,14 @@ def tune_trial(config: dict, *, setup: dict) -> None:
             # that is an outcome, not a failure of the MLflow run. (A trial on Ray workers is
             # instead ended from outside; the driver closes its run, see _finish_trial_runs.)
             stopped = stop
+        except Exception as err:
+            if run is not None:  # why, next to Tune's own verdict (see _finish_trial_runs)
+                from mlflow import MlflowClient
+
+                text = str(err).strip().splitlines()
+                MlflowClient().set_tag(run.info.run_id, "trial_exception",
+                                       f"{type(err).__name__}: {text[0] if text else ''}"[:500])
+            raise
     if stopped is not None:
         raise stopped
 
@@ -324,8 +332,9 @@ def _row(result, values: dict[str, list], max_steps: int) -> dict:
 
 
 def _finish_trial_runs(table: list[dict], parent_run_id: str, uri: str) -> None:
-    """Tag each trial's MLflow run with its outcome; close runs that ASHA's stop left RUNNING
-    (Tune ends a stopped trial's actor without unwinding the trial function)."""
+    """Tag each trial's MLflow run with Tune's outcome, log its best bound and steps, and set its
+    status from that outcome: Tune ends a stopped trial's actor without unwinding the trial
+    function, so the run itself cannot tell "stopped by ASHA / max_t" from "failed"."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -341,8 +350,11 @@ def _finish_trial_runs(table: list[dict], parent_run_id: str, uri: str) -> None:
         for key in ("best_val_bound", "steps"):
             if _finite(row.get(key)):
                 client.log_metric(run.info.run_id, key if key != "steps" else "steps_reached", float(row[key]))
-        if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, "FAILED" if row["status"] == "error" else "FINISHED")
+        # Tune's outcome decides: a stopped trial's run can end RUNNING (actor gone) or FAILED
+        # (its TorchTrainer torn down under it) depending on who loses the race.
+        wanted = "FAILED" if row["status"] == "error" else "FINISHED"
+        if run.info.status != wanted:
+            client.set_terminated(run.info.run_id, wanted)
 
 
 def _table_csv(table: list[dict], searched: list[str]) -> str:

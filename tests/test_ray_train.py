@@ -1,0 +1,146 @@
+"""pipeline.train.ray_driver on a real 2-CPU Ray cluster (no mocks): local mode, 2-worker DDP over
+gloo, a killed worker that resumes, fail-fast placement, and `resume=True`."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pipeline.train import ray_driver
+from pipeline.train.ray_driver import NothingToResumeError, PlacementError, run_training
+from tests.ray_fixtures import layout, ray_cluster, tiny_data, tiny_params  # noqa: F401 (fixtures)
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated"),  # MLflow's sqlalchemy store
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context"),  # Ray Data's own defaults
+]
+
+
+def _steps(history: list[dict]) -> list[int]:
+    return [int(h["step"]) for h in history]
+
+
+def _checkpoint_model(params, layout, directory):
+    """The model a checkpoint holds, rebuilt the way the driver does."""
+    from pipeline.data.stats import TokenStatistics
+    from pipeline.train.checkpoint import load_checkpoint
+    from pipeline.train.loop import build_model, build_schedule_for
+
+    model = build_model(params, build_schedule_for(params, TokenStatistics.load(layout.token_stats)))
+    load_checkpoint(directory, model)
+    return model
+
+
+def test_local_mode_training_reaches_the_configured_steps_logs_to_mlflow_and_exports_a_model_that_generates(
+    layout, monkeypatch
+):
+    import mlflow
+
+    from pipeline import tracking
+    from pipeline.eval.generation import generate
+    from pipeline.train.export import load_exported
+
+    monkeypatch.setenv("DBERT_PROJECT_ROOT", str(layout.root))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{layout.root / 'mlflow.db'}")
+    params = tiny_params("train.steps=4", "train.num_workers=0")
+    seen: list[dict] = []
+    try:
+        with tracking.start_stage_run("train", params, root=layout.root) as run:
+            outcome = run_training(params, layout, export_dir=layout.model, progress=seen.append,
+                                   mlflow_run_id=run.info.run_id)
+        client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri())
+        logged = client.get_metric_history(run.info.run_id, "val_bound")
+        assert client.get_run(run.info.run_id).info.status == "FINISHED"  # the worker never ended it
+    finally:
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)
+    assert sorted(m.step for m in logged) == [1, 2, 4]
+
+    assert outcome.run_name.startswith("train-")
+    assert _steps(outcome.history) == [1, 2, 4]
+    assert _steps(seen) == [1, 2, 4]  # live progress, in order
+    assert all(h["val_bound"] > 0 for h in outcome.history)
+    assert outcome.precision == "fp32"
+    assert ray_driver.checkpoint_step(outcome.checkpoint_dir) == 4
+    assert outcome.checkpoint_dir.parent == layout.checkpoints.resolve()
+    assert ray_driver.last_run(layout)["run_name"] == outcome.run_name
+
+    model, tokenizer, schedule = load_exported(outcome.export_dir)
+    assert schedule.num_timesteps == params.diffusion.num_timesteps
+    assert ray_driver.weights_checksum(model) == outcome.history[-1]["weights_sha256"]
+    generation = generate(model, tokenizer, schedule, lengths=[6, 6], steps=4, seed=0)
+    assert len(generation.texts) == 2
+    assert all(text.strip() for text in generation.texts)
+
+
+def test_two_worker_ddp_over_gloo_finishes_with_identical_models_on_both_ranks(ray_cluster, layout):
+    params = tiny_params("train.steps=4", "train.num_workers=2", "train.cpus_per_worker=1")
+    seen: list[dict] = []
+    outcome = run_training(params, layout, progress=seen.append)
+
+    assert _steps(outcome.history) == _steps(seen) == [1, 2, 4]  # rank 0's reports, through the controller
+    by_rank = outcome.history[-1]["weights_sha256_by_rank"]
+    assert len(by_rank) == 2 and by_rank[0] == by_rank[1]  # ranks start from different seeds
+    # and the checkpoint rank 0 wrote is those very weights
+    assert ray_driver.weights_checksum(_checkpoint_model(params, layout, outcome.checkpoint_dir)) == by_rank[0]
+
+
+def test_a_worker_killed_mid_run_resumes_from_its_checkpoint_and_finishes_at_the_configured_steps(
+    ray_cluster, layout, tmp_path, monkeypatch
+):
+    marker = tmp_path / "failed-once"
+    monkeypatch.setenv(ray_driver.ENV_FAIL_AT_STEP, "4")
+    monkeypatch.setenv(ray_driver.ENV_FAIL_MARKER, str(marker))
+    params = tiny_params("train.steps=6", "train.eval_every=1", "train.checkpoint_every=2", "train.num_workers=1",
+                         "train.cpus_per_worker=1", "train.max_failures=1")
+    outcome = run_training(params, layout)
+
+    assert marker.exists()  # the worker really died once (os._exit at step 4)
+    first = [h for h in outcome.history if h["resumed_from_step"] == 0]
+    second = [h for h in outcome.history if h["resumed_from_step"] == 2]
+    assert first and second and len(first) + len(second) == len(outcome.history)
+    assert _steps(first)[:2] == [1, 2] and max(_steps(first)) < 4  # never got past step 3
+    assert _steps(second) == [3, 4, 5, 6]  # restarted from the step-2 checkpoint
+    assert {h["resumed_via"] for h in second} == {"ray"}  # ray.train.get_checkpoint() after the restart
+    assert _steps(outcome.history)[-1] == params.train.steps
+    assert ray_driver.checkpoint_step(outcome.checkpoint_dir) == params.train.steps
+
+
+def test_more_workers_than_the_cluster_can_place_fail_fast_with_the_numbers(ray_cluster, layout):
+    params = tiny_params("train.num_workers=4", "train.cpus_per_worker=1")
+    start = time.monotonic()
+    with pytest.raises(PlacementError) as err:
+        run_training(params, layout)
+    assert time.monotonic() - start < 10
+    message = str(err.value)
+    assert "train.num_workers=4" in message and "train.cpus_per_worker=1" in message
+    assert "needs 4 CPUs" in message and "has 2" in message
+    assert "\n" not in message
+    assert ray_driver.last_run(layout) is None  # nothing started, nothing recorded
+    # one worker too big for any node is refused too
+    with pytest.raises(PlacementError, match="cpus_per_worker=3"):
+        ray_driver.check_placement(1, 3.0, False)
+    ray_driver.check_placement(0, 99.0, True)  # local mode needs nothing
+
+
+def test_resume_continues_the_last_run_without_redoing_its_steps(layout):
+    first = run_training(tiny_params("train.steps=4"), layout)
+    assert _steps(first.history)[-1] == 4
+
+    second = run_training(tiny_params("train.steps=6"), layout, resume=True)
+    assert second.run_name == first.run_name
+    assert _steps(second.history) == [6]  # steps 5 and 6 only (eval every 2): nothing from 1-4 again
+    assert {h["resumed_from_step"] for h in second.history} == {4}
+    assert ray_driver.checkpoint_step(second.checkpoint_dir) == 6
+    assert second.history[-1]["tokens_seen"] > first.history[-1]["tokens_seen"]
+
+    again = run_training(tiny_params("train.steps=6"), layout, resume=True)  # already done: trains nothing
+    assert again.history == [] and ray_driver.checkpoint_step(again.checkpoint_dir) == 6
+
+
+def test_resume_without_an_earlier_run_says_there_is_nothing_to_resume(layout):
+    with pytest.raises(NothingToResumeError, match="nothing to resume"):
+        run_training(tiny_params(), layout, resume=True)
