@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 
 repro: $(STAMP)
 	test -d .dvc || $(BIN)/dvc init -q
-	$(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -64,16 +64,20 @@ def line_plot(
     xlabel: str = "",
     ylabel: str = "",
     logy: bool = False,
+    logx: bool = False,
     styles: Mapping[str, str] | None = None,
 ) -> Path:
-    """One line per entry of `series` (label -> y values, same length as `x`)."""
+    """One line per entry of `series` (label -> y values, same length as `x`); markers when few."""
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
     for label, ys in series.items():
         px, py = _finite(x, ys)
-        ax.plot(px, py, (styles or {}).get(label, "-"), label=str(label), linewidth=1.5)
+        style = (styles or {}).get(label, "o-" if len(px) <= 20 else "-")
+        ax.plot(px, py, style, label=str(label), linewidth=1.5, markersize=4)
     if logy:
         ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log", base=2)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -26,17 +26,19 @@ class SpecialIds:
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "SpecialIds":
+        """Special tokens (but [MASK] and [UNK]) plus BERT's `[unusedN]` placeholder rows, which
+        never occur in text and so must never be generated."""
         specials = set(tokenizer.all_special_ids) - {tokenizer.mask_token_id}
         if tokenizer.unk_token_id is not None:
             specials.discard(tokenizer.unk_token_id)
+        vocab = tokenizer.get_vocab()
+        specials |= {i for token, i in vocab.items() if token.startswith("[unused") and token.endswith("]")}
         return cls(mask=tokenizer.mask_token_id, pad=tokenizer.pad_token_id, never_masked=tuple(sorted(specials)))
 
 
 def content_mask(ids: Tensor, special: SpecialIds, attention_mask: Tensor | None = None) -> Tensor:
     """True where a position holds real content that the forward process may mask. [B, L]"""
-    keep = torch.ones_like(ids, dtype=torch.bool)
-    for i in special.never_masked:
-        keep &= ids != i
+    keep = ~torch.isin(ids, torch.as_tensor(special.never_masked, device=ids.device))
     if attention_mask is not None:
         keep &= attention_mask.bool()
     return keep

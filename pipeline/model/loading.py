@@ -87,13 +87,15 @@ def init_mlm_head(mlm: BertForMaskedLM, missing: set[str], seed: int = 0) -> Non
 def _quiet_loading():
     """The load report lists the MLM head as missing; we handle that, so keep stderr clean."""
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def check_finite(model: torch.nn.Module, source: str) -> None:

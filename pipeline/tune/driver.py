@@ -378,7 +378,7 @@ def proposal_yaml(overrides: dict[str, Any], best_row: dict, tune_name: str) -> 
         f"# Proposal from tune run {tune_name}: best {METRIC}={best_row['best_val_bound']:.6g} "
         f"(trial {best_row['trial_id']}, {best_row['steps']} steps).\n"
         "# Only the overrides; params.yaml is unchanged. Apply with `dbert tune --apply`,\n"
-        f"# or `dvc exp run {sets}`.\n"
+        f"# or `dvc exp run --temp {sets}` (the plain form rewrites params.yaml in the workspace).\n"
     )
     return header + yaml.safe_dump(_jsonable(overrides), sort_keys=True, default_flow_style=False)
 

@@ -1,0 +1,175 @@
+"""What every stage shares: where the project is, one MLflow run per stage, progress callbacks,
+atomic single-file writes.
+
+A stage is `run(params, root, **options) -> dict`. `root` is the checkout the stage reads from and
+writes to (the repository root under `dvc repro`, the copy under `dvc exp run --temp`, a
+temporary directory in tests). The *project* root - where the corpus mirror is resolved and the
+MLflow database lives - is the main repository, also from an experiment copy
+(`pipeline.tracking.project_root`).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import functools
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Params
+
+CODE_ROOT = Path(__file__).resolve().parents[1]  # the checkout whose code is running
+# Plumbing that never changes what a stage writes: params are tracked as params, MLflow is not an
+# output, the CLI and these helpers only parse arguments, draw bars and rename directories.
+NOT_CODE_DEPS = frozenset({"pipeline.config", "pipeline.tracking", "stages.common", "stages.cli"})
+
+# progress(task, advance, total): advance the bar called `task` by `advance` of `total` units.
+Progress = Callable[[str, int, "int | None"], None]
+
+
+def same_path(a: Path, b: Path) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def project_dir(root: Path) -> Path:
+    """The main repository for `root` (see module doc): corpus paths are relative to it."""
+    from pipeline.tracking import project_root
+
+    return project_root(Path(root))
+
+
+def tracking_root(root: Path) -> Path | None:
+    """`root` argument for `start_stage_run`.
+
+    None when the stage runs in the checkout it writes to (the normal case): MLflow then finds
+    the main repository's store itself, also from a `dvc exp run --temp` copy, and takes lineage
+    (commit, dependency md5s) from the checkout. An explicit other root is its own project.
+    """
+    return None if same_path(root, Path.cwd()) else Path(root).resolve()
+
+
+def select_params(params: Params, keys: Sequence[str]) -> dict[str, Any]:
+    """`group.key` -> value for the groups (`"data"`) and keys (`"data.max_seq_len"`) named."""
+    flat = params.flat()
+    out: dict[str, Any] = {}
+    for key in keys:
+        if "." in key:
+            out[key] = flat[key]
+        else:
+            out.update({k: v for k, v in flat.items() if k.startswith(key + ".")})
+    return out
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    params: Params,
+    root: Path,
+    keys: Sequence[str],
+    deps: Sequence[str | Path],
+    tags: dict[str, Any] | None = None,
+) -> Iterator[Any]:
+    """One MLflow run for the stage, logging exactly the params it reads (`keys`) and tagged with
+    the md5s of its dependencies (`deps`, relative to `root`)."""
+    from pipeline.tracking import start_stage_run
+
+    with start_stage_run(
+        stage,
+        select_params(params, keys),
+        experiment=params.tracking.experiment,
+        deps=[Path(d) for d in deps],  # relative to root (== cwd when tracking_root is None)
+        root=tracking_root(root),
+        tags=tags,
+    ) as run:
+        yield run
+
+
+def write_file_atomic(path: Path, data: str | bytes) -> Path:
+    """Write a single output file via a temporary sibling + rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def tick(progress: Progress | None, task: str, total: int | None) -> Callable[[int], None] | None:
+    """A one-argument `advance(n)` for library functions that take `progress(n)`."""
+    if progress is None:
+        return None
+    return lambda n: progress(task, int(n), total)
+
+
+def require(path: Path, what: str, stage: str) -> Path:
+    """A missing input is a FileNotFoundError naming the file and the stage that makes it."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{what} not found: {path} (run `dbert {stage}` first)")
+    return Path(path)
+
+
+def _module_file(name: str) -> Path | None:
+    base = CODE_ROOT.joinpath(*name.split("."))
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    return None
+
+
+def _local_imports(path: Path) -> set[str]:
+    """Project modules (pipeline.*, stages.*) that a file imports anywhere, lazy imports included."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {n for n in names if n.split(".")[0] in ("pipeline", "stages") and _module_file(n) is not None}
+
+
+def _only_docstring(path: Path) -> bool:
+    body = ast.parse(path.read_text(encoding="utf-8")).body
+    return all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body)
+
+
+@functools.lru_cache(maxsize=None)
+def code_deps(module: str) -> tuple[str, ...]:
+    """The source files a stage's output depends on: the static import closure of `module`
+    (every import, also inside functions) over pipeline/ and stages/, without empty package
+    `__init__.py` files and without the plumbing in NOT_CODE_DEPS. Posix paths relative to the
+    checkout, sorted; dvc.yaml lists exactly these (a test checks it)."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name not in NOT_CODE_DEPS:
+            todo.extend(_local_imports(_module_file(name)))
+    files = []
+    for name in seen - NOT_CODE_DEPS:
+        path = _module_file(name)
+        if path.name == "__init__.py" and _only_docstring(path):
+            continue
+        files.append(path.relative_to(CODE_ROOT).as_posix())
+    return tuple(sorted(files))
+
+
+def code_paths(module: str) -> list[Path]:
+    """`code_deps(module)` as absolute paths (for lineage tags when the root is elsewhere)."""
+    return [CODE_ROOT / path for path in code_deps(module)]

@@ -1,0 +1,142 @@
+"""train: the diffusion denoiser on the prepared data, through Ray Train.
+
+Reads  params `model.*`, `diffusion.*`, `train.*`, `data.max_seq_len`; data/prepared/train/,
+       data/prepared/validation/, data/token_stats/counts.npy + summary.json, and
+       data/schedule/schedule.json (train refuses to run when the checked schedule is not the
+       one the params describe).
+Writes models/final/ (Hugging Face export: safetensors, tokenizer, schedule), and
+       outputs/train/metrics.json (final step, val_bound, val_ppl, tokens_per_s, precision,
+       run_name, mlflow_run_id), outputs/train/history.csv (one row per report) and
+       outputs/train/curve.png. Checkpoints go to checkpoints/ (not a DVC output), so
+       `--resume` continues an interrupted run.
+
+The MLflow run of this stage is the one the Ray driver logs step metrics into; the exported
+model is logged as its artifact `model/`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import Layout, atomic_directory, read_json, write_json
+from pipeline.config import Params
+from stages.common import Progress, code_paths, require, stage_run
+
+STAGE = "train"
+PARAMS = ("model", "diffusion", "train", "data.max_seq_len")
+INPUTS = (
+    "data/prepared/train",
+    "data/prepared/validation",
+    "data/token_stats/counts.npy",
+    "data/token_stats/summary.json",
+    "data/schedule/schedule.json",
+)
+HISTORY_FIRST = ("step", "loss", "train_bound", "val_bound", "val_ppl", "lr", "grad_norm", "tokens_per_s",
+                 "tokens_seen", "epoch")
+
+
+def check_schedule(params: Params, layout: Layout) -> dict:
+    """The schedule stage's report must describe the schedule these params build, and have passed."""
+    from pipeline.data.stats import TokenStatistics
+    from pipeline.diffusion.schedules import ScheduleError, schedule_from_params
+
+    report = read_json(require(layout.schedule / "schedule.json", "schedule report", "schedule"))
+    stats = TokenStatistics.load(require(layout.token_stats, "token statistics", "token-stats"))
+    wanted = schedule_from_params(params.diffusion, information=stats.centred_information(),
+                                  counts=stats.counts).describe()
+    if report.get("schedule") != wanted:
+        raise ScheduleError(f"data/schedule/schedule.json describes {report.get('schedule')} but the params give "
+                            f"{wanted}; run `dbert schedule` first")
+    check = report.get("monotonicity", {})
+    if not (check.get("monotone") and check.get("endpoints_ok")):
+        raise ScheduleError(f"the schedule {wanted} failed its monotonicity check; see data/schedule/schedule.json")
+    return report
+
+
+HISTORY_SKIP = ("checkpoint_path",)  # machine-specific paths stay out of the plotted table
+
+
+def history_csv(history: list[dict[str, Any]]) -> str:
+    """One row per report; scalar columns in a fixed order, empty where a row has no value."""
+    keys = {k for row in history for k, v in row.items()
+            if k not in HISTORY_SKIP and (v is None or isinstance(v, (int, float, str)))}
+    columns = [k for k in HISTORY_FIRST if k in keys] + sorted(keys - set(HISTORY_FIRST))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in history:
+        writer.writerow([_cell(row.get(k)) for k in columns])
+    return buffer.getvalue()
+
+
+def _cell(value: Any) -> Any:
+    if value is None or isinstance(value, (list, tuple, dict)):
+        return ""
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ""
+    return value
+
+
+def final_metrics(history: list[dict[str, Any]], outcome, run_id: str) -> dict[str, Any]:
+    last = history[-1] if history else {}
+    evaluated = [row for row in history if row.get("val_bound") is not None]
+    last_eval = evaluated[-1] if evaluated else {}
+    val_bound = last_eval.get("val_bound")
+    return {
+        "step": int(last.get("step", 0)),
+        "val_bound": val_bound,
+        "val_ppl": last_eval.get("val_ppl", math.exp(min(val_bound, 50.0)) if val_bound is not None else None),
+        "train_bound": last.get("train_bound"),
+        "loss": last.get("loss"),
+        "tokens_per_s": last.get("tokens_per_s"),
+        "tokens_seen": last.get("tokens_seen"),
+        "precision": outcome.precision,
+        "run_name": outcome.run_name,
+        "mlflow_run_id": run_id,
+    }
+
+
+def step_progress(progress: Progress | None, total_steps: int):
+    """The driver's `progress(metrics)` (one call per report) as a bar over optimizer steps."""
+    if progress is None:
+        return None
+    done = {"step": 0}
+
+    def on_report(metrics: dict) -> None:
+        step = int(metrics.get("step", done["step"]))
+        progress("training", max(step - done["step"], 0), total_steps)
+        done["step"] = max(step, done["step"])
+
+    return on_report
+
+
+def run(params: Params, root: Path, *, resume: bool = False, progress: Progress | None = None) -> dict:
+    from pipeline.tracking import log_artifact, log_metrics
+    from pipeline.train.ray_driver import run_training
+    from pipeline.viz import training_curves
+
+    layout = Layout(Path(root))
+    for split in ("train", "validation"):
+        require(layout.prepared / split, f"{split} split", "prepare")
+    check_schedule(params, layout)
+    with stage_run(STAGE, params, root, PARAMS, [*code_paths(__name__), *INPUTS]) as active:
+        run_id = active.info.run_id
+        with atomic_directory(layout.model) as export_dir:
+            outcome = run_training(params, layout, resume=resume, mlflow_run_id=run_id, export_dir=export_dir,
+                                   progress=step_progress(progress, params.train.steps))
+            history = list(outcome.history)
+            metrics = final_metrics(history, outcome, run_id)
+            log_artifact(export_dir, "model", run_id=run_id)
+            with atomic_directory(layout.train_out) as out:
+                write_json(metrics, out / "metrics.json")
+                (out / "history.csv").write_text(history_csv(history), encoding="utf-8")
+                training_curves(out / "curve.png", history,
+                                title=f"{params.model.time_design}, {params.diffusion.schedule}")
+                log_metrics({f"final.{k}": v for k, v in metrics.items()}, run_id=run_id)
+                for name in ("metrics.json", "history.csv", "curve.png"):
+                    log_artifact(out / name, run_id=run_id)
+    return {"stage": STAGE, "model": str(layout.model), "outputs": str(layout.train_out), **metrics}

@@ -1,0 +1,282 @@
+"""The `dbert` CLI through typer's CliRunner (and once as `python -m stages.cli`): help texts, the
+first three stages on real LM1B-sample lines, params, one-line errors, generation from a tiny
+exported model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from stages.cli import app
+
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = REPO / "params.yaml"
+COMMANDS = ("prepare", "token-stats", "schedule", "train", "evaluate", "tune", "generate", "mlflow-ui", "params")
+ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID",
+       "DBERT_PROJECT_ROOT", "DBERT_LM1B_DIR", "DBERT_DEBUG")
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for key in ENV:
+        monkeypatch.delenv(key, raising=False)
+    yield
+    import sys as _sys
+
+    if "mlflow" in _sys.modules:
+        import mlflow
+
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def assert_one_line_error(result, *fragments: str) -> str:
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+def test_the_app_lists_every_command():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_naming_its_options(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0, result.output
+    for option in ("--params", "--set", "--root"):
+        assert option in result.stdout
+    if command in ("prepare", "token-stats", "schedule", "train", "evaluate", "tune"):
+        assert "Reads" in result.stdout and "Writes" in result.stdout
+
+
+def test_stage_specific_options_are_documented():
+    assert "--resume" in invoke("train", "--help").stdout
+    assert "--apply" in invoke("tune", "--help").stdout
+    generate_help = invoke("generate", "--help").stdout
+    for option in ("--model", "--num", "--length", "--steps", "--top-k", "--top-p", "--temperature", "--seed",
+                   "--output"):
+        assert option in generate_help
+    ui_help = invoke("mlflow-ui", "--help").stdout
+    assert "--host" in ui_help and "127.0.0.1" in ui_help and "--port" in ui_help
+
+
+def test_prepare_token_stats_and_schedule_run_on_a_tiny_corpus(tmp_path, lm1b_dir):
+    common = ("--params", str(PARAMS), "--root", str(tmp_path))
+    result = invoke("prepare", *common, "--set", "data.max_sentences=200", "--set", f"data.mirror_dir={lm1b_dir}")
+    assert result.exit_code == 0, result.output
+    assert "train_sequences: 200" in result.stdout
+    assert (tmp_path / "data/prepared/train/ids.npy").is_file()
+
+    result = invoke("token-stats", *common)
+    assert result.exit_code == 0, result.output
+    assert "sentences: 200" in result.stdout
+    assert (tmp_path / "outputs/token_stats.json").is_file()
+
+    result = invoke("schedule", *common)
+    assert result.exit_code == 0, result.output
+    assert "monotone: True" in result.stdout
+    assert (tmp_path / "data/schedule/alpha_curves.png").is_file()
+    assert (tmp_path / "mlflow.db").is_file()  # the stage runs were recorded in the root's store
+
+
+def test_params_prints_the_resolved_params_as_yaml():
+    result = invoke("params", "--params", str(PARAMS), "--set", "train.lr=3e-4", "--set", "evaluate.seeds=[1,2]")
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["train"]["lr"] == pytest.approx(3e-4)
+    assert resolved["evaluate"]["seeds"] == [1, 2]
+    assert set(resolved) >= {"data", "model", "diffusion", "train", "evaluate", "tune", "tracking"}
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [("train.lrr=1", "train.lrr"), ("train.lr=-1", "train.lr"), ("trainlr", "key=value"),
+     ("diffusion.spindle_lambda=0.9", "diffusion.spindle_lambda")],
+)
+def test_an_invalid_set_is_one_line_naming_the_key(override, fragment):
+    assert_one_line_error(invoke("params", "--params", str(PARAMS), "--set", override), fragment)
+
+
+def test_a_missing_params_file_is_one_line(tmp_path):
+    assert_one_line_error(invoke("params", "--params", str(tmp_path / "nope.yaml")), "nope.yaml")
+
+
+def test_a_missing_corpus_is_one_line_naming_the_path_and_writes_nothing(tmp_path):
+    missing = tmp_path / "no" / "lm1b"
+    result = invoke("prepare", "--params", str(PARAMS), "--root", str(tmp_path / "project"),
+                    "--set", f"data.mirror_dir={missing}")
+    assert_one_line_error(result, str(missing))
+    assert not (tmp_path / "project" / "data" / "prepared").exists()
+    assert not (tmp_path / "project" / "data").exists()
+
+
+def test_stages_without_their_inputs_say_what_to_run(tmp_path):
+    common = ("--params", str(PARAMS), "--root", str(tmp_path))
+    assert_one_line_error(invoke("token-stats", *common), "data/prepared/meta.json", "dbert prepare")
+    assert_one_line_error(invoke("schedule", *common), "data/token_stats", "dbert token-stats")
+    assert_one_line_error(invoke("train", *common), "data/prepared/train", "dbert prepare")
+    assert_one_line_error(invoke("evaluate", *common), "models/final")
+    assert_one_line_error(invoke("tune", *common), "data/prepared/train", "dbert prepare")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random DiffusionBERT exported with the default tokenizer and a linear schedule."""
+    from pipeline.diffusion.schedules import build_schedule
+    from pipeline.model.loading import build_denoiser, load_tokenizer, random_bert_config
+    from pipeline.train.export import export_model
+
+    tokenizer = load_tokenizer("random")
+    config = random_bert_config(tokenizer.vocab_size, 32, 2, 2, 64, max_positions=64)
+    model = build_denoiser("random", time_design="none", num_timesteps=50, random_config=config, seed=0,
+                           diffusion={"schedule": "linear", "num_timesteps": 50})
+    return export_model(model.eval(), tokenizer, build_schedule("linear", 50),
+                        tmp_path_factory.mktemp("model") / "export")
+
+
+def test_generate_prints_readable_lines(tmp_path, tiny_model):
+    args = ("generate", "--params", str(PARAMS), "--root", str(tmp_path), "--model", str(tiny_model),
+            "--num", "3", "--length", "6", "--steps", "4", "--top-k", "20", "--seed", "1")
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        assert line.strip() and line.isprintable()
+        assert "[MASK]" not in line and "[CLS]" not in line and "[SEP]" not in line and "[PAD]" not in line
+    assert invoke(*args).stdout == result.stdout  # seeded
+
+    out = tmp_path / "samples.txt"
+    result = invoke(*args, "--output", str(out), "--track")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    assert out.read_text().splitlines() == lines
+    from pipeline.tracking import find_runs
+
+    tracked = find_runs(root=tmp_path, stage="generate")  # only --track records a run
+    assert len(tracked) == 1 and tracked[0]["status"] == "FINISHED"
+
+
+def test_generate_draws_lengths_from_the_histogram_when_there_is_one(tmp_path, tiny_model):
+    import numpy as np
+
+    (tmp_path / "data" / "token_stats").mkdir(parents=True)
+    hist = np.zeros(5, dtype=np.int64)
+    hist[4] = 10  # every training sentence has 4 content tokens
+    np.save(tmp_path / "data" / "token_stats" / "lengths.npy", hist)
+    result = invoke("generate", "--params", str(PARAMS), "--root", str(tmp_path), "--model", str(tiny_model),
+                    "--num", "2", "--length", "0", "--steps", "4")
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 2
+
+
+def test_generate_from_a_missing_model_is_one_line(tmp_path):
+    missing = tmp_path / "no-model"
+    assert_one_line_error(invoke("generate", "--params", str(PARAMS), "--root", str(tmp_path),
+                                 "--model", str(missing)), str(missing))
+    assert_one_line_error(invoke("generate", "--params", str(PARAMS), "--root", str(tmp_path), "--num", "0"),
+                          "--num")
+
+
+def test_mlflow_ui_binds_localhost_on_the_project_store(tmp_path):
+    result = invoke("mlflow-ui", "--params", str(PARAMS), "--root", str(tmp_path), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "--host 127.0.0.1" in result.stdout and "--port 5000" in result.stdout
+    assert f"sqlite:///{tmp_path.resolve()}/mlflow.db" in result.stdout
+
+
+def test_python_m_stages_cli_runs_and_fails_in_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("DBERT_DEBUG", None)
+    ok = subprocess.run([sys.executable, "-m", "stages.cli", "params", "--params", str(PARAMS)], cwd=tmp_path,
+                        env=env, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "diffusion:" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "stages.cli", "params", "--params", str(PARAMS), "--set",
+                          "model.time_design=sideways"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: ")
+    assert "model.time_design" in bad.stderr
+
+
+@pytest.fixture
+def fake_tune(tmp_path, monkeypatch):
+    """The real CLI and stage around a stand-in for Ray Tune (tests/test_tune.py runs the real one):
+    it writes the driver's own proposal format."""
+    from pipeline.tune import driver
+
+    proposed = {"model.time_design": "prefix", "train.lr": 0.0003}
+
+    def run_tune(params, layout, *, parent_run_id=None):
+        assert parent_run_id  # trials nest under the stage's MLflow run
+        row = {"trial_id": "t1", "best_val_bound": 5.0, "steps": 4, **proposed}
+        path = layout.tune_out / "best_params.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(driver.proposal_yaml(proposed, row, "tune-test"))
+        return driver.TuneOutcome(table=[row], best={**row, "overrides": dict(proposed)}, proposal_path=path)
+
+    monkeypatch.setattr(driver, "run_tune", run_tune)
+    for path in ("data/prepared/train", "data/prepared/validation", "data/token_stats"):
+        (tmp_path / path).mkdir(parents=True)
+    (tmp_path / "data/token_stats/counts.npy").write_bytes(b"")
+    return proposed
+
+
+def test_tune_prints_the_proposal_and_apply_runs_it_as_a_dvc_experiment(tmp_path, fake_tune, monkeypatch):
+    from stages import tune
+
+    common = ("tune", "--params", str(PARAMS), "--root", str(tmp_path))
+    result = invoke(*common)
+    assert result.exit_code == 0, result.output
+    assert "model.time_design: prefix" in result.stdout
+    assert "dvc exp run -S model.time_design=prefix -S train.lr=0.0003" in result.stdout
+    params_before = PARAMS.read_bytes()
+
+    calls = []
+    monkeypatch.setattr(tune, "run_command", lambda command, cwd: calls.append((command, cwd)) or 0)
+    result = invoke(*common, "--apply")
+    assert result.exit_code == 0, result.output
+    command, cwd = calls[0]
+    assert command[1:] == ["-m", "dvc", "exp", "run", "--temp", "-S", "model.time_design=prefix",
+                           "-S", "train.lr=0.0003"]
+    assert Path(cwd) == tmp_path
+    assert PARAMS.read_bytes() == params_before  # never edits params.yaml
+
+    monkeypatch.setattr(tune, "run_command", lambda command, cwd: 3)
+    assert_one_line_error(invoke(*common, "--apply"), "dvc exp run", "exit code 3")
+
+    from pipeline.tracking import find_runs
+
+    runs = find_runs(root=tmp_path, stage="tune")
+    assert len(runs) == 3 and runs[-1]["status"] == "FINISHED"
+    assert runs[-1]["params"]["tune.steps"] and "train.lr" in runs[-1]["params"]
+
+
+def test_a_tune_proposal_outside_the_schema_is_refused_by_key(tmp_path, fake_tune):
+    fake_tune["train.lr"] = -1.0
+    assert_one_line_error(invoke("tune", "--params", str(PARAMS), "--root", str(tmp_path), "--apply"), "train.lr")

@@ -1,0 +1,226 @@
+"""dvc.yaml against the code, and a real `dvc repro` of the whole pipeline in a temporary git
+repository (real LM1B-sample lines, a tiny random BERT, real MLflow store): everything runs once,
+a second repro does nothing, each param reaches exactly the stages that read it, and
+`dvc exp run` (in the workspace and in a `--temp` copy) reruns only what changed."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import load_params
+from stages.common import code_deps
+
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+PIPELINE = ("prepare", "token_stats", "schedule", "train", "evaluate")
+TINY = [
+    "data.mirror_dir=../shared/data/lm1b",  # the default layout: relative to the main repository
+    "data.max_sentences=120",
+    "data.max_seq_len=32",
+    "model.name_or_path=random",
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.intermediate_size=64",
+    "diffusion.num_timesteps=64",
+    "train.steps=3",
+    "train.batch_size=8",
+    "train.warmup_steps=1",
+    "train.eval_every=3",
+    "train.eval_batches=1",
+    "train.checkpoint_every=3",
+    "train.precision=fp32",
+    "train.num_workers=0",
+    "evaluate.num_sequences=8",
+    "evaluate.batch_size=8",
+    "evaluate.bound_steps=2",
+    "evaluate.seeds=[0]",
+    "evaluate.num_samples=2",
+    "evaluate.sample_steps=4",
+    "evaluate.num_references=20",
+    "evaluate.table_steps=[2,4]",
+    "evaluate.table_sequences=4",
+    "evaluate.table_samples=2",
+    "evaluate.qd_top_k=[1,0]",
+    "evaluate.qd_samples=2",
+]
+GITIGNORE = "mlflow.db\nmlartifacts/\nmlruns/\nray_results/\n/checkpoints/\n__pycache__/\n"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for key in ("MLFLOW_TRACKING_URI", "DBERT_PROJECT_ROOT", "DBERT_LM1B_DIR"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def dvc_yaml() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+
+def _entries(items) -> dict[str, dict]:
+    """DVC list entries (`- path` or `- path: {options}`) -> {path: options}."""
+    out: dict[str, dict] = {}
+    for item in items or []:
+        if isinstance(item, dict):
+            out.update({k: v or {} for k, v in item.items()})
+        else:
+            out[item] = {}
+    return out
+
+
+def test_the_pipeline_stages_are_the_five_and_tune_is_opt_in():
+    stages = dvc_yaml()["stages"]
+    assert list(stages) == list(PIPELINE)
+    for name, stage in stages.items():
+        assert stage["cmd"] == f"python -m stages.cli {name.replace('_', '-')}"
+
+
+@pytest.mark.parametrize("name", PIPELINE)
+def test_dvc_yaml_lists_exactly_the_code_data_and_params_the_stage_reads(name):
+    stage = dvc_yaml()["stages"][name]
+    module = importlib.import_module(f"stages.{name}")
+    deps = stage["deps"]
+    code = [d for d in deps if d.startswith(("pipeline/", "stages/"))]
+    assert sorted(code) == sorted(code_deps(f"stages.{name}")), "dvc.yaml deps != the stage's import closure"
+    assert len(code) == len(set(code))
+    assert [d for d in deps if d not in code] == list(getattr(module, "INPUTS", ()))
+    assert stage.get("params", []) == list(module.PARAMS)
+    for path in (*code, "params.yaml"):
+        assert (REPO / path).is_file(), path
+
+
+def test_outputs_metrics_and_plots_are_declared_as_documented():
+    stages = dvc_yaml()["stages"]
+    assert _entries(stages["prepare"]["outs"]) == {"data/prepared": {}}
+    assert _entries(stages["token_stats"]["metrics"]) == {"outputs/token_stats.json": {"cache": False}}
+    assert _entries(stages["train"]["outs"]) == {"models/final": {}}
+    history = _entries(stages["train"]["plots"])["outputs/train/history.csv"]
+    assert history == {"cache": False, "x": "step", "y": "val_bound"}
+    for stage in stages.values():
+        for kind in ("metrics", "plots"):
+            assert all(opts.get("cache") is False for opts in _entries(stage.get(kind)).values())
+
+
+# ---------------------------------------------------------------------------------------------
+# A real repository
+# ---------------------------------------------------------------------------------------------
+
+
+def run(repo: Path, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "DBERT_", "DVC_EXP", "GIT_")) and k != "VIRTUAL_ENV"}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # what `make repro` does
+    env["MLFLOW_DISABLE_TELEMETRY"] = "1"
+    done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def ran(done: subprocess.CompletedProcess) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", done.stdout + done.stderr))
+
+
+def git(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return run(repo, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, lm1b_dir) -> Path:
+    base = tmp_path_factory.mktemp("dvc")
+    (base / "shared" / "data").mkdir(parents=True)
+    (base / "shared" / "data" / "lm1b").symlink_to(lm1b_dir)
+    repo = base / "repo"
+    repo.mkdir()
+    for folder in ("pipeline", "stages"):
+        shutil.copytree(REPO / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    params = load_params(REPO / "params.yaml", TINY).model_dump(mode="json")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / ".gitignore").write_text(GITIGNORE)
+    git(repo, "init", "-q")
+    run(repo, "dvc", "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "tiny pipeline")
+    return repo
+
+
+def status_after(repo: Path, override: str) -> set[str]:
+    """Stages `dvc status` reports as changed after setting one param (the file is restored)."""
+    path = repo / "params.yaml"
+    original = path.read_text()
+    raw = yaml.safe_load(original)
+    key, value = override.split("=", 1)
+    group, name = key.split(".", 1)
+    raw[group][name] = yaml.safe_load(value)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        return set(json.loads(run(repo, "dvc", "status", "--json").stdout or "{}"))
+    finally:
+        path.write_text(original)
+
+
+@pytest.mark.slow
+def test_repro_runs_each_stage_once_and_params_reach_exactly_their_stages(repo):
+    first = run(repo, "dvc", "repro")
+    assert ran(first) == set(PIPELINE), first.stdout
+    for path in ("data/prepared/meta.json", "data/token_stats/counts.npy", "data/schedule/alpha_curves.png",
+                 "models/final/model.safetensors", "outputs/train/metrics.json", "outputs/train/history.csv",
+                 "outputs/evaluate/metrics.json", "outputs/evaluate/samples.txt", "outputs/evaluate/plots/bound.png"):
+        assert (repo / path).exists(), path
+    assert (repo / "mlflow.db").is_file()
+
+    again = run(repo, "dvc", "repro")
+    assert ran(again) == set(), again.stdout
+    assert "Data and pipelines are up to date" in run(repo, "dvc", "status").stdout
+    metrics = json.loads(run(repo, "dvc", "metrics", "show", "--json").stdout)
+    shown = json.dumps(metrics)
+    assert "val_bound" in shown and "bound.ppl_token_mean" in shown and "unigram_entropy_bits" in shown
+    plots = run(repo, "dvc", "plots", "show", "--json", "outputs/train/history.csv").stdout
+    assert "val_bound" in plots
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "repro")
+    assert git(repo, "status", "--porcelain").stdout == ""  # every output is either committed or ignored
+
+    expected = {
+        "data.max_sentences=100": {"prepare"},
+        "model.name_or_path=default": {"prepare", "train", "evaluate"},
+        "diffusion.spindle_lambda=0.2": {"schedule", "train"},  # evaluate reads the schedule from the model
+        "diffusion.hybrid_lambda=0.02": {"train", "evaluate"},
+        "train.lr=0.0002": {"train"},
+        "data.max_seq_len=24": {"prepare", "train", "evaluate"},
+        "evaluate.top_k=5": {"evaluate"},
+        "tracking.experiment=elsewhere": set(),
+        "tune.steps=10": set(),
+    }
+    assert {k: status_after(repo, k) for k in expected} == expected
+
+    # A train param reruns train and, through the new model, evaluate - nothing upstream.
+    experiment = run(repo, "dvc", "exp", "run", "-S", "train.lr=0.0002")
+    assert ran(experiment) == {"train", "evaluate"}, experiment.stdout
+    assert "Data and pipelines are up to date" in run(repo, "dvc", "status").stdout
+
+    # In a `--temp` copy (under .dvc/tmp/exps) the relative corpus path still resolves against the
+    # main repository, and the MLflow run lands in the main repository's store.
+    temp = run(repo, "dvc", "exp", "run", "--temp", "-S", "data.max_sentences=100", "prepare")
+    assert ran(temp) == {"prepare"}, temp.stdout + temp.stderr
+    from pipeline.tracking import find_runs
+
+    prepared = find_runs(root=repo, stage="prepare")
+    assert len(prepared) == 2
+    newest = prepared[0]
+    assert newest["metrics"]["train.sequences"] == 100 and newest["status"] == "FINISHED"
+    assert newest["tags"].get("dvc_exp_name")
+    assert {r["tags"]["stage"] for r in find_runs(root=repo)} == set(PIPELINE)

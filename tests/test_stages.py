@@ -1,0 +1,289 @@
+"""The stage functions (`stages/*.py`) on real LM1B-sample data, a real MLflow store and a tiny
+random BERT: byte-identical reruns, one MLflow run per stage with its params and artifacts, and no
+partial output when a stage fails."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import load_params
+from stages import evaluate, prepare, schedule, token_stats, train
+from stages.common import select_params
+
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.max_sentences=200",
+    "data.max_seq_len=32",
+    "model.name_or_path=random",
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.intermediate_size=64",
+    "diffusion.num_timesteps=100",
+    "train.steps=4",
+    "train.batch_size=8",
+    "train.warmup_steps=1",
+    "train.eval_every=2",
+    "train.eval_batches=1",
+    "train.checkpoint_every=2",
+    "train.precision=fp32",
+    "train.num_workers=0",
+    "evaluate.num_sequences=16",
+    "evaluate.batch_size=8",
+    "evaluate.bound_steps=4",
+    "evaluate.seeds=[0]",
+    "evaluate.num_samples=4",
+    "evaluate.sample_steps=8",
+    "evaluate.num_references=50",
+    "evaluate.table_steps=[2,4]",
+    "evaluate.table_sequences=4",
+    "evaluate.table_samples=2",
+    "evaluate.qd_top_k=[1,0]",
+    "evaluate.qd_samples=2",
+]
+ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID",
+       "DBERT_PROJECT_ROOT", "DBERT_LM1B_DIR", "DVC_EXP_NAME")
+
+
+def tiny_params(lm1b_dir: Path, *extra: str):
+    return load_params(None, [*TINY, f"data.mirror_dir={lm1b_dir}", *extra])
+
+
+def tree_digest(*paths: Path) -> dict[str, str]:
+    """{relative file: sha256} for every file under the paths (a file counts as itself)."""
+    out: dict[str, str] = {}
+    for base in paths:
+        files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
+        for f in files:
+            out[str(f.relative_to(base.parent))] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def runs_by_stage(root: Path) -> dict[str, list[dict]]:
+    from pipeline.tracking import find_runs
+
+    out: dict[str, list[dict]] = {}
+    for run in find_runs(root=root):
+        out.setdefault(run["tags"].get("stage"), []).append(run)
+    return out
+
+
+def artifact_paths(run_id: str, root: Path) -> set[str]:
+    import mlflow
+
+    from pipeline.tracking import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(root))
+    found: set[str] = set()
+    todo = [None]
+    while todo:
+        for item in client.list_artifacts(run_id, todo.pop()):
+            (todo.append(item.path) if item.is_dir else found.add(item.path))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    # MLflow exports MLFLOW_TRACKING_URI when a store is set up: keep each test on its own store.
+    for key in ENV:
+        monkeypatch.delenv(key, raising=False)
+    yield
+    import mlflow
+
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, lm1b_dir):
+    """A tmp project after prepare -> token_stats -> schedule, with the MLflow runs of that round."""
+    mp = pytest.MonkeyPatch()
+    for key in ENV:
+        mp.delenv(key, raising=False)
+    root = tmp_path_factory.mktemp("stages")
+    params = tiny_params(lm1b_dir)
+    summaries = {
+        "prepare": prepare.run(params, root),
+        "token_stats": token_stats.run(params, root),
+        "schedule": schedule.run(params, root),
+    }
+    state = {"root": root, "params": params, "summaries": summaries, "runs": runs_by_stage(root),
+             "digest": tree_digest(root / "data", root / "outputs" / "token_stats.json")}
+    mp.undo()
+    yield state
+
+
+def test_prepare_token_stats_and_schedule_write_their_outputs(project):
+    root = project["root"]
+    for name in ("train", "validation", "test"):
+        assert (root / "data/prepared" / name / "ids.npy").is_file()
+    meta = yaml.safe_load((root / "data/prepared/meta.json").read_text())
+    assert meta["sizes"]["train"]["sequences"] == 200 and meta["max_seq_len"] == 32
+    assert len(meta["corpus"]["files"]) == 4  # md5 of every shard read
+    assert (root / "data/prepared/test.txt").read_text().count("\n") == meta["sizes"]["test"]["sequences"]
+    for name in ("counts.npy", "summary.json", "lengths.npy"):
+        assert (root / "data/token_stats" / name).is_file()
+    assert yaml.safe_load((root / "outputs/token_stats.json").read_text())["sentences"] == 200
+    report = yaml.safe_load((root / "data/schedule/schedule.json").read_text())
+    assert report["monotonicity"]["monotone"] and report["monotonicity"]["checked_steps"] == 101
+    assert report["schedule"] == {"schedule": "spindle", "num_timesteps": 100, "spindle_lambda": 0.3}
+    header = (root / "data/schedule/alpha_curves.csv").read_text().splitlines()[0]
+    assert header.startswith("t,linear,spindle[")
+    assert (root / "data/schedule/alpha_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert project["summaries"]["schedule"]["monotone"] is True
+
+
+def test_rerunning_prepare_token_stats_and_schedule_gives_byte_identical_outputs(project):
+    root, params = project["root"], project["params"]
+    prepare.run(params, root)
+    token_stats.run(params, root)
+    schedule.run(params, root)
+    assert tree_digest(root / "data", root / "outputs" / "token_stats.json") == project["digest"]
+    assert not [p for p in (root / "data").iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def test_each_stage_logs_one_mlflow_run_with_its_params_and_artifacts(project):
+    runs, root, params = project["runs"], project["root"], project["params"]
+    assert {k: len(v) for k, v in runs.items()} == {"prepare": 1, "token_stats": 1, "schedule": 1}
+    for stage_module in (prepare, token_stats, schedule):
+        run = runs[stage_module.STAGE][0]
+        assert run["status"] == "FINISHED"
+        expected = {k: str(v) for k, v in select_params(params, stage_module.PARAMS).items()}
+        assert run["params"] == expected
+        assert any(k.startswith("dep_md5.") for k in run["tags"])
+    assert "data.max_seq_len" in runs["prepare"][0]["params"]
+    assert runs["schedule"][0]["params"]["diffusion.num_timesteps"] == "100"
+    assert runs["token_stats"][0]["metrics"]["sentences"] == 200
+    assert artifact_paths(runs["prepare"][0]["run_id"], root) == {"meta.json"}
+    assert artifact_paths(runs["token_stats"][0]["run_id"], root) == {"summary.json", "token_stats.json"}
+    assert artifact_paths(runs["schedule"][0]["run_id"], root) == {
+        "schedule.json", "alpha_curves.csv", "alpha_curves.png"}
+
+
+def test_a_failing_prepare_keeps_the_previous_output_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    good = tmp_path / "train.txt"
+    good.write_text("a first sentence .\nanother one here .\nand a third one .\n", encoding="utf-8")
+    bad = tmp_path / "test.txt"
+    bad.write_bytes(b"fine line\n\xff\xfe broken bytes\n")
+    root = tmp_path / "project"
+    files = ["data.source=text_files", f"data.train_files=[{good}]"]
+    from pipeline.data.sources import CorpusError
+
+    with pytest.raises(CorpusError, match="test.txt is not valid UTF-8: line 2"):
+        prepare.run(load_params(None, [*files, f"data.test_files=[{bad}]"]), root)
+    assert not (root / "data" / "prepared").exists()
+    assert [r["status"] for r in runs_by_stage(root)["prepare"]] == ["FAILED"]
+
+    params = load_params(None, [*files, f"data.test_files=[{good}]"])
+    prepare.run(params, root)
+    before = tree_digest(root / "data" / "prepared")
+    real = prepare.tokenize
+
+    def fails_on_test(lines, tokenizer, max_seq_len, task, progress):
+        if task.endswith("test"):  # train and validation are already written by now
+            raise ValueError("tokenizer exploded")
+        return real(lines, tokenizer, max_seq_len, task, progress)
+
+    monkeypatch.setattr(prepare, "tokenize", fails_on_test)
+    with pytest.raises(ValueError, match="exploded"):
+        prepare.run(load_params(None, [*files, f"data.test_files=[{good}]", "data.max_seq_len=8"]), root)
+    assert tree_digest(root / "data" / "prepared") == before
+    assert sorted(p.name for p in (root / "data").iterdir()) == ["prepared"]  # no temporary directory left
+
+
+def test_a_failing_schedule_check_writes_nothing(project, monkeypatch, tmp_path):
+    import shutil
+
+    from pipeline.diffusion.schedules import ScheduleError
+
+    root = tmp_path / "copy"
+    shutil.copytree(project["root"] / "data", root / "data")
+    before = tree_digest(root / "data" / "schedule")
+
+    def broken(sched, progress=None):
+        return {"monotone": False, "endpoints_ok": True, "max_alpha_increase": 0.1, "worst_step": 7,
+                "worst_id": 1996, "alpha_0_max_error": 0.0, "alpha_T_max_error": 0.0}
+
+    monkeypatch.setattr(schedule, "check_monotone", broken)
+    with pytest.raises(ScheduleError, match="step 7 for id 1996"):
+        schedule.run(project["params"], root)
+    assert tree_digest(root / "data" / "schedule") == before
+    assert not [p for p in (root / "data").iterdir() if p.name.startswith(".")]
+
+
+def test_missing_inputs_are_named(tmp_path, lm1b_dir):
+    params = tiny_params(lm1b_dir)
+    with pytest.raises(FileNotFoundError, match="data/prepared/meta.json"):
+        token_stats.run(params, tmp_path)
+    with pytest.raises(FileNotFoundError, match="token_stats"):
+        schedule.run(params, tmp_path)
+    with pytest.raises(FileNotFoundError, match="models/final"):
+        evaluate.run(params, tmp_path)
+    assert not (tmp_path / "mlflow.db").exists()  # no run for a stage that cannot start
+
+
+def test_the_corpus_mirror_is_resolved_from_the_main_repository(tmp_path, monkeypatch, lm1b_dir):
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "shared" / "data" / "lm1b").symlink_to(lm1b_dir)
+    repo = tmp_path / "repo"
+    exp_copy = repo / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    exp_copy.mkdir(parents=True)
+    params = load_params(None, ["data.mirror_dir=../shared/data/lm1b"])
+    expected = (tmp_path / "shared" / "data" / "lm1b").resolve()
+    assert prepare.corpus_dir(params, repo) == expected
+    assert prepare.corpus_dir(params, exp_copy) == expected  # `dvc exp run --temp` copy
+    monkeypatch.setenv("DBERT_LM1B_DIR", str(tmp_path / "elsewhere"))
+    assert prepare.corpus_dir(params, repo) == (tmp_path / "elsewhere").resolve()
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_write_model_metrics_plots_and_log_them(project, monkeypatch):
+    root, params = project["root"], project["params"]
+    summary = train.run(params, root)
+    assert (root / "models/final/config.json").is_file()
+    assert (root / "models/final/diffusion_schedule.json").is_file()
+    metrics = yaml.safe_load((root / "outputs/train/metrics.json").read_text())
+    assert metrics["step"] == 4 and metrics["precision"] == "fp32"
+    assert metrics["val_bound"] > 0 and metrics["mlflow_run_id"] == summary["mlflow_run_id"]
+    history = (root / "outputs/train/history.csv").read_text().splitlines()
+    assert history[0].startswith("step,loss,train_bound,val_bound") and len(history) >= 3
+    assert (root / "outputs/train/curve.png").read_bytes()[:4] == b"\x89PNG"
+
+    report = evaluate.run(params, root)
+    out = root / "outputs/evaluate"
+    flat = yaml.safe_load((out / "metrics.json").read_text())
+    assert flat["bound.ppl_token_mean"] > 1 and "generation.bleu" in flat
+    assert len((out / "samples.txt").read_text().splitlines()) == 4
+    assert set(report["plots"]) == {"bound.png", "quality_diversity.png", "steps_bound.png", "steps_quality.png"}
+    assert all((out / "plots" / name).read_bytes()[:4] == b"\x89PNG" for name in report["plots"])
+    assert yaml.safe_load((out / "report.json").read_text())["label"] == "LM1B-sample"
+
+    runs = runs_by_stage(root)
+    train_run = next(r for r in runs["train"] if r["run_id"] == metrics["mlflow_run_id"])
+    assert train_run["status"] == "FINISHED" and train_run["params"]["train.steps"] == "4"
+    assert "val_bound" in train_run["metrics"]  # per-step metrics from the driver, same run
+    trained = artifact_paths(train_run["run_id"], root)
+    assert {"model/config.json", "model/model.safetensors", "metrics.json", "history.csv", "curve.png"} <= trained
+    eval_run = runs["evaluate"][0]
+    assert eval_run["params"]["evaluate.num_samples"] == "4"
+    assert eval_run["tags"]["train_mlflow_run_id"] == train_run["run_id"]
+    assert {"metrics.json", "report.json", "samples.txt", "plots/bound.png"} <= artifact_paths(eval_run["run_id"], root)
+
+    # A training failure leaves the previous model and outputs exactly as they were.
+    before = tree_digest(root / "models", root / "outputs" / "train")
+
+    def failing(params, layout, *, export_dir=None, **kwargs):
+        (Path(export_dir) / "config.json").write_text("{half")
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("pipeline.train.ray_driver.run_training", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        train.run(params, root)
+    assert tree_digest(root / "models", root / "outputs" / "train") == before
+    assert not [p for p in (root / "models").iterdir() if p.name.startswith(".")]
