@@ -254,7 +254,7 @@ def test_tune_prints_the_proposal_and_apply_runs_it_as_a_dvc_experiment(tmp_path
     result = invoke(*common)
     assert result.exit_code == 0, result.output
     assert "model.time_design: prefix" in result.stdout
-    assert "dvc exp run -S model.time_design=prefix -S train.lr=0.0003" in result.stdout
+    assert "dvc exp run --temp -S model.time_design=prefix -S train.lr=0.0003" in result.stdout
     params_before = PARAMS.read_bytes()
 
     calls = []

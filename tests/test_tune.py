@@ -72,7 +72,7 @@ def test_a_two_trial_tune_writes_the_table_the_proposal_and_nested_mlflow_runs(
         # the proposal: only the overrides, with how to apply them
         text = outcome.proposal_path.read_text()
         assert outcome.proposal_path == layout.tune_out / "best_params.yaml"
-        assert "dbert tune --apply" in text and "dvc exp run -S model.time_design=" in text
+        assert "dbert tune --apply" in text and "dvc exp run --temp -S model.time_design=" in text
         proposal = yaml.safe_load(text)
         assert proposal == outcome.best["overrides"] == {"model.time_design": outcome.best["model.time_design"]}
         assert outcome.best["best_val_bound"] == min(r["best_val_bound"] for r in outcome.table)
