@@ -82,20 +82,19 @@ def _main_repo_of_exp_copy(path: Path) -> Path | None:
     return None
 
 
-def _git_toplevel(path: Path) -> Path | None:
+def _git(args: list[str], cwd: Path) -> str | None:
+    """stdout of `git <args>` in cwd, or None when git fails or is missing."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--show-toplevel"],
-            cwd=path,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
-    top = out.stdout.strip()
-    return Path(top).resolve() if out.returncode == 0 and top else None
+    text = out.stdout.strip()
+    return text if out.returncode == 0 and text else None
+
+
+def _git_toplevel(path: Path) -> Path | None:
+    top = _git(["rev-parse", "--show-toplevel"], path)
+    return Path(top).resolve() if top else None
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -237,22 +236,10 @@ def git_commit(root: Path | str | None = None) -> str | None:
     where = Path(root).expanduser() if root is not None else Path.cwd()
     if not where.is_dir():
         return None
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--verify", "--quiet", "HEAD"],
-            cwd=where,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    sha = out.stdout.strip()
-    return sha if out.returncode == 0 and sha else None
+    return _git(["rev-parse", "--verify", "--quiet", "HEAD"], where)
 
 
-def _file_md5(path: Path) -> str:
+def file_md5(path: Path) -> str:
     digest = hashlib.md5()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -269,7 +256,7 @@ def _dir_md5(path: Path) -> str:
             full = Path(dirpath) / name
             if full.is_file():
                 rel = full.relative_to(path).as_posix()
-                entries.append({"md5": _file_md5(full), "relpath": rel})
+                entries.append({"md5": file_md5(full), "relpath": rel})
     entries.sort(key=lambda e: e["relpath"])
     blob = json.dumps(entries, sort_keys=True).encode("utf-8")
     return hashlib.md5(blob).hexdigest() + ".dir"
@@ -279,7 +266,7 @@ def path_md5(path: Path | str) -> str:
     """md5 of a file, DVC-style `<md5>.dir` of a directory, `"missing"` if absent."""
     p = Path(path)
     if p.is_file():
-        return _file_md5(p)
+        return file_md5(p)
     if p.is_dir():
         return _dir_md5(p)
     return "missing"

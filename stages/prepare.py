@@ -13,7 +13,6 @@ mirror directory. All outputs appear at once or not at all.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import numpy as np
 
 from pipeline.artifacts import Layout, atomic_directory, write_json
 from pipeline.config import Params
+from pipeline.tracking import file_md5
 from stages.common import Progress, code_paths, project_dir, stage_run
 
 STAGE = "prepare"
@@ -44,14 +44,6 @@ def _resolve_patterns(patterns: list[str], base: Path) -> list[str]:
     return [p if Path(p).expanduser().is_absolute() else str(base / p) for p in patterns]
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def corpus_request(params: Params, root: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """(source, loader options, description for meta.json); fails fast on a missing mirror."""
     from pipeline.data.sources import LM1B_SHARD_PATTERN, CorpusError
@@ -67,7 +59,7 @@ def corpus_request(params: Params, root: Path) -> tuple[str, dict[str, Any], dic
         files = [mirror / LM1B_SHARD_PATTERN.format(i=int(i)) for i in [*d.train_shards, *d.test_shards]]
         described = {"mirror_dir": d.mirror_dir, "train_shards": list(d.train_shards),
                      "test_shards": list(d.test_shards),
-                     "files": {f.name: _md5(f) for f in files if f.is_file()}}
+                     "files": {f.name: file_md5(f) for f in files if f.is_file()}}
         options = {"mirror_dir": mirror, "train_shards": d.train_shards, "test_shards": d.test_shards, **common}
         return "lm1b_mirror", options, described
     if d.source == "text_files":
