@@ -51,8 +51,12 @@ def initial_canvas(lengths: Sequence[int] | Tensor, special: SpecialIds, cls_id:
 def truncated_probs(
     logits: Tensor, forbidden_ids: Sequence[int], top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0
 ) -> Tensor:
-    """p_theta(x0 | x_t) after SUBS, temperature, top-k and top-p, in float64. [N, V]"""
-    logits = logits.double() / temperature
+    """p_theta(x0 | x_t) after SUBS, temperature, top-k and top-p. [N, V] float32.
+
+    Probabilities are accurate to float32 (1e-7 relative); the draws that use them accumulate
+    their CDF in float64 (`draw_categorical`), which is what keeps tails from being cut off.
+    """
+    logits = logits.float() / temperature
     if forbidden_ids:
         logits = logits.index_fill(-1, torch.as_tensor(list(forbidden_ids), device=logits.device), float("-inf"))
     if top_k and top_k < logits.shape[-1]:
@@ -68,8 +72,9 @@ def truncated_probs(
 
 
 def draw_categorical(weights: Tensor, uniforms: Tensor) -> Tensor:
-    """Inverse-CDF draw from unnormalised float64 weights [N, V] with uniforms [N]. [N]"""
-    cdf = weights.cumsum(-1)
+    """Inverse-CDF draw from unnormalised weights [N, V] with float64 uniforms [N]; the CDF is
+    accumulated in float64. [N]"""
+    cdf = weights.double().cumsum(-1)
     target = uniforms * cdf[:, -1]
     index = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)
     return index.clamp_max(weights.shape[-1] - 1)
@@ -107,7 +112,7 @@ def ancestral_sample(
     batch, width = x.shape
     masked = x == special.mask  # [B, L]
     forbidden = special.forbidden_outputs
-    probs: Tensor | None = None  # [B, L, V] float32 store of float64 truncated p; valid where masked
+    probs: Tensor | None = None  # [B, L, V] float32 truncated p; valid where masked
     stale = torch.ones(batch, dtype=torch.bool)
     row_calls = torch.zeros(batch, dtype=torch.long)
     calls, model_seconds, trace = 0, 0.0, []
@@ -128,11 +133,11 @@ def ancestral_sample(
             model_seconds += time.perf_counter() - tick
             calls += 1
             row_calls[rows] += 1
-            p = truncated_probs(logits.cpu(), forbidden, top_k, top_p, temperature)  # [N, V]
+            p = truncated_probs(logits.cpu(), forbidden, top_k, top_p, temperature)  # [N, V] fp32
             if probs is None:
                 probs = torch.zeros(batch, width, p.shape[-1], dtype=torch.float32)
             sel_b, sel_l = sel.cpu().nonzero(as_tuple=True)
-            probs[rows[sel_b], sel_l] = p.float()  # in place, row-major like the model's output
+            probs[rows[sel_b], sel_l] = p  # in place, row-major like the model's output
             stale[rows] = False
         # Every row is at the same step: one [1, V] (or [1, 1]) reveal table serves the batch.
         t = torch.full((1,), float(t_step), dtype=torch.float64)

@@ -25,7 +25,7 @@ from pipeline.model.denoiser import DiffusionBertForDenoising
 from pipeline.model.loading import build_denoiser, load_tokenizer, random_bert_config
 from pipeline.train.checkpoint import Progress, load_checkpoint, save_checkpoint
 from pipeline.train.optim import EMA, build_optimizer, build_scheduler
-from pipeline.train.precision import autocast, resolve_precision
+from pipeline.train.precision import autocast, prefer_fast_attention, resolve_precision
 
 # report(metrics, checkpoint_dir or None); called on every rank at the same steps.
 Reporter = Callable[[dict, Path | None], None]
@@ -125,6 +125,7 @@ def train_loop(
     schedule = build_schedule_for(params, data.stats)
     torch.manual_seed(tp.seed + rank)
     model = build_model(params, schedule).to(device)
+    prefer_fast_attention(model, device)
     optimizer = build_optimizer(model, tp.lr, tp.weight_decay)
     scheduler = build_scheduler(optimizer, tp.warmup_steps, tp.steps, tp.min_lr_ratio)
     ema = EMA(model, tp.ema_decay) if tp.ema_decay > 0 else None

@@ -39,3 +39,10 @@ def autocast(device: torch.device | str, precision: str):
     if precision != "bf16":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def prefer_fast_attention(model, device: torch.device | str) -> None:
+    """On CPU, the eager attention kernels beat SDPA for BERT-sized sequences (about 10% of a
+    bf16 training step, benchmarks/bench_train.py); on GPU keep SDPA / flash attention."""
+    if torch.device(device).type == "cpu" and hasattr(model.mlm, "set_attn_implementation"):
+        model.mlm.set_attn_implementation("eager")
