@@ -1,12 +1,15 @@
 """Token statistics versus tokenization alone, and bound evaluation throughput.
 
-    .venv/bin/python benchmarks/bench_stats.py
+    .venv/bin/python benchmarks/bench_stats.py [--model models/final]
+
+With --model (an exported, trained model) the bound rows use it; otherwise the untrained default.
 
 Statistics (vectorised bincount, entropy, h(v), summary) should add little to tokenization.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -25,6 +28,11 @@ from pipeline.train.precision import autocast  # noqa: E402
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="exported model directory for the bound rows")
+    args = parser.parse_args()
     tokenizer = load_tokenizer("default")
     special = SpecialIds.from_tokenizer(tokenizer)
     lines = sum((lm1b_lines(10**6, shard) for shard in (10, 11, 12)), [])
@@ -43,17 +51,26 @@ def main() -> None:
     print(f"| tokenization alone | {tok_s:.2f} | {split.num_content_tokens / tok_s:,.0f} | 1.00x |")
     print(f"| tokenization + statistics | {both_s:.2f} | {split.num_content_tokens / both_s:,.0f} | {both_s / tok_s:.2f}x |")
 
-    model = build_denoiser("default", num_timesteps=2048).eval()
-    stats = TokenStatistics.from_split(split, tokenizer.vocab_size, special.forbidden_outputs)
-    schedule = build_schedule("spindle", 2048, information=torch.as_tensor(stats.centred_information()))
+    if args.model:
+        from pipeline.train.export import load_exported
+
+        model, _, schedule = load_exported(args.model)
+    else:
+        model = build_denoiser("default", num_timesteps=2048).eval()
+        stats = TokenStatistics.from_split(split, tokenizer.vocab_size, special.forbidden_outputs)
+        schedule = build_schedule("spindle", 2048, information=torch.as_tensor(stats.centred_information()))
     test = tokenize_lines(lm1b_lines(64, shard=13), tokenizer, 64)
-    print(f"\n| bound evaluation (64 test sentences, 32-step chain) | seconds | sequences/s | tokens/s |\n|---|---|---|---|")
+    print(f"\n| bound evaluation (64 test sentences, 32-step chain, seed 0) | seconds | sequences/s | PPL per token |"
+          f"\n|---|---|---|---|")
     for precision in ("fp32", "bf16"):
+        nll = []
+
         def run():
             with torch.no_grad(), autocast("cpu", precision):
-                bound_per_sequence(model.denoise, test, schedule, special, num_steps=32, seed=0)
+                nll.append(bound_per_sequence(model.denoise, test, schedule, special, num_steps=32, seed=0))
         seconds = timed(run, 1, warmup=0)
-        print(f"| {precision} | {seconds:.1f} | {len(test) / seconds:.2f} | {test.num_content_tokens * 32 / seconds:,.0f} |")
+        ppl = math.exp(float(nll[-1].sum()) / test.num_content_tokens)
+        print(f"| {precision} | {seconds:.1f} | {len(test) / seconds:.2f} | {ppl:.3f} |")
 
 
 if __name__ == "__main__":
