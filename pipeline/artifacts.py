@@ -73,9 +73,14 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp.rename(target)
 
 
+def dumps_json(obj) -> str:
+    """Canonical JSON text (sorted keys, 2-space indent, trailing newline)."""
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
 def write_json(obj, path: str | os.PathLike[str]) -> None:
-    """Canonical JSON (sorted keys, trailing newline): the bytes depend on the content only."""
-    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    """Write canonical JSON: the bytes depend on the content only (DVC reruns nothing for nothing)."""
+    Path(path).write_text(dumps_json(obj), encoding="utf-8")
 
 
 def read_json(path: str | os.PathLike[str]):

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.artifacts import dumps_json, write_json  # noqa: F401  (canonical JSON, re-exported)
 from pipeline.data.tokenize import TokenizedSplit
 
 SIGNIFICANT_DIGITS = 6
@@ -38,16 +39,6 @@ def token_counts(split: TokenizedSplit, vocab_size: int, exclude_ids: Sequence[i
 def _round(x: float) -> float:
     """Six significant digits: stable JSON across platforms and tiny float noise."""
     return float(f"{x:.{SIGNIFICANT_DIGITS}g}")
-
-
-def dumps_json(obj: Any) -> str:
-    """Canonical JSON text (sorted keys, 2-space indent, trailing newline)."""
-    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
-
-
-def write_json(obj: Any, path: str | os.PathLike[str]) -> None:
-    """Write canonical JSON; the bytes depend on the content only."""
-    Path(path).write_text(dumps_json(obj), encoding="utf-8")
 
 
 @dataclass
