@@ -77,6 +77,11 @@ class LossOutput:
     num_tokens: int  # content tokens in the batch (the per-token denominator)
     num_masked: int
 
+    @classmethod
+    def empty(cls, device, num_tokens: int) -> "LossOutput":
+        """A batch where nothing got masked: zero loss that still backpropagates."""
+        return cls(torch.zeros((), device=device, requires_grad=True) * 0.0, 0.0, 0.0, num_tokens, 0)
+
 
 def _rows(table: Tensor, batch_index: Tensor) -> Tensor:
     """Per-row [B, V] or [B, 1] table -> per-position [N, V] / [N, 1], in fp32."""
@@ -107,8 +112,7 @@ def diffusion_loss(
     batch_index = masked.nonzero(as_tuple=True)[0]  # [N]
     target = x0[masked]  # [N]
     if target.numel() == 0:
-        zero = torch.zeros((), device=x0.device, requires_grad=True)
-        return LossOutput(zero * 0.0, 0.0, 0.0, num_tokens, 0)
+        return LossOutput.empty(x0.device, num_tokens)
     logits = denoiser(x_t, attention_mask, s_frac, masked)  # [N, V]
     log_probs = subs_log_probs(logits, special.forbidden_outputs)
     context = (x0, maskable) if schedule.token_dependent else None
@@ -141,8 +145,7 @@ def mlm_loss(
     masked = maskable & (u < mask_prob)
     num_tokens = int(maskable.sum())
     if not masked.any():
-        zero = torch.zeros((), device=x0.device, requires_grad=True)
-        return LossOutput(zero * 0.0, 0.0, 0.0, num_tokens, 0)
+        return LossOutput.empty(x0.device, num_tokens)
     x_in = torch.where(masked, torch.full_like(x0, special.mask), x0)
     ones = torch.ones(x0.shape[0], dtype=torch.float32, device=x0.device)  # "fully noisy" time
     log_probs = subs_log_probs(denoiser(x_in, attention_mask, ones, masked), special.forbidden_outputs)
