@@ -48,6 +48,10 @@ class Layout:
         return self.root / "outputs" / "tune"
 
     @property
+    def ablation_out(self) -> Path:
+        return self.root / "outputs" / "ablation"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 

@@ -139,6 +139,31 @@ class TuneParams(_Group):
     max_concurrent: int = Field(1, ge=1)
 
 
+ABLATION_ROWS = (
+    "dbert_spindle_tad", "dbert_linear_tad", "d3pm_linear_tad", "dbert_linear_lte", "dbert_linear_pte",
+    "d3pm_linear_lte", "bert_mouth", "dbert_spindle_paper_tad", "dbert_spindle_tad_packed",
+)
+
+
+class AblationParams(_Group):
+    """`dbert ablation` (opt-in): the paper's rows (PAPER §8) as configurations, same budget each."""
+
+    rows: list[Literal[ABLATION_ROWS]] = Field(default_factory=lambda: list(ABLATION_ROWS))  # type: ignore[valid-type]
+    train_steps: int = Field(300, ge=1)  # the per-row training budget (optimizer steps)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1])  # training seeds of the repeated rows
+    repeat_rows: list[Literal[ABLATION_ROWS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["dbert_spindle_tad", "dbert_linear_tad"])  # spindle vs linear, 2 seeds
+    detail_rows: list[Literal[ABLATION_ROWS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["dbert_spindle_tad"])  # also get the steps table and the top-k curve
+    table_sequences: int = Field(128, ge=1)  # test sentences per steps-table bound (detail rows)
+
+    @model_validator(mode="after")
+    def _seeds_unique(self) -> "AblationParams":
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"ablation.seeds must be distinct training seeds, got {self.seeds}")
+        return self
+
+
 class TrackingParams(_Group):
     """MLflow: one experiment for every stage."""
 
@@ -152,6 +177,7 @@ class Params(_Group):
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvalParams = Field(default_factory=EvalParams)
     tune: TuneParams = Field(default_factory=TuneParams)
+    ablation: AblationParams = Field(default_factory=AblationParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
 
     @model_validator(mode="after")

@@ -418,12 +418,15 @@ def start_stage_run(
     tags: Mapping[str, Any] | None = None,
     root: Path | str | None = None,
     parent_run_id: str | None = None,
+    resume_run_id: str | None = None,
 ) -> Iterator["mlflow.ActiveRun"]:
     """Run one stage as one MLflow run: flattened params, lineage + extra tags.
 
     The experiment is `experiment`, else `params.tracking.experiment`, else "diffusionbert".
-    `nested=True` nests under the active run; `parent_run_id` nests under a run started by
-    another process (a Tune driver's run seen from a trial). Yields the `mlflow.ActiveRun`;
+    `nested=True` nests under the active run, and so does any stage started while a run is
+    active in this thread (the ablation's row runs hold their stages' runs); `parent_run_id`
+    nests under a run started by another process (a Tune driver's run seen from a trial).
+    `resume_run_id` reopens that run (an interrupted ablation going on). Yields the `mlflow.ActiveRun`;
     the run ends FINISHED, or FAILED (KILLED on Ctrl-C) when the block raises, and the
     exception propagates.
     """
@@ -434,13 +437,18 @@ def start_stage_run(
     all_tags = lineage_tags(stage, deps, root)
     all_tags.update({str(k): v for k, v in (tags or {}).items()})
     safe_tags = {_safe_key(k): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in all_tags.items()}
-    run = mlflow.start_run(
-        experiment_id=experiment_id,
-        run_name=run_name or default_run_name(stage),
-        nested=nested,
-        parent_run_id=parent_run_id,
-        tags=safe_tags,
-    )
+    nested = nested or (parent_run_id is None and mlflow.active_run() is not None)
+    if resume_run_id is not None:
+        run = mlflow.start_run(run_id=resume_run_id, nested=nested)
+        mlflow.set_tags(safe_tags)
+    else:
+        run = mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=run_name or default_run_name(stage),
+            nested=nested,
+            parent_run_id=parent_run_id,
+            tags=safe_tags,
+        )
     run_id = run.info.run_id
     status = "FINISHED"
     try:

@@ -188,3 +188,59 @@ def plot_spec(path: str | os.PathLike[str], spec: Mapping[str, Any]) -> Path:
         return bar_plot(path, spec["labels"], spec["values"], errors=spec.get("errors"),
                         title=spec.get("title", ""), ylabel=spec.get("ylabel", ""))
     raise ValueError(f"unknown plot kind {kind!r}; choose line, quality_diversity or bar")
+
+
+def curves_plot(
+    path: str | os.PathLike[str],
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    logy: bool = False,
+) -> Path:
+    """One line per entry of `curves` (label -> (xs, ys)); unlike `line_plot`, each has its own x."""
+    fig = _figure((8.0, 5.0))
+    ax = fig.add_subplot(1, 1, 1)
+    for label, (xs, ys) in curves.items():
+        px, py = _finite(xs, ys)
+        if px:
+            ax.plot(px, py, "o-" if len(px) <= 20 else "-", label=str(label), linewidth=1.3, markersize=3)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if curves:
+        ax.legend(fontsize="x-small", ncol=2)
+    return _save(fig, path)
+
+
+def quality_diversity_groups(
+    path: str | os.PathLike[str],
+    groups: Mapping[str, Sequence[Mapping[str, Any]]],
+    *,
+    title: str = "quality vs diversity",
+) -> Path:
+    """`quality_diversity` for several models on one axes: group label -> points (`bleu`,
+    `self_bleu`, optional `label`); groups of several points (a top-k sweep) are joined."""
+    fig = _figure((8.0, 6.0))
+    ax = fig.add_subplot(1, 1, 1)
+    for name, points in groups.items():
+        px, py = _finite([p.get("self_bleu") for p in points], [p.get("bleu") for p in points])
+        if not px:
+            continue
+        line = ax.plot(px, py, "o-" if len(px) > 1 else "o", label=str(name), markersize=5, alpha=0.8)
+        for p in points:
+            fx, fy = _finite([p.get("self_bleu")], [p.get("bleu")])
+            if p.get("label") is not None and fx:
+                ax.annotate(str(p["label"]), (fx[0], fy[0]), textcoords="offset points", xytext=(4, 4),
+                            fontsize="x-small", color=line[0].get_color())
+    ax.set_xlabel("Self-BLEU (lower = more diverse)")
+    ax.set_ylabel("BLEU-4 (higher = closer to the references)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if groups:
+        ax.legend(fontsize="x-small")
+    return _save(fig, path)

@@ -25,7 +25,7 @@ from pipeline.config import Params, load_params
 app = typer.Typer(
     name="dbert",
     help="DiffusionBERT pipeline: prepare -> token-stats -> schedule -> train -> evaluate (each a DVC stage "
-    "and an MLflow run), plus generate, tune, params and mlflow-ui.",
+    "and an MLflow run), plus generate, tune, ablation, params and mlflow-ui.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
@@ -266,6 +266,65 @@ def tune_command(
     with user_errors():
         p, r = resolve(params, set_, root)
         tune.run(p, r, apply=apply, on_proposal=show)
+
+
+@app.command("ablation")
+def ablation_command(
+    params: ParamsOption = None,
+    set_: SetOption = None,
+    root: RootOption = None,
+    rows: Annotated[Optional[list[str]], typer.Option(
+        "--row", metavar="NAME", help="Run only this row (repeatable; default: ablation.rows).")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Delete outputs/ablation first instead of resuming.")] = False,
+    background: Annotated[bool, typer.Option(
+        "--background", help="Detach: run in a new session, log to outputs/ablation/run.log, print the pid.")] = False,
+) -> None:
+    """PAPER §8's rows (D3PM, DiffusionBERT linear/spindle x time designs, BERT-Mouth, the leaky
+    spindle_paper, a packed row), one budget each (ablation.train_steps), and one report.
+
+    Reads every params group plus ablation.*; data/prepared/ and data/token_stats/ (run
+    `dvc repro token_stats` first). Writes outputs/ablation/rows/<row>/ and
+    outputs/ablation/report/ (report.md, report.json, curves.png, quality_diversity.png); one
+    MLflow parent run with a child per row. Run it again to resume: finished rows are reused and an
+    interrupted one continues from its checkpoint.
+    """
+    import sys
+
+    from stages import ablation
+
+    if background:
+        with user_errors():
+            p, r = resolve(params, set_, root)  # fail here, not in the detached process
+            from pipeline.ablation.rows import plan
+
+            plan(p, rows)
+            out = r / "outputs" / "ablation"
+            out.mkdir(parents=True, exist_ok=True)
+            command = [sys.executable, "-m", "stages.cli", "ablation", "--root", str(r)]
+            command += [f"--params={params}"] if params else []
+            command += [f"--set={item}" for item in set_ or []] + [f"--row={row}" for row in rows or []]
+            command += ["--fresh"] if fresh else []
+            with open(out / "run.log", "ab") as log:
+                child = subprocess.Popen(command, cwd=r, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            (out / "run.pid").write_text(f"{child.pid}\n", encoding="utf-8")
+        typer.echo(f"ablation running in the background, pid {child.pid}; follow: tail -f {out / 'run.log'}; "
+                   f"stop: kill {child.pid} (run `dbert ablation` again to resume)")
+        return
+
+    def on_row(index: int, total: int, key: str, status: str) -> None:
+        stamp = __import__("time").strftime("%H:%M:%S")
+        typer.echo(f"[{stamp}] row {index + 1}/{total} {key}: {status}", err=True)
+
+    with user_errors():
+        p, r = resolve(params, set_, root)
+        quiet_hf()
+        with RichProgress() as bar:
+            summary = ablation.run(p, r, only=rows, fresh=fresh, progress=bar, on_row=on_row)
+    typer.echo(f"report: {summary['report']}/report.md")
+    typer.echo(f"mlflow_run_id: {summary['mlflow_run_id']}")
+    for number, verdict in summary["claims"].items():
+        typer.echo(f"claim {number}: {verdict}")
 
 
 @app.command("generate")

@@ -74,9 +74,11 @@ def stage_run(
     keys: Sequence[str],
     deps: Sequence[str | Path],
     tags: dict[str, Any] | None = None,
+    **options: Any,
 ) -> Iterator[Any]:
     """One MLflow run for the stage, logging exactly the params it reads (`keys`) and tagged with
-    the md5s of its dependencies (`deps`, relative to `root`)."""
+    the md5s of its dependencies (`deps`, relative to `root`). `options` go to
+    `start_stage_run` (run_name, resume_run_id)."""
     from pipeline.tracking import start_stage_run
 
     with start_stage_run(
@@ -86,6 +88,7 @@ def stage_run(
         deps=[Path(d) for d in deps],  # relative to root (== cwd when tracking_root is None)
         root=tracking_root(root),
         tags=tags,
+        **options,
     ) as run:
         yield run
 

@@ -13,11 +13,40 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.data.batching import pad_batch
+from pipeline.data.batching import pack_sequences, pad_batch
 from pipeline.data.tokenize import TokenizedSplit
 from pipeline.diffusion.forward import SpecialIds
 from pipeline.diffusion.loss import Denoiser, sequence_bound
 from pipeline.diffusion.schedules import Schedule, grid_for_steps
+
+
+class PackedRows:
+    """The test split packed like packed training: every [CLS] ... [SEP] sentence concatenated and
+    cut into rows of `seq_len` (the tail that fills no row is dropped). Rows start and end
+    mid-sentence, so a packed bound is not comparable with a padded one (it conditions across
+    sentence boundaries). Quacks like `TokenizedSplit` for `bound_per_sequence` and
+    `perplexity_report`: per-word denominators share each sentence's words among its WordPieces."""
+
+    def __init__(self, split: TokenizedSplit, seq_len: int) -> None:
+        self.rows = pack_sequences(split, seq_len)  # int64 [N, seq_len]
+        lengths = np.diff(split.offsets)  # [S] WordPieces per sentence incl. [CLS]/[SEP]
+        content = np.maximum(lengths - 2, 1)
+        per_token = np.repeat(np.asarray(split.word_counts, dtype=np.float64) / content, lengths)  # [total]
+        starts, ends = split.offsets[:-1], split.offsets[1:] - 1
+        per_token[starts] = 0.0  # [CLS] and [SEP] are never masked: no words, no tokens
+        per_token[ends[ends >= starts]] = 0.0
+        is_content = np.ones(len(split.ids), dtype=bool)
+        is_content[starts] = False
+        is_content[ends] = False
+        kept = self.rows.size
+        self.num_content_tokens = int(is_content[:kept].sum())
+        self.word_counts = per_token[:kept].reshape(self.rows.shape).sum(axis=1)  # [N] fractional words
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.rows[index]
 
 
 def bound_per_sequence(

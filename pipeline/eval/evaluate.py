@@ -18,7 +18,7 @@ from pipeline.config import Params
 from pipeline.data.stats import length_log_probs
 from pipeline.data.tokenize import TokenizedSplit
 from pipeline.diffusion.forward import SpecialIds
-from pipeline.eval.bound import perplexity_bound
+from pipeline.eval.bound import PackedRows, perplexity_bound
 from pipeline.eval.generation import fixed_or_sampled_lengths, generate
 from pipeline.eval.metrics import TOKENIZATION, generation_metrics
 from pipeline.train.export import load_exported
@@ -56,6 +56,9 @@ def evaluate_model(params: Params, layout: Layout, model_dir: str | Path, progre
         test = _head(test, settings["num_sequences"])
     histogram = np.load(layout.token_stats / "lengths.npy")
     length_lp = length_log_probs(histogram, max_length=params.data.max_seq_len - 2)
+    scored, bound_format = _scored_text(params, test)
+    if bound_format == "packed":
+        length_lp = None  # rows are not sentences: no length term
 
     def tick(task: str, total: int):
         return (lambda n: progress(task, n, total)) if progress is not None else None
@@ -63,13 +66,14 @@ def evaluate_model(params: Params, layout: Layout, model_dir: str | Path, progre
     start = time.perf_counter()
     with torch.no_grad():
         bound = perplexity_bound(
-            denoise, test, schedule, special, num_steps=settings["bound_steps"], seeds=tuple(ev.seeds),
+            denoise, scored, schedule, special, num_steps=settings["bound_steps"], seeds=tuple(ev.seeds),
             batch_size=ev.batch_size, length_log_probs=length_lp,
-            progress=tick("bound", len(test) * len(ev.seeds)),
+            progress=tick("bound", len(scored) * len(ev.seeds)),
         )
     bound["seconds"] = time.perf_counter() - start
+    bound["format"] = bound_format
     if ev.compare_init:
-        bound["initial_model"] = _initial_model_bound(params, schedule, test, special, settings, length_lp, precision)
+        bound["initial_model"] = _initial_model_bound(params, schedule, scored, special, settings, length_lp, precision)
         bound["reduction_vs_initial"] = 1.0 - bound["ppl_token_mean"] / bound["initial_model"]["ppl_token"]
 
     references = _references(layout, ev.num_references)
@@ -108,6 +112,14 @@ def evaluate_model(params: Params, layout: Layout, model_dir: str | Path, progre
         "generation": quality,
         "samples": samples,
     }
+
+
+def _scored_text(params: Params, test: TokenizedSplit) -> tuple[TokenizedSplit | PackedRows, str]:
+    """What the bound scores: padded sentences, or - for a model trained packed - the same text
+    packed into `data.max_seq_len` rows the way it was trained. The two are not comparable."""
+    if params.train.packed:
+        return PackedRows(test, params.data.max_seq_len), "packed"
+    return test, "padded"
 
 
 def _with_precision(denoise, precision: str):
@@ -149,17 +161,18 @@ def _samples_quality(model, tokenizer, schedule, denoise, histogram, references,
 def steps_quality_table(*, model, tokenizer, schedule, special, denoise, test, histogram, references, params: Params,
                         progress=None) -> list[dict]:
     """PAPER Table 3 at this scale: for each number of reverse steps, the bound of that step
-    chain (first `table_sequences` test sentences, first seed) and the quality, calls and time
-    of samples drawn with the same steps."""
+    chain (first `table_sequences` test sentences, mean and std over `evaluate.seeds`) and the
+    quality, calls and time of samples drawn with the same steps."""
     ev = params.evaluate
-    subset = _head(test, ev.table_sequences)
+    subset, _ = _scored_text(params, _head(test, ev.table_sequences))
     rows = []
     for steps in ev.table_steps:
         with torch.no_grad():
-            bound = perplexity_bound(denoise, subset, schedule, special, num_steps=steps, seeds=(ev.seeds[0],),
+            bound = perplexity_bound(denoise, subset, schedule, special, num_steps=steps, seeds=tuple(ev.seeds),
                                      batch_size=ev.batch_size)
-        row = {"steps": min(steps, schedule.num_timesteps), "ppl_token": bound["runs"][0]["ppl_token"],
-               "ppl_word": bound["runs"][0]["ppl_word"], "bound_sequences": len(subset)}
+        row = {"steps": min(steps, schedule.num_timesteps), "ppl_token": bound["ppl_token_mean"],
+               "ppl_token_std": bound["ppl_token_std"], "ppl_word": bound["ppl_word_mean"],
+               "ppl_word_std": bound["ppl_word_std"], "seeds": list(ev.seeds), "bound_sequences": len(subset)}
         row.update(_samples_quality(model, tokenizer, schedule, denoise, histogram, references, params,
                                     n=ev.table_samples, steps=steps, top_k=ev.top_k, seed=ev.sample_seed + 1))
         rows.append(row)

@@ -1,0 +1,1 @@
+"""PAPER §8's ablation as configurations of the one pipeline (`rows`) and its report (`report`)."""

@@ -1,0 +1,281 @@
+"""The ablation's report: the table of PAPER §8 at this scale and the four claims checked with
+intervals. Pure functions of the per-row results the runner collects (JSON-able dicts), so the
+committed report JSON can be re-rendered without re-running anything.
+
+A row result (`stages.ablation` writes one per (row, training seed)) holds `key`, `row`, `seed`,
+the paper's columns (`method`, `init`, `schedule`, `time`), `note`, `mlflow` (run ids), `train`
+(`seconds`, `curve` of the validation bound) and `evaluate` (the bound's mean/std over
+evaluation seeds, BLEU, Self-BLEU, entropy, and for detail rows `steps_table` and
+`quality_diversity`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+# Two-sided 95% Student t quantiles by degrees of freedom (no scipy needed for a handful of seeds).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+HOLDS, FAILS, UNSURE = "holds", "does not hold", "cannot tell"
+
+
+def t_quantile(df: int) -> float:
+    return _T975.get(df, 2.0) if df >= 1 else math.inf
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def difference_interval(a: tuple[float, float, int], b: tuple[float, float, int]) -> dict[str, float]:
+    """95% interval of mean_a - mean_b from (mean, std, n) of each (Welch standard error,
+    conservative df = n_a + n_b - 2)."""
+    (ma, sa, na), (mb, sb, nb) = a, b
+    se = math.sqrt(sa * sa / na + sb * sb / nb)
+    df = na + nb - 2
+    half = t_quantile(df) * se if df >= 1 else math.inf  # one value each: no interval at all
+    diff = ma - mb
+    return {"difference": diff, "low": diff - half, "high": diff + half, "n_a": na, "n_b": nb}
+
+
+def verdict_lower(interval: dict[str, float]) -> str:
+    """The claim "a is lower than b": holds when the whole interval of a - b is below 0."""
+    if interval["high"] < 0:
+        return HOLDS
+    if interval["low"] > 0:
+        return FAILS
+    return UNSURE
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouping
+# ---------------------------------------------------------------------------------------------
+
+
+def by_row(results: Iterable[dict]) -> dict[str, list[dict]]:
+    """Row name -> its results, one per training seed (seed order)."""
+    out: dict[str, list[dict]] = {}
+    for result in sorted(results, key=lambda r: r["seed"]):
+        out.setdefault(result["row"], []).append(result)
+    return out
+
+
+def eval_stats(result: dict, metric: str = "ppl_token") -> tuple[float, float, int]:
+    """(mean, std, n) of a bound perplexity over the evaluation seeds of one trained model."""
+    ev = result["evaluate"]
+    return ev[f"{metric}_mean"], ev[f"{metric}_std"], len(ev["seeds"])
+
+
+def train_seed_stats(results: Sequence[dict], metric: str = "ppl_token") -> tuple[float, float, int]:
+    """(mean, std, n) over training seeds of each model's evaluation-seed mean."""
+    mean, std = mean_std([r["evaluate"][f"{metric}_mean"] for r in results])
+    return mean, std, len(results)
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------
+
+
+def table_rows(results: Iterable[dict]) -> list[dict]:
+    """One line per row: the paper's columns and our numbers (means over training seeds)."""
+    lines = []
+    for name, runs in by_row(results).items():
+        first = runs[0]
+        ev = [r["evaluate"] for r in runs]
+        line = {key: first[key] for key in ("row", "method", "init", "schedule", "time", "note")}
+        line["training_seeds"] = [r["seed"] for r in runs]
+        for metric in ("ppl_token", "ppl_word"):
+            values = [e[f"{metric}_mean"] for e in ev]
+            line[metric] = sum(values) / len(values)
+            line[f"{metric}_per_seed"] = values
+            line[f"{metric}_eval_std"] = max(e[f"{metric}_std"] for e in ev)
+        for metric in ("bleu", "self_bleu", "unigram_entropy"):
+            line[metric] = sum(e[metric] for e in ev) / len(ev)
+        line["format"] = ev[0]["format"]
+        line["leaky"] = bool(ev[0]["leaky"])
+        line["train_minutes"] = sum(r["train"]["seconds"] for r in runs) / len(runs) / 60.0
+        line["eval_minutes"] = sum(e["seconds"] for e in ev) / len(ev) / 60.0
+        line["mlflow_row_runs"] = [r["mlflow"]["row"] for r in runs]
+        lines.append(line)
+    return lines
+
+
+def _ppl_cell(line: dict, metric: str) -> str:
+    per_seed = line[f"{metric}_per_seed"]
+    if len(per_seed) > 1:
+        return " / ".join(f"{v:.1f}" for v in per_seed)
+    return f"{line[metric]:.1f} ± {line[f'{metric}_eval_std']:.1f}"
+
+
+def markdown_table(lines: Sequence[dict], *, label: str) -> str:
+    header = ("| Row | Method | Init | Schedule | Time | PPL/word | PPL/token | BLEU | Self-BLEU | Entropy (bits) "
+              "| Train min |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    body = []
+    for line in lines:
+        flags = " (LEAKY)" if line["leaky"] else ""
+        flags += " (packed)" if line["format"] == "packed" else ""
+        body.append(
+            f"| `{line['row']}`{flags} | {line['method']} | {line['init']} | {line['schedule']} | {line['time']} | "
+            f"{_ppl_cell(line, 'ppl_word')} | {_ppl_cell(line, 'ppl_token')} | {line['bleu']:.4f} | "
+            f"{line['self_bleu']:.4f} | {line['unigram_entropy']:.2f} | {line['train_minutes']:.1f} |"
+        )
+    notes = [f"- `{line['row']}`: {line['note']}" for line in lines if line.get("note")]
+    caption = (f"{label} numbers. PPL: the bound on the test split, mean ± std over evaluation seeds (one "
+               "trained model), or one value per training seed (`a / b`) for rows trained twice.")
+    return caption + "\n\n" + header + "\n".join(body) + ("\n\n" + "\n".join(notes) if notes else "") + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The four claims of PAPER §8
+# ---------------------------------------------------------------------------------------------
+
+
+def _pair(rows: dict[str, list[dict]], a: str, b: str) -> tuple[list[dict], list[dict]] | None:
+    return (rows[a], rows[b]) if a in rows and b in rows else None
+
+
+def _eval_comparison(a: dict, b: dict) -> dict:
+    """a - b in PPL per token, interval over evaluation seeds (the two trained models fixed)."""
+    interval = difference_interval(eval_stats(a), eval_stats(b))
+    return {"a": a["key"], "b": b["key"], "covers": "evaluation seeds only", **interval,
+            "verdict": verdict_lower(interval)}
+
+
+def _curve_points(result: dict) -> dict[int, float]:
+    curve = result["train"]["curve"]
+    return {int(s): v for s, v in zip(curve["step"], curve["val_bound"]) if v is not None}
+
+
+def claim_bert_init(rows: dict[str, list[dict]]) -> dict:
+    """1. BERT initialisation converges faster and lower than random initialisation."""
+    comparisons = []
+    for bert, random in (("dbert_linear_tad", "d3pm_linear_tad"), ("dbert_linear_lte", "d3pm_linear_lte")):
+        pair = _pair(rows, bert, random)
+        if pair is None:
+            continue
+        a, b = pair[0][0], pair[1][0]
+        comparison = _eval_comparison(a, b)
+        ca, cb = _curve_points(a), _curve_points(b)
+        shared = sorted(set(ca) & set(cb))
+        comparison["val_bound_steps"] = shared
+        comparison["val_bound_bert"] = [ca[s] for s in shared]
+        comparison["val_bound_random"] = [cb[s] for s in shared]
+        comparison["bert_lower_at_every_eval_step"] = bool(shared) and all(ca[s] < cb[s] for s in shared)
+        random_final = cb[shared[-1]] if shared else None
+        comparison["first_step_bert_reaches_random_final"] = next(
+            (s for s in shared if random_final is not None and ca[s] <= random_final), None)
+        if comparison["verdict"] == HOLDS and not comparison["bert_lower_at_every_eval_step"]:
+            comparison["verdict"] = UNSURE  # lower at the end but not faster all the way
+        comparisons.append(comparison)
+    return _claim(1, "BERT initialisation converges faster and lower than random initialisation (same steps)",
+                  comparisons)
+
+
+def claim_spindle(rows: dict[str, list[dict]]) -> dict:
+    """2. Spindle beats the linear schedule, on the exact leak-free bound."""
+    pair = _pair(rows, "dbert_spindle_tad", "dbert_linear_tad")
+    comparisons = []
+    if pair is not None:
+        spindle, linear = pair
+        by_seed = {r["seed"]: r for r in linear}
+        comparisons = [_eval_comparison(s, by_seed[s["seed"]]) for s in spindle if s["seed"] in by_seed]
+        if len(spindle) > 1 and len(linear) > 1:
+            interval = difference_interval(train_seed_stats(spindle), train_seed_stats(linear))
+            comparisons.append({"a": "dbert_spindle_tad (all seeds)", "b": "dbert_linear_tad (all seeds)",
+                                "covers": "training seeds (each model's mean over evaluation seeds)",
+                                **interval, "verdict": verdict_lower(interval)})
+    return _claim(2, "Spindle beats the linear schedule (same model and budget), exact leak-free bound", comparisons,
+                  decisive=lambda c: c["covers"].startswith("training"))
+
+
+def claim_tad(rows: dict[str, list[dict]]) -> dict:
+    """3. For the BERT-initialised model, TAD is as good as or better than LTE/PTE."""
+    comparisons = []
+    for other in ("dbert_linear_lte", "dbert_linear_pte"):
+        pair = _pair(rows, "dbert_linear_tad", other)
+        if pair is None:
+            continue
+        comparison = _eval_comparison(pair[0][0], pair[1][0])
+        # "as good as or better": only a significantly worse TAD breaks it.
+        comparison["verdict"] = FAILS if comparison["low"] > 0 else (HOLDS if comparison["high"] < 0 else UNSURE)
+        comparisons.append(comparison)
+    return _claim(3, "For the BERT-initialised model, TAD is as good as or better than LTE/PTE", comparisons)
+
+
+def claim_steps(rows: dict[str, list[dict]]) -> dict:
+    """4. Fewer sampling steps trade quality for speed smoothly (the steps table)."""
+    comparisons = []
+    for runs in rows.values():
+        table = runs[0]["evaluate"].get("steps_table") or []
+        if len(table) < 2:
+            continue
+        n = len(table[0].get("seeds") or [0])
+        seconds = [r["seconds_per_sample"] for r in table]
+        steps_pairs = []
+        for lo, hi in zip(table, table[1:]):
+            interval = difference_interval((hi["ppl_token"], hi.get("ppl_token_std", 0.0), n),
+                                           (lo["ppl_token"], lo.get("ppl_token_std", 0.0), n))
+            steps_pairs.append({"from": lo["steps"], "to": hi["steps"], **interval,
+                                "verdict": verdict_lower(interval)})
+        faster = all(a < b for a, b in zip(seconds, seconds[1:]))
+        any_worse = any(p["verdict"] == FAILS for p in steps_pairs)
+        ends = difference_interval((table[-1]["ppl_token"], table[-1].get("ppl_token_std", 0.0), n),
+                                   (table[0]["ppl_token"], table[0].get("ppl_token_std", 0.0), n))
+        verdict = HOLDS if faster and not any_worse and verdict_lower(ends) == HOLDS else (
+            FAILS if any_worse or not faster else UNSURE)
+        comparisons.append({
+            "a": runs[0]["key"], "b": "its own fewer-step chains", "covers": "evaluation seeds only",
+            "steps": [r["steps"] for r in table], "ppl_token": [r["ppl_token"] for r in table],
+            "ppl_token_std": [r.get("ppl_token_std") for r in table], "seconds_per_sample": seconds,
+            "bleu": [r.get("bleu") for r in table], "self_bleu": [r.get("self_bleu") for r in table],
+            "time_increases_with_steps": faster, "consecutive": steps_pairs, "most_vs_fewest": ends,
+            "verdict": verdict,
+        })
+    return _claim(4, "Fewer sampling steps trade quality for speed smoothly", comparisons)
+
+
+def _claim(number: int, text: str, comparisons: list[dict], decisive=None) -> dict:
+    """Overall verdict: the decisive comparisons (all by default) agree, else "cannot tell"."""
+    deciding = [c for c in comparisons if decisive is None or decisive(c)] or comparisons
+    verdicts = {c["verdict"] for c in deciding}
+    overall = verdicts.pop() if len(verdicts) == 1 else UNSURE
+    if not comparisons:
+        overall = "not run (rows missing)"
+    return {"claim": number, "text": text, "verdict": overall, "comparisons": comparisons}
+
+
+def check_claims(results: Iterable[dict]) -> list[dict]:
+    rows = by_row(results)
+    return [claim_bert_init(rows), claim_spindle(rows), claim_tad(rows), claim_steps(rows)]
+
+
+def _fmt_interval(c: dict) -> str:
+    return f"{c['difference']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}]"
+
+
+def markdown_claims(claims: Sequence[dict]) -> str:
+    """One paragraph per claim: verdict, then each comparison's interval and what it covers."""
+    out = []
+    for claim in claims:
+        out.append(f"{claim['claim']}. **{claim['text']}: {claim['verdict']}.**")
+        for c in claim["comparisons"]:
+            if "consecutive" in c:
+                cells = ", ".join(f"{s}: {p:.1f}±{(sd or 0):.1f} ({t:.2f} s)" for s, p, sd, t in
+                                  zip(c["steps"], c["ppl_token"], c["ppl_token_std"], c["seconds_per_sample"]))
+                out.append(f"   - `{c['a']}` steps → PPL/token ± eval-seed std (s/sample): {cells}; "
+                           f"most minus fewest steps {_fmt_interval(c['most_vs_fewest'])}; "
+                           f"time rises with steps: {c['time_increases_with_steps']} → {c['verdict']}")
+                continue
+            line = (f"   - `{c['a']}` − `{c['b']}` PPL/token: {_fmt_interval(c)} (95%, {c['covers']}, "
+                    f"n={c['n_a']}+{c['n_b']}) → {c['verdict']}")
+            if "bert_lower_at_every_eval_step" in c:
+                line += (f"; validation bound lower at every eval step: {c['bert_lower_at_every_eval_step']}; "
+                         f"BERT reaches random's final validation bound at step {c['first_step_bert_reaches_random_final']}")
+            out.append(line)
+    return "\n".join(out) + "\n"

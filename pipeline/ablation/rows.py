@@ -1,0 +1,115 @@
+"""The paper's ablation rows (PAPER §8) as overrides of one params set.
+
+Every row shares the base params (data, model checkpoint, optimiser, evaluation sizes) and the
+per-row budget `ablation.train_steps`; a row changes only what the paper's table changes. With
+`model.name_or_path=bert-base-uncased` the rows are the paper's own; with the bundled MiniLM,
+"BERT init" means "pretrained MiniLM encoder" and D3PM is the same architecture from random
+weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.config import ABLATION_ROWS, Params, params_from_dict
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One line of PAPER §8's table: what it is called there and how it differs from the base."""
+
+    name: str
+    method: str  # the paper's "Method" column
+    init: str  # "BERT" (pretrained encoder) or "random"
+    schedule: str  # the paper's "Schedule" column
+    time: str  # LTE (layerwise) / PTE (prefix) / TAD (none) / "-"
+    overrides: dict[str, Any]
+    note: str = ""
+
+
+ROWS: dict[str, RowSpec] = {spec.name: spec for spec in (
+    RowSpec("d3pm_linear_lte", "D3PM", "random", "linear", "LTE",
+            {"model.random_init": True, "model.time_design": "layerwise", "diffusion.schedule": "linear"}),
+    RowSpec("d3pm_linear_tad", "D3PM", "random", "linear", "TAD",
+            {"model.random_init": True, "model.time_design": "none", "diffusion.schedule": "linear"}),
+    RowSpec("bert_mouth", "BERT-Mouth", "BERT", "-", "-",
+            {"train.objective": "mlm", "evaluate.sampler": "gibbs", "model.time_design": "none",
+             "diffusion.schedule": "linear"},
+            note="plain MLM fine-tune of the same encoder and budget, Gibbs sampling; bound on the linear chain"),
+    RowSpec("dbert_linear_lte", "DiffusionBERT", "BERT", "linear", "LTE",
+            {"model.time_design": "layerwise", "diffusion.schedule": "linear"}),
+    RowSpec("dbert_linear_pte", "DiffusionBERT", "BERT", "linear", "PTE",
+            {"model.time_design": "prefix", "diffusion.schedule": "linear"}),
+    RowSpec("dbert_linear_tad", "DiffusionBERT", "BERT", "linear", "TAD",
+            {"model.time_design": "none", "diffusion.schedule": "linear"}),
+    RowSpec("dbert_spindle_tad", "DiffusionBERT", "BERT", "spindle", "TAD",
+            {"model.time_design": "none", "diffusion.schedule": "spindle"}),
+    RowSpec("dbert_spindle_paper_tad", "DiffusionBERT", "BERT", "spindle_paper", "TAD",
+            {"model.time_design": "none", "diffusion.schedule": "spindle_paper"},
+            note="LEAKY: the authors' per-sentence spindle; its bound is not a valid likelihood bound"),
+    RowSpec("dbert_spindle_tad_packed", "DiffusionBERT", "BERT", "spindle", "TAD",
+            {"model.time_design": "none", "diffusion.schedule": "spindle", "train.packed": True},
+            note="PACKED: trained and scored on 64-WordPiece rows cut across sentences; not comparable"),
+)}
+assert set(ROWS) == set(ABLATION_ROWS), "pipeline.config.ABLATION_ROWS and ROWS must name the same rows"
+
+
+@dataclass(frozen=True)
+class RowRun:
+    """One training + evaluation of a row with one training seed."""
+
+    row: RowSpec
+    seed: int
+    params: Params = field(compare=False)
+
+    @property
+    def key(self) -> str:
+        """Directory and MLflow name: the row, plus the seed when it is not the first."""
+        return self.row.name if self.seed == self.params.ablation.seeds[0] else f"{self.row.name}.seed{self.seed}"
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of everything the row's result depends on: a resumed run reuses a finished row
+        only when this is unchanged."""
+        text = json.dumps(self.params.model_dump(exclude={"ablation", "tune", "tracking"}), sort_keys=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def row_params(base: Params, row: RowSpec, seed: int) -> Params:
+    """`base` with the row's overrides, the shared budget, the training seed and the evaluation
+    the ablation needs (the steps table and top-k curve only for `ablation.detail_rows`)."""
+    ab = base.ablation
+    raw = base.model_dump()
+    overrides: dict[str, Any] = {
+        "train.steps": ab.train_steps,
+        "train.seed": seed,
+        "evaluate.compare_init": False,
+        **row.overrides,
+    }
+    if row.name in ab.detail_rows and seed == ab.seeds[0]:
+        overrides["evaluate.table_sequences"] = ab.table_sequences
+    else:
+        overrides.update({"evaluate.table_steps": [], "evaluate.qd_top_k": []})
+    for key, value in overrides.items():
+        group, name = key.split(".", 1)
+        raw[group][name] = value
+    return params_from_dict(raw)
+
+
+def plan(base: Params, only: list[str] | None = None) -> list[RowRun]:
+    """Every (row, seed) the ablation trains, in run order: all rows at the first seed (in
+    `ablation.rows` order), then the repeated rows at the other seeds."""
+    ab = base.ablation
+    names = list(dict.fromkeys(ab.rows))
+    if only:
+        unknown = sorted(set(only) - set(ROWS))
+        if unknown:
+            raise ValueError(f"unknown ablation row(s) {unknown}; known: {sorted(ROWS)}")
+        names = [n for n in names if n in only] + [n for n in only if n not in names]
+    runs = [RowRun(ROWS[n], ab.seeds[0], row_params(base, ROWS[n], ab.seeds[0])) for n in names]
+    for seed in ab.seeds[1:]:
+        runs += [RowRun(ROWS[n], seed, row_params(base, ROWS[n], seed)) for n in names if n in ab.repeat_rows]
+    return runs
