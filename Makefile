@@ -16,7 +16,7 @@ export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv repro test test-fast clean
+.PHONY: venv repro test test-fast ablation clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,12 @@ $(STAMP): pyproject.toml
 repro: $(STAMP)
 	test -d .dvc || $(BIN)/dvc init -q
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+# PAPER §8's rows, one budget each (~70 min on 2 cores): outputs/ablation/report/report.md
+ablation: $(STAMP)
+	test -d .dvc || $(BIN)/dvc init -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro token_stats
+	$(BIN)/dbert ablation
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

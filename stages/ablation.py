@@ -55,9 +55,9 @@ def run(
     from pipeline.tracking import log_artifact, log_metrics, tracking_uri
 
     layout = Layout(Path(root))
+    runs = plan(params, only)  # an unknown row is named before anything else is checked
     for path in INPUTS:
         require(layout.root / path, path, "token-stats" if "token_stats" in path else "prepare")
-    runs = plan(params, only)
     out = layout.ablation_out
     if fresh and out.exists():
         shutil.rmtree(out)
@@ -317,7 +317,10 @@ def write_report(report: dict, directory: Path) -> None:
             f"{report['budget']['batch_size']}, lr {report['budget']['lr']}, model `{report['budget']['model']}`.", "",
             markdown_table(report["table"], label=report["label"]), "## The claims of PAPER §8", "",
             markdown_claims(report["claims"]), "![curves](curves.png)", "",
-            "![quality-diversity](quality_diversity.png)", ""]
+            "![quality-diversity](quality_diversity.png)", "", "## MLflow runs", "",
+            "| Row | row run | train run | evaluate run |", "|---|---|---|---|",
+            *[f"| `{r['key']}` | `{r['mlflow']['row']}` | `{r['mlflow'].get('train', '-')}` | "
+              f"`{r['mlflow'].get('evaluate', '-')}` |" for r in report["rows"]], ""]
     write_file_atomic(directory / "report.md", "\n".join(text))
 
 

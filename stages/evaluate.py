@@ -1,7 +1,9 @@
 """evaluate: the perplexity bound on the test split and the quality of generated text.
 
-Reads  params `evaluate.*`, `data.max_seq_len` (the length term), `data.source` and
-       `train.packed` (the report's labels: "LM1B-sample" for the bundled shards), `model.*`,
+Reads  params `evaluate.*`, `data.max_seq_len` (the length term, and the row length of packed
+       scoring), `data.source` (the label: "LM1B-sample" for the bundled shards), `train.packed`
+       (a model trained packed is scored on packed test rows, labelled `bound.format: packed`:
+       not comparable with padded sentences), `model.*`,
        `diffusion.num_timesteps` and `diffusion.hybrid_lambda` (to rebuild the untrained model
        when `evaluate.compare_init`); models/final/ (or `--model`), data/prepared/test/,
        data/prepared/test.txt (BLEU references), data/token_stats/lengths.npy.
@@ -90,7 +92,8 @@ def draw_plots(report: dict, directory: Path) -> list[str]:
             errors.append(0.0)
         bar_plot(directory / "bound.png", labels, values, errors=errors, ylabel="PPL bound per token",
                  title=f"{report.get('label', '')} test bound, {bound.get('num_steps', '?')}-step chain"
-                 + (" (LEAKY)" if report.get("leaky") else ""))
+                 + (" (LEAKY)" if report.get("leaky") else "")
+                 + (" (packed rows: not comparable with padded)" if bound.get("format") == "packed" else ""))
         written.append("bound.png")
     generation = report.get("generation", {})
     points = [{"bleu": p.get("bleu"), "self_bleu": p.get("self_bleu"),

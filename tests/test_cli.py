@@ -19,7 +19,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy i
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
-COMMANDS = ("prepare", "token-stats", "schedule", "train", "evaluate", "tune", "generate", "mlflow-ui", "params")
+COMMANDS = ("prepare", "token-stats", "schedule", "train", "evaluate", "tune", "ablation", "generate", "mlflow-ui",
+            "params")
 ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID",
        "DBERT_PROJECT_ROOT", "DBERT_LM1B_DIR", "DBERT_DEBUG")
 
@@ -68,13 +69,16 @@ def test_every_command_has_help_naming_its_options(command):
     assert result.exit_code == 0, result.output
     for option in ("--params", "--set", "--root"):
         assert option in result.stdout
-    if command in ("prepare", "token-stats", "schedule", "train", "evaluate", "tune"):
+    if command in ("prepare", "token-stats", "schedule", "train", "evaluate", "tune", "ablation"):
         assert "Reads" in result.stdout and "Writes" in result.stdout
 
 
 def test_stage_specific_options_are_documented():
     assert "--resume" in invoke("train", "--help").stdout
     assert "--apply" in invoke("tune", "--help").stdout
+    ablation_help = invoke("ablation", "--help").stdout
+    for option in ("--row", "--fresh", "--background"):
+        assert option in ablation_help
     generate_help = invoke("generate", "--help").stdout
     for option in ("--model", "--num", "--length", "--steps", "--top-k", "--top-p", "--temperature", "--seed",
                    "--output"):
@@ -140,6 +144,7 @@ def test_stages_without_their_inputs_say_what_to_run(tmp_path):
     assert_one_line_error(invoke("train", *common), "data/prepared/train", "dbert prepare")
     assert_one_line_error(invoke("evaluate", *common), "models/final")
     assert_one_line_error(invoke("tune", *common), "data/prepared/train", "dbert prepare")
+    assert_one_line_error(invoke("ablation", *common), "data/prepared/train", "dbert prepare")
     assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()
 
 

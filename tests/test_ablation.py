@@ -1,0 +1,297 @@
+"""The ablation: rows as configurations of one params set, the claims' interval logic, the packed
+bound's denominators, and a tiny end-to-end run on real LM1B-sample text with a real MLflow store
+(parent run, a child per row, the stages under each child; rerun reuses; numbers trace)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.ablation import report as rep
+from pipeline.ablation.rows import ROWS, plan, row_params
+from pipeline.config import ABLATION_ROWS, ParamsError, load_params
+from tests.test_stages import ENV, REPO, _clean_env, tiny_params  # noqa: F401 - autouse fixture
+
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_paper_row_is_a_valid_configuration_that_changes_only_its_columns():
+    base = load_params(None)
+    for name in ABLATION_ROWS:
+        params = row_params(base, ROWS[name], seed=0)
+        flat, base_flat = params.flat(), base.flat()
+        changed = {k for k in flat if flat[k] != base_flat[k]}
+        allowed = set(ROWS[name].overrides) | {"train.steps", "evaluate.compare_init", "evaluate.table_steps",
+                                                 "evaluate.qd_top_k", "evaluate.table_sequences"}
+        assert changed <= allowed, (name, changed - allowed)
+        assert params.train.steps == base.ablation.train_steps
+
+
+def test_the_rows_set_what_the_paper_table_names():
+    base = load_params(None)
+    d3pm = row_params(base, ROWS["d3pm_linear_lte"], 0)
+    assert (d3pm.model.random_init, d3pm.model.time_design, d3pm.diffusion.schedule) == (True, "layerwise", "linear")
+    mouth = row_params(base, ROWS["bert_mouth"], 0)
+    assert (mouth.train.objective, mouth.evaluate.sampler, mouth.model.random_init) == ("mlm", "gibbs", False)
+    pte = row_params(base, ROWS["dbert_linear_pte"], 0)
+    assert pte.model.time_design == "prefix"
+    assert row_params(base, ROWS["dbert_spindle_tad_packed"], 0).train.packed
+    assert row_params(base, ROWS["dbert_spindle_paper_tad"], 0).diffusion.schedule == "spindle_paper"
+
+
+def test_one_param_switches_every_row_to_another_bert():
+    base = load_params(None, ["model.name_or_path=bert-base-uncased"])
+    assert {r.params.model.name_or_path for r in plan(base)} == {"bert-base-uncased"}
+
+
+def test_plan_repeats_the_spindle_linear_pair_with_the_second_training_seed():
+    runs = plan(load_params(None))
+    keys = [r.key for r in runs]
+    assert keys[: len(ABLATION_ROWS)] == list(load_params(None).ablation.rows)
+    assert keys[len(ABLATION_ROWS):] == ["dbert_spindle_tad.seed1", "dbert_linear_tad.seed1"]
+    assert [r.params.train.seed for r in runs[-2:]] == [1, 1]
+    assert len({r.fingerprint for r in runs}) == len(runs)
+
+
+def test_only_the_detail_row_gets_the_steps_table_and_top_k_curve():
+    runs = {r.key: r.params.evaluate for r in plan(load_params(None))}
+    assert runs["dbert_spindle_tad"].table_steps and runs["dbert_spindle_tad"].qd_top_k
+    assert runs["dbert_spindle_tad"].table_sequences == 128
+    for key, ev in runs.items():
+        if key != "dbert_spindle_tad":
+            assert ev.table_steps == [] and ev.qd_top_k == [], key
+
+
+def test_unknown_rows_are_refused_with_their_names():
+    with pytest.raises(ValueError, match="nope"):
+        plan(load_params(None), only=["nope"])
+    with pytest.raises(ParamsError, match="ablation.rows"):
+        load_params(None, ["ablation.rows=[nope]"])
+    with pytest.raises(ParamsError, match="ablation.seeds"):
+        load_params(None, ["ablation.seeds=[1,1]"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Intervals and claims
+# ---------------------------------------------------------------------------------------------
+
+
+def test_difference_interval_is_the_welch_t_interval():
+    out = rep.difference_interval((10.0, 1.0, 3), (12.0, 2.0, 3))
+    half = 2.776 * math.sqrt(1 / 3 + 4 / 3)  # t(0.975, df=4)
+    assert out["difference"] == -2.0
+    assert out["low"] == pytest.approx(-2.0 - half) and out["high"] == pytest.approx(-2.0 + half)
+    assert rep.verdict_lower(out) == rep.UNSURE
+    assert rep.verdict_lower(rep.difference_interval((10.0, 0.1, 3), (12.0, 0.1, 3))) == rep.HOLDS
+    assert rep.verdict_lower(rep.difference_interval((12.0, 0.1, 3), (10.0, 0.1, 3))) == rep.FAILS
+
+
+def test_one_value_per_side_gives_no_interval_and_no_verdict():
+    out = rep.difference_interval((10.0, 0.0, 1), (12.0, 0.0, 1))
+    assert out["low"] == -math.inf and out["high"] == math.inf
+    assert rep.verdict_lower(out) == rep.UNSURE
+
+
+def fake(row: str, seed: int, ppl: float, std: float = 0.5, curve=(9.0, 8.0, 7.0), table=None) -> dict:
+    spec = ROWS[row]
+    return {
+        "key": row if seed == 0 else f"{row}.seed{seed}", "row": row, "seed": seed, "method": spec.method,
+        "init": spec.init, "schedule": spec.schedule, "time": spec.time, "note": spec.note,
+        "mlflow": {"row": f"run-{row}-{seed}"},
+        "train": {"seconds": 60.0, "curve": {"step": [50, 100, 150], "val_bound": list(curve)}},
+        "evaluate": {"ppl_token_mean": ppl, "ppl_token_std": std, "ppl_word_mean": 2 * ppl, "ppl_word_std": 2 * std,
+                     "seeds": [0, 1, 2], "bleu": 0.2, "self_bleu": 0.3, "unigram_entropy": 7.0, "format": "padded",
+                     "leaky": spec.schedule == "spindle_paper", "seconds": 30.0, "steps_table": table or []},
+    }
+
+
+def test_claims_hold_fail_or_stay_open_as_the_numbers_say():
+    results = [
+        fake("dbert_linear_tad", 0, 100.0, curve=(8.0, 7.0, 6.0)), fake("d3pm_linear_tad", 0, 300.0),
+        fake("dbert_linear_lte", 0, 100.3), fake("d3pm_linear_lte", 0, 290.0, curve=(7.5, 7.4, 7.3)),
+        fake("dbert_linear_pte", 0, 80.0),
+        fake("dbert_spindle_tad", 0, 90.0), fake("dbert_spindle_tad", 1, 91.0), fake("dbert_linear_tad", 1, 99.0),
+    ]
+    claims = {c["claim"]: c for c in rep.check_claims(results)}
+    first = claims[1]["comparisons"]
+    assert first[0]["verdict"] == rep.HOLDS and first[0]["bert_lower_at_every_eval_step"]
+    # lower at the end but not at step 50: "faster" is not shown
+    assert first[1]["verdict"] == rep.UNSURE and not first[1]["bert_lower_at_every_eval_step"]
+    assert claims[1]["verdict"] == rep.UNSURE
+    assert claims[2]["verdict"] == rep.HOLDS  # decided on the training-seed interval
+    assert claims[2]["comparisons"][-1]["covers"].startswith("training seeds")
+    tad = {c["b"]: c["verdict"] for c in claims[3]["comparisons"]}
+    assert tad == {"dbert_linear_lte": rep.UNSURE, "dbert_linear_pte": rep.FAILS}
+    assert claims[3]["verdict"] == rep.UNSURE
+    assert claims[4]["verdict"] == "not run (rows missing)"
+
+
+def test_steps_claim_needs_rising_time_and_a_bound_that_does_not_get_worse():
+    def row(steps, ppl, secs):
+        return {"steps": steps, "ppl_token": ppl, "ppl_token_std": 0.1, "seconds_per_sample": secs,
+                "seeds": [0, 1, 2], "bleu": 0.1, "self_bleu": 0.2}
+
+    smooth = [row(2, 300.0, 0.1), row(8, 120.0, 0.2), row(64, 90.0, 0.9)]
+    bumpy = [row(2, 300.0, 0.1), row(8, 120.0, 0.2), row(64, 150.0, 0.9)]
+    assert rep.check_claims([fake("dbert_spindle_tad", 0, 90.0, table=smooth)])[3]["verdict"] == rep.HOLDS
+    assert rep.check_claims([fake("dbert_spindle_tad", 0, 90.0, table=bumpy)])[3]["verdict"] == rep.FAILS
+
+
+def test_markdown_table_flags_leaky_and_packed_rows_and_shows_both_training_seeds():
+    results = [fake("dbert_spindle_tad", 0, 90.0), fake("dbert_spindle_tad", 1, 91.0),
+               fake("dbert_spindle_paper_tad", 0, 40.0)]
+    results[0]["evaluate"]["format"] = results[1]["evaluate"]["format"] = "padded"
+    text = rep.markdown_table(rep.table_rows(results), label="LM1B-sample")
+    assert "LM1B-sample numbers" in text
+    assert "90.0 / 91.0" in text and "(LEAKY)" in text and "40.0 ± 0.5" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed bound
+# ---------------------------------------------------------------------------------------------
+
+
+def test_packed_rows_count_content_tokens_and_share_words_across_cut_sentences():
+    from pipeline.data.tokenize import TokenizedSplit
+    from pipeline.eval.bound import PackedRows
+
+    cls, sep = 101, 102
+    sentences = [[cls, 5, 6, 7, sep], [cls, 8, 9, sep], [cls, 10, 11, 12, 13, sep]]  # 3, 2, 4 content
+    ids = np.array([t for s in sentences for t in s], dtype=np.int32)
+    offsets = np.cumsum([0] + [len(s) for s in sentences]).astype(np.int64)
+    split = TokenizedSplit(ids, offsets, np.array([3, 1, 2], dtype=np.int32))
+    rows = PackedRows(split, seq_len=6)  # 15 ids -> 2 rows of 6, the last 3 dropped
+    assert len(rows) == 2 and rows[0].tolist() == [cls, 5, 6, 7, sep, cls]
+    kept = ids[:12]
+    assert rows.num_content_tokens == int(((kept != cls) & (kept != sep)).sum()) == 7
+    # row 0: sentence 1 whole (3 words); row 1: sentence 2 whole (1 word) + 2 of sentence 3's 4 pieces (1 word)
+    assert rows.word_counts.tolist() == pytest.approx([3.0, 2.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end (tiny model, real text, real MLflow)
+# ---------------------------------------------------------------------------------------------
+
+
+TINY_ABLATION = ["ablation.rows=[dbert_spindle_tad,dbert_linear_tad,d3pm_linear_tad,dbert_spindle_tad_packed]",
+                 "ablation.train_steps=4", "ablation.table_sequences=4", "evaluate.seeds=[0,1]"]
+
+
+@pytest.fixture(scope="module")
+def ablated(tmp_path_factory, lm1b_dir):
+    """A tiny ablation: four rows, the spindle/linear pair twice, in a tmp project."""
+    from stages import ablation, prepare, token_stats
+
+    mp = pytest.MonkeyPatch()
+    for key in ENV:
+        mp.delenv(key, raising=False)
+    root = tmp_path_factory.mktemp("ablation")
+    params = tiny_params(lm1b_dir, *TINY_ABLATION)
+    prepare.run(params, root)
+    token_stats.run(params, root)
+    seen: list[tuple[str, str]] = []
+    summary = ablation.run(params, root, on_row=lambda i, n, key, status: seen.append((key, status)))
+    mp.undo()
+    yield {"root": root, "params": params, "summary": summary, "seen": seen}
+
+
+def _runs(root):
+    import mlflow
+
+    from pipeline.tracking import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri(root))
+    exp = client.get_experiment_by_name("diffusionbert")
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_ablation_writes_a_report_with_every_row_and_plots(ablated):
+    from pipeline.artifacts import read_json
+
+    out = ablated["root"] / "outputs/ablation/report"
+    report = read_json(out / "report.json")
+    assert [r["key"] for r in report["rows"]] == [
+        "dbert_spindle_tad", "dbert_linear_tad", "d3pm_linear_tad", "dbert_spindle_tad_packed",
+        "dbert_spindle_tad.seed1", "dbert_linear_tad.seed1"]
+    assert report["label"] == "LM1B-sample" and report["budget"]["train_steps"] == 4
+    assert [c["claim"] for c in report["claims"]] == [1, 2, 3, 4]
+    for name in ("report.md", "curves.png", "quality_diversity.png"):
+        assert (out / name).stat().st_size > 0
+    text = (out / "report.md").read_text()
+    assert "`dbert_spindle_tad_packed` (packed)" in text and "LM1B-sample numbers" in text
+    packed = next(r for r in report["rows"] if r["key"] == "dbert_spindle_tad_packed")
+    assert packed["evaluate"]["format"] == "packed"
+    detail = report["rows"][0]["evaluate"]
+    assert [r["steps"] for r in detail["steps_table"]] == [2, 4] and detail["quality_diversity"]
+    for row in report["rows"]:
+        ev = row["evaluate"]
+        assert ev["split"] == "test" and ev["seeds"] == [0, 1] and ev["time_grid"]
+        assert row["train"]["curve"]["step"][-1] == 4
+
+
+def test_mlflow_holds_one_parent_a_child_per_row_and_the_stages_under_each(ablated):
+    from pipeline.artifacts import read_json
+
+    client, runs = _runs(ablated["root"])
+    by_id = {r.info.run_id: r for r in runs}
+    parent_id = ablated["summary"]["mlflow_run_id"]
+    assert by_id[parent_id].data.tags["stage"] == "ablation"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
+    assert sorted(r.info.run_name for r in children) == sorted(
+        ["dbert_spindle_tad", "dbert_linear_tad", "d3pm_linear_tad", "dbert_spindle_tad_packed",
+         "dbert_spindle_tad.seed1", "dbert_linear_tad.seed1"])
+    report = read_json(ablated["root"] / "outputs/ablation/report/report.json")
+    for row in report["rows"]:
+        child = by_id[row["mlflow"]["row"]]
+        assert child.data.tags["mlflow.parentRunId"] == parent_id
+        assert child.data.metrics["ppl_token_mean"] == pytest.approx(row["evaluate"]["ppl_token_mean"])
+        stages = {by_id[i].data.tags["stage"] for i in (row["mlflow"][s] for s in ("schedule", "train", "evaluate"))}
+        assert stages == {"schedule", "train", "evaluate"}
+        for stage in ("schedule", "train", "evaluate"):
+            assert by_id[row["mlflow"][stage]].data.tags["mlflow.parentRunId"] == row["mlflow"]["row"]
+    for line in report["table"]:
+        assert by_id[parent_id].data.metrics[f"{line['row']}.ppl_token"] == pytest.approx(line["ppl_token"])
+    assert "report/report.json" in {a.path for a in client.list_artifacts(parent_id, "report")}
+
+
+def test_a_second_run_reuses_finished_rows_and_an_interrupted_row_gives_the_same_numbers(ablated):
+    from pipeline.artifacts import read_json
+    from stages import ablation
+
+    root, params = ablated["root"], ablated["params"]
+    before = read_json(root / "outputs/ablation/report/report.json")
+    _, runs_before = _runs(root)
+    row = root / "outputs/ablation/rows/dbert_linear_tad"
+    (row / "result.json").unlink()  # as if it had been killed during its evaluation
+    seen: list[tuple[str, str]] = []
+    summary = ablation.run(params, root, on_row=lambda i, n, key, status: seen.append((key, status)))
+    assert summary["mlflow_run_id"] == ablated["summary"]["mlflow_run_id"]  # the parent run is reopened
+    assert dict(seen)["dbert_spindle_tad"] == "reused" and dict(seen)["dbert_linear_tad"] == "done"
+    _, runs_after = _runs(root)
+    new = {r.data.tags.get("stage") for r in runs_after} and [
+        r for r in runs_after if r.info.run_id not in {x.info.run_id for x in runs_before}]
+    assert sorted(r.data.tags["stage"] for r in new) == ["evaluate", "schedule"]  # no retraining
+    after = read_json(root / "outputs/ablation/report/report.json")
+    old_row = next(r for r in before["rows"] if r["key"] == "dbert_linear_tad")
+    new_row = next(r for r in after["rows"] if r["key"] == "dbert_linear_tad")
+    assert new_row["evaluate"]["runs"] == old_row["evaluate"]["runs"]  # the same bound twice
+    assert new_row["mlflow"]["row"] == old_row["mlflow"]["row"]
+
+
+def test_cli_ablation_refuses_an_unknown_row_in_one_line(tmp_path, lm1b_dir):
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    result = CliRunner().invoke(app, ["ablation", "--root", str(tmp_path), "--row", "nope"])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: unknown ablation row(s) ['nope']") and result.output.count("\n") == 1
+    assert not (tmp_path / "outputs").exists()
