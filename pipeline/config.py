@@ -156,6 +156,7 @@ class AblationParams(_Group):
     detail_rows: list[Literal[ABLATION_ROWS]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["dbert_spindle_tad"])  # also get the steps table and the top-k curve
     table_sequences: int = Field(128, ge=1)  # test sentences per steps-table bound (detail rows)
+    detail_samples: int = Field(64, ge=2)  # samples per steps-table row and top-k point (detail rows)
 
     @model_validator(mode="after")
     def _seeds_unique(self) -> "AblationParams":

@@ -109,11 +109,17 @@ def _run_row(row_run: RowRun, layout: Layout, state: dict, state_path: Path, ind
             _save_state(state, state_path)
         _notify(on_row, index, total, row_run.key, "reused")
         return result
-    if record.get("fingerprint") != row_run.fingerprint and row_root.exists():
-        shutil.rmtree(row_root)  # the row's params changed: nothing of it can be reused
+    stamp = row_root / "fingerprint.json"
+    trained_as = read_json(stamp).get("train_fingerprint") if stamp.is_file() else None
+    if trained_as != row_run.train_fingerprint and row_root.exists():
+        shutil.rmtree(row_root)  # the row's training params changed: nothing of it can be reused
+    result_path.unlink(missing_ok=True)  # only the evaluation changed: keep the model, evaluate again
     _link_shared_data(layout, row_root)
-    write_json({"fingerprint": row_run.fingerprint}, row_root / "fingerprint.json")
-    resume_id = record.get("run_id") if record.get("parent") == parent_id else None
+    write_json({"fingerprint": row_run.fingerprint, "train_fingerprint": row_run.train_fingerprint}, stamp)
+    # Reopen the row's run only when it was interrupted with these very params (MLflow refuses
+    # to change a logged param); a re-evaluation with other settings gets a new child run.
+    same = record.get("parent") == parent_id and record.get("fingerprint") == row_run.fingerprint
+    resume_id = record.get("run_id") if same else None
     _notify(on_row, index, total, row_run.key, "start")
     with start_stage_run(ROW_STAGE, _row_params(row_run), run_name=row_run.key, nested=True,
                          tags=_row_tags(row_run), resume_run_id=resume_id) as child:
@@ -213,6 +219,7 @@ def collect_result(row_run: RowRun, row_root: Path, row_run_id: str, seconds: di
         "key": row_run.key, "row": spec.name, "seed": row_run.seed, "method": spec.method,
         "init": "random" if row_run.params.model.name_or_path == "random" else spec.init,
         "schedule": spec.schedule, "time": spec.time, "note": spec.note, "fingerprint": row_run.fingerprint,
+        "train_fingerprint": row_run.train_fingerprint,
         "overrides": spec.overrides,
         "mlflow": {"row": row_run_id, **_stage_run_ids(row_run_id, train_metrics)},
         "train": {"seconds": seconds["train"], "steps": train_metrics["step"],

@@ -29,7 +29,8 @@ def test_every_paper_row_is_a_valid_configuration_that_changes_only_its_columns(
         flat, base_flat = params.flat(), base.flat()
         changed = {k for k in flat if flat[k] != base_flat[k]}
         allowed = set(ROWS[name].overrides) | {"train.steps", "evaluate.compare_init", "evaluate.table_steps",
-                                                 "evaluate.qd_top_k", "evaluate.table_sequences"}
+                                                 "evaluate.qd_top_k", "evaluate.table_sequences",
+                                                 "evaluate.table_samples", "evaluate.qd_samples"}
         assert changed <= allowed, (name, changed - allowed)
         assert params.train.steps == base.ablation.train_steps
 
@@ -295,3 +296,21 @@ def test_cli_ablation_refuses_an_unknown_row_in_one_line(tmp_path, lm1b_dir):
     assert result.exit_code == 1
     assert result.output.startswith("error: unknown ablation row(s) ['nope']") and result.output.count("\n") == 1
     assert not (tmp_path / "outputs").exists()
+
+
+def test_changing_only_the_evaluation_re_evaluates_without_retraining(ablated):
+    from pipeline.artifacts import read_json
+    from stages import ablation
+
+    root = ablated["root"]
+    params = ablated["params"].model_copy(deep=True)
+    params.ablation.detail_samples = 3  # the detail row's evaluation only
+    _, runs_before = _runs(root)
+    seen: list[tuple[str, str]] = []
+    ablation.run(params, root, on_row=lambda i, n, key, status: seen.append((key, status)))
+    assert dict(seen)["dbert_spindle_tad"] == "done" and dict(seen)["dbert_linear_tad"] == "reused"
+    _, runs_after = _runs(root)
+    new = [r for r in runs_after if r.info.run_id not in {x.info.run_id for x in runs_before}]
+    assert "train" not in {r.data.tags.get("stage") for r in new}
+    detail = read_json(root / "outputs/ablation/rows/dbert_spindle_tad/result.json")
+    assert detail["evaluate"]["steps_table"][0]["num_samples"] == 3

@@ -74,8 +74,17 @@ class RowRun:
     def fingerprint(self) -> str:
         """Hash of everything the row's result depends on: a resumed run reuses a finished row
         only when this is unchanged."""
-        text = json.dumps(self.params.model_dump(exclude={"ablation", "tune", "tracking"}), sort_keys=True)
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        return _digest(self.params.model_dump(exclude={"ablation", "tune", "tracking"}))
+
+    @property
+    def train_fingerprint(self) -> str:
+        """Hash of what the row's training depends on: when only the evaluation changed, the
+        trained model is kept and only re-evaluated."""
+        return _digest(self.params.model_dump(include={"data", "model", "diffusion", "train"}))
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
 def row_params(base: Params, row: RowSpec, seed: int) -> Params:
@@ -90,7 +99,8 @@ def row_params(base: Params, row: RowSpec, seed: int) -> Params:
         **row.overrides,
     }
     if row.name in ab.detail_rows and seed == ab.seeds[0]:
-        overrides["evaluate.table_sequences"] = ab.table_sequences
+        overrides.update({"evaluate.table_sequences": ab.table_sequences,
+                          "evaluate.table_samples": ab.detail_samples, "evaluate.qd_samples": ab.detail_samples})
     else:
         overrides.update({"evaluate.table_steps": [], "evaluate.qd_top_k": []})
     for key, value in overrides.items():
