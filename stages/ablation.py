@@ -101,9 +101,14 @@ def _run_row(row_run: RowRun, layout: Layout, state: dict, state_path: Path, ind
     if result_path.is_file() and read_json(result_path).get("fingerprint") == row_run.fingerprint:
         result = read_json(result_path)
         if record.get("parent") != parent_id:  # finished under an earlier parent: give it a child here
+            trained_in = result["mlflow"].get("trained_in_row", result["mlflow"]["row"])
             with start_stage_run(ROW_STAGE, _row_params(row_run), run_name=row_run.key, nested=True,
-                                 tags={**_row_tags(row_run), "reused_from_run": result["mlflow"]["row"]}) as child:
+                                 tags={**_row_tags(row_run), "reused_from_run": trained_in}) as child:
                 log_metrics(row_metrics(result))
+            # "row" is the child of the current parent; the stage runs stay under "trained_in_row".
+            result["mlflow"].update({"row": child.info.run_id, "trained_in_row": trained_in})
+            write_json(result, row_root / ".result.json")
+            os.replace(row_root / ".result.json", result_path)
             state["rows"][row_run.key] = {"run_id": child.info.run_id, "parent": parent_id,
                                           "fingerprint": row_run.fingerprint}
             _save_state(state, state_path)

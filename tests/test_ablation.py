@@ -100,6 +100,30 @@ def test_one_value_per_side_gives_no_interval_and_no_verdict():
     assert rep.verdict_lower(out) == rep.UNSURE
 
 
+def test_paired_interval_cancels_noise_shared_by_seed():
+    a = [{"seed": 0, "ppl_token": 565.5}, {"seed": 1, "ppl_token": 534.1}, {"seed": 2, "ppl_token": 519.4}]
+    b = [{"seed": 0, "ppl_token": 560.5}, {"seed": 1, "ppl_token": 529.3}, {"seed": 2, "ppl_token": 514.2}]
+    paired = rep.paired_interval(a, b)
+    unpaired = rep.difference_interval(rep.mean_std([r["ppl_token"] for r in a]) + (3,),
+                                       rep.mean_std([r["ppl_token"] for r in b]) + (3,))
+    assert paired["difference"] == pytest.approx(unpaired["difference"])
+    assert rep.verdict_lower(unpaired) == rep.UNSURE and paired["low"] > 0  # a is reliably worse
+    assert paired["high"] - paired["low"] < (unpaired["high"] - unpaired["low"]) / 10
+
+
+def test_a_gap_smaller_than_two_trainings_of_one_row_stays_undecided():
+    def with_runs(result, values):
+        result["evaluate"]["runs"] = [{"seed": s, "ppl_token": v} for s, v in enumerate(values)]
+        return result
+
+    results = [with_runs(fake("dbert_linear_tad", 0, 101.0), [111.0, 101.0, 91.0]),
+               with_runs(fake("dbert_linear_pte", 0, 98.0), [108.0, 98.0, 88.0]),
+               with_runs(fake("dbert_linear_tad", 1, 105.0), [115.0, 105.0, 95.0])]
+    comparison = rep.check_claims(results)[2]["comparisons"][0]
+    assert comparison["eval_only_verdict"] == rep.FAILS and comparison["training_seed_spread"] == 4.0
+    assert comparison["verdict"] == rep.UNSURE
+
+
 def fake(row: str, seed: int, ppl: float, std: float = 0.5, curve=(9.0, 8.0, 7.0), table=None) -> dict:
     spec = ROWS[row]
     return {
@@ -314,3 +338,10 @@ def test_changing_only_the_evaluation_re_evaluates_without_retraining(ablated):
     assert "train" not in {r.data.tags.get("stage") for r in new}
     detail = read_json(root / "outputs/ablation/rows/dbert_spindle_tad/result.json")
     assert detail["evaluate"]["steps_table"][0]["num_samples"] == 3
+    # a new parent (the ablation params changed): every row is its child, reused rows point back
+    client, runs = _runs(root)
+    report = read_json(root / "outputs/ablation/report/report.json")
+    parents = {r["key"]: client.get_run(r["mlflow"]["row"]).data.tags["mlflow.parentRunId"] for r in report["rows"]}
+    assert set(parents.values()) == {report["mlflow_parent_run_id"]}
+    reused = next(r for r in report["rows"] if r["key"] == "dbert_linear_tad")
+    assert client.get_run(reused["mlflow"]["train"]).data.tags["mlflow.parentRunId"] == reused["mlflow"]["trained_in_row"]
