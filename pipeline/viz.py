@@ -222,16 +222,18 @@ def quality_diversity_groups(
     groups: Mapping[str, Sequence[Mapping[str, Any]]],
     *,
     title: str = "quality vs diversity",
+    joined: Sequence[str] = (),
 ) -> Path:
     """`quality_diversity` for several models on one axes: group label -> points (`bleu`,
-    `self_bleu`, optional `label`); groups of several points (a top-k sweep) are joined."""
+    `self_bleu`, optional `label`); the points of the groups named in `joined` (a top-k sweep)
+    are joined by a line, the others (separate models) are not."""
     fig = _figure((8.0, 6.0))
     ax = fig.add_subplot(1, 1, 1)
     for name, points in groups.items():
         px, py = _finite([p.get("self_bleu") for p in points], [p.get("bleu") for p in points])
         if not px:
             continue
-        line = ax.plot(px, py, "o-" if len(px) > 1 else "o", label=str(name), markersize=5, alpha=0.8)
+        line = ax.plot(px, py, "o-" if name in joined else "o", label=str(name), markersize=5, alpha=0.8)
         for p in points:
             fx, fy = _finite([p.get("self_bleu")], [p.get("bleu")])
             if p.get("label") is not None and fx:

@@ -321,8 +321,10 @@ def write_report(report: dict, directory: Path) -> None:
             groups[f"{r['key']}: top-k sweep"] = [
                 {"bleu": p["bleu"], "self_bleu": p["self_bleu"], "label": f"k={p['top_k'] or 'all'}"}
                 for p in r["evaluate"]["quality_diversity"]]
-    quality_diversity_groups(directory / "quality_diversity.png", groups,
-                             title=f"{report['label']}: quality vs diversity")
+    quality_diversity_groups(directory / "quality_diversity.png", groups, joined=[g for g in groups if "sweep" in g],
+                             title=f"{report['label']}: quality vs diversity (BLEU-4 of 16 samples is often 0)"
+                             if report["budget"]["evaluation"].get("detail_samples", 16) < 32
+                             else f"{report['label']}: quality vs diversity")
     text = [f"# Ablation ({report['label']})", "",
             f"Command: `{report['command']}`; MLflow parent run `{report['mlflow_parent_run_id']}`; "
             f"commit `{report['git_commit']}`.", "",

@@ -101,6 +101,7 @@ def write_file_atomic(path: Path, data: str | bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; an output is a normal file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
