@@ -5,6 +5,7 @@ One layout for the DVC stages, the CLI and the tests (which point it at a tempor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -85,6 +86,28 @@ def dumps_json(obj) -> str:
 def write_json(obj, path: str | os.PathLike[str]) -> None:
     """Write canonical JSON: the bytes depend on the content only (DVC reruns nothing for nothing)."""
     Path(path).write_text(dumps_json(obj), encoding="utf-8")
+
+
+def write_file_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
+    """Write a single file via a temporary sibling + rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; an output is a normal file
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json_atomic(obj, path: str | os.PathLike[str]) -> Path:
+    """`write_json`, never half-written (records that a crash must not corrupt)."""
+    return write_file_atomic(path, dumps_json(obj))
 
 
 def read_json(path: str | os.PathLike[str]):

@@ -26,10 +26,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.ablation.rows import RowRun, plan
-from pipeline.artifacts import Layout, atomic_directory, read_json, write_json
+from pipeline.ablation.rows import RowRun, digest, plan
+from pipeline.artifacts import Layout, atomic_directory, read_json, write_file_atomic, write_json, write_json_atomic
 from pipeline.config import Params
-from stages.common import Progress, code_paths, require, stage_run, tracking_root, write_file_atomic
+from stages.common import Progress, code_paths, require, stage_run, tracking_root
 
 STAGE = "ablation"
 ROW_STAGE = "ablation_row"
@@ -107,8 +107,7 @@ def _run_row(row_run: RowRun, layout: Layout, state: dict, state_path: Path, ind
                 log_metrics(row_metrics(result))
             # "row" is the child of the current parent; the stage runs stay under "trained_in_row".
             result["mlflow"].update({"row": child.info.run_id, "trained_in_row": trained_in})
-            write_json(result, row_root / ".result.json")
-            os.replace(row_root / ".result.json", result_path)
+            write_json_atomic(result, result_path)
             state["rows"][row_run.key] = {"run_id": child.info.run_id, "parent": parent_id,
                                           "fingerprint": row_run.fingerprint}
             _save_state(state, state_path)
@@ -134,8 +133,7 @@ def _run_row(row_run: RowRun, layout: Layout, state: dict, state_path: Path, ind
         seconds = _train_and_evaluate(row_run.params, row_root, progress)
         result = collect_result(row_run, row_root, child.info.run_id, seconds)
         log_metrics(row_metrics(result))
-        write_json(result, row_root / ".result.json")
-        os.replace(row_root / ".result.json", result_path)
+        write_json_atomic(result, result_path)
     _notify(on_row, index, total, row_run.key, "done")
     return result
 
@@ -345,17 +343,11 @@ def write_report(report: dict, directory: Path) -> None:
 
 
 def _base_fingerprint(params: Params) -> str:
-    import hashlib
-    import json
-
-    text = json.dumps(params.model_dump(exclude={"tune"}), sort_keys=True)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return digest(params.model_dump(exclude={"tune"}))
 
 
 def _save_state(state: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(state, path.with_name(".state.json"))
-    os.replace(path.with_name(".state.json"), path)
+    write_json_atomic(state, path)
 
 
 @contextlib.contextmanager

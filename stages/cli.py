@@ -289,6 +289,7 @@ def ablation_command(
     interrupted one continues from its checkpoint.
     """
     import sys
+    import time
 
     from stages import ablation
 
@@ -313,7 +314,7 @@ def ablation_command(
         return
 
     def on_row(index: int, total: int, key: str, status: str) -> None:
-        stamp = __import__("time").strftime("%H:%M:%S")
+        stamp = time.strftime("%H:%M:%S")
         typer.echo(f"[{stamp}] row {index + 1}/{total} {key}: {status}", err=True)
 
     with user_errors():

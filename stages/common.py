@@ -13,12 +13,11 @@ from __future__ import annotations
 import ast
 import contextlib
 import functools
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.artifacts import write_file_atomic  # noqa: F401 - stages import it from here
 from pipeline.config import Params
 
 CODE_ROOT = Path(__file__).resolve().parents[1]  # the checkout whose code is running
@@ -91,23 +90,6 @@ def stage_run(
         **options,
     ) as run:
         yield run
-
-
-def write_file_atomic(path: Path, data: str | bytes) -> Path:
-    """Write a single output file via a temporary sibling + rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; an output is a normal file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def tick(progress: Progress | None, task: str, total: int | None) -> Callable[[int], None] | None:

@@ -12,7 +12,7 @@ import pytest
 from pipeline.ablation import report as rep
 from pipeline.ablation.rows import ROWS, plan, row_params
 from pipeline.config import ABLATION_ROWS, ParamsError, load_params
-from tests.test_stages import ENV, REPO, _clean_env, tiny_params  # noqa: F401 - autouse fixture
+from tests.test_stages import REPO, _clean_env, tiny_params, without_mlflow_env  # noqa: F401 - autouse fixture
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
 
@@ -214,9 +214,7 @@ def ablated(tmp_path_factory, lm1b_dir):
     """A tiny ablation: four rows, the spindle/linear pair twice, in a tmp project."""
     from stages import ablation, prepare, token_stats
 
-    mp = pytest.MonkeyPatch()
-    for key in ENV:
-        mp.delenv(key, raising=False)
+    mp = without_mlflow_env()
     root = tmp_path_factory.mktemp("ablation")
     params = tiny_params(lm1b_dir, *TINY_ABLATION)
     prepare.run(params, root)

@@ -88,6 +88,14 @@ def artifact_paths(run_id: str, root: Path) -> set[str]:
     return found
 
 
+def without_mlflow_env() -> pytest.MonkeyPatch:
+    """For module fixtures: the MLflow/project variables unset until the returned patch's undo()."""
+    mp = pytest.MonkeyPatch()
+    for key in ENV:
+        mp.delenv(key, raising=False)
+    return mp
+
+
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
     # MLflow exports MLFLOW_TRACKING_URI when a store is set up: keep each test on its own store.
@@ -103,9 +111,7 @@ def _clean_env(monkeypatch):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, lm1b_dir):
     """A tmp project after prepare -> token_stats -> schedule, with the MLflow runs of that round."""
-    mp = pytest.MonkeyPatch()
-    for key in ENV:
-        mp.delenv(key, raising=False)
+    mp = without_mlflow_env()
     root = tmp_path_factory.mktemp("stages")
     params = tiny_params(lm1b_dir)
     summaries = {

@@ -74,16 +74,17 @@ class RowRun:
     def fingerprint(self) -> str:
         """Hash of everything the row's result depends on: a resumed run reuses a finished row
         only when this is unchanged."""
-        return _digest(self.params.model_dump(exclude={"ablation", "tune", "tracking"}))
+        return digest(self.params.model_dump(exclude={"ablation", "tune", "tracking"}))
 
     @property
     def train_fingerprint(self) -> str:
         """Hash of what the row's training depends on: when only the evaluation changed, the
         trained model is kept and only re-evaluated."""
-        return _digest(self.params.model_dump(include={"data", "model", "diffusion", "train"}))
+        return digest(self.params.model_dump(include={"data", "model", "diffusion", "train"}))
 
 
-def _digest(obj: Any) -> str:
+def digest(obj: Any) -> str:
+    """Short stable hash of a JSON-able object (params dumps)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.artifacts import Layout, read_json, write_json
+from pipeline.artifacts import Layout, read_json, write_json_atomic
 from pipeline.config import Params, params_from_dict
 
 RUN_RECORD = "last_run.json"
@@ -167,23 +167,11 @@ def _record_paths(layout: Layout) -> list[Path]:
     return [layout.train_out / RUN_RECORD, layout.ray_results / RUN_RECORD]
 
 
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write_json(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def record_run(layout: Layout, run_name: str, storage_path: Path, num_workers: int) -> dict:
     record = {"run_name": run_name, "storage_path": str(storage_path), "num_workers": num_workers,
               "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     for path in _record_paths(layout):
-        _write_json_atomic(record, path)
+        write_json_atomic(record, path)
     return record
 
 
