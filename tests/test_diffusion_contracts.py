@@ -315,3 +315,45 @@ def test_sequence_bound_gives_the_same_number_twice_for_the_same_seed():
 def test_spindle_paper_counts_are_only_used_by_that_schedule():
     schedule = build_schedule("spindle_paper", 10, counts=unigram_counts(), spindle_lambda=0.3)
     assert schedule.leaky and schedule.describe()["leaky"] is True
+
+
+# ---------------------------------------------------------------- stratified t (issue 9, defect 6)
+def _strata(t: torch.Tensor, T: int, batch: int) -> list[int]:
+    return ((t.double() - 1) * batch // T).long().tolist()  # t in (T k / B, T (k+1) / B] -> k
+
+
+def test_stratified_times_take_every_stratum_once_in_a_random_row_order():
+    T, batch = 2048, 64
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.arange(batch, dtype=torch.float64)
+    correlations = []
+    for _ in range(40):
+        t = stratified_times(batch, T, gen)
+        assert sorted(_strata(t, T, batch)) == list(range(batch))  # stratified: one t per stratum
+        correlations.append(float(torch.corrcoef(torch.stack([rows, t.double()]))[0, 1]))
+    # Batches are length-sorted: row i must not get stratum i (t would track sentence length).
+    assert abs(sum(correlations) / len(correlations)) < 0.1, correlations
+
+
+def test_training_loss_draws_stratified_times_uncorrelated_with_sentence_length():
+    T, batch = 600, 24
+    schedule = build_schedule("linear", T)
+    lengths = torch.arange(batch) % 5 + 1  # content lengths 1..5, then sorted like a bucketed batch
+    lengths = lengths.sort().values
+    x0 = torch.zeros(batch, 8, dtype=torch.long)
+    for i, n in enumerate(lengths.tolist()):
+        x0[i, : n + 2] = torch.tensor([1, *([4] * n), 2])  # [CLS] content [SEP]
+    seen: list[torch.Tensor] = []
+
+    def model(x_t, attn, s, positions):
+        seen.append(s.clone())
+        return torch.zeros(int(positions.sum()), VOCAB)
+
+    gen = torch.Generator().manual_seed(3)
+    correlations = []
+    for _ in range(30):
+        diffusion_loss(model, x0, x0 != 0, schedule, SPECIAL, gen)
+        t = seen[-1].double() * T
+        assert sorted(_strata(t.round(), T, batch)) == list(range(batch))  # every row its own stratum
+        correlations.append(float(torch.corrcoef(torch.stack([lengths.double(), t]))[0, 1]))
+    assert abs(sum(correlations) / len(correlations)) < 0.15, correlations

@@ -131,3 +131,26 @@ def test_samples_never_contain_mask_even_when_the_model_prefers_it():
     probs[4] = 0.02
     out = run_sampler("ancestral", ConstantDenoiser(probs))
     assert not (out.tokens == MASK).any()
+
+
+def test_spindle_sampler_reveals_every_mask_on_its_last_step_with_a_full_vocabulary():
+    """Issue 9 defect 2: sum_v p(v) a(v) over 30,522 ids in float32 came out ~1 - 1e-5 at s = 0,
+    so a position could stay masked and sampling raised. Seeds 1103, 1861 and 2424 drew a
+    uniform above that float32 chance on this setup (found by replaying the old arithmetic);
+    17799 is the seed the review saw fail with the trained model."""
+    from pipeline.diffusion.forward import SpecialIds
+    from pipeline.diffusion.schedules import build_schedule
+
+    V, rows, n = 30522, 8, 62
+    info = torch.rand(V, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    schedule = build_schedule("spindle", 2048, information=info, spindle_lambda=0.3)
+    special = SpecialIds(mask=103, pad=0, never_masked=(0, 101, 102))
+    table = torch.randn(rows, n + 2, V, generator=torch.Generator().manual_seed(1)) * 3  # peaked, like a model
+
+    def denoiser(x_t, attn, s, positions):
+        return table[: x_t.shape[0]][positions]
+
+    for seed in (1103, 1861, 2424, 17799):
+        out = ancestral_sample(denoiser, schedule, [n] * rows, special, 101, 102, grid=[2048, 0], seed=seed)
+        assert not (out.tokens == special.mask).any()
+        assert out.trace == [0]

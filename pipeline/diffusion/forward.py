@@ -44,10 +44,19 @@ def content_mask(ids: Tensor, special: SpecialIds, attention_mask: Tensor | None
     return keep
 
 
-def stratified_times(batch: int, num_timesteps: int, generator: torch.Generator | None = None) -> Tensor:
-    """Integer t in 1..T, one per row, stratified t_i = ceil(T (u + i) / B) to cut variance. [B]"""
+def _stratified_fractions(batch: int, generator: torch.Generator | None) -> Tensor:
+    """One point per stratum, (u + pi(i)) / B with a random permutation pi of the strata. [B] in (0, 1)
+
+    The permutation matters: batches are length-sorted, so handing stratum i to row i would
+    always give the longest rows the largest t (time correlated with sentence length)."""
     u = torch.rand((), generator=generator, dtype=torch.float64)
-    frac = (u + torch.arange(batch, dtype=torch.float64)) / batch  # [B] in (0, 1)
+    strata = torch.randperm(batch, generator=generator).to(torch.float64)  # [B]
+    return (u + strata) / batch
+
+
+def stratified_times(batch: int, num_timesteps: int, generator: torch.Generator | None = None) -> Tensor:
+    """Integer t in 1..T, one per row, stratified t = ceil(T (u + pi(i)) / B) to cut variance. [B]"""
+    frac = _stratified_fractions(batch, generator)
     return (frac * num_timesteps).ceil().clamp(1, num_timesteps)
 
 
@@ -55,8 +64,7 @@ def stratified_continuous_times(
     batch: int, num_timesteps: int, eps: float, generator: torch.Generator | None = None
 ) -> Tensor:
     """Continuous t (in steps) with t/T ~ U[eps, 1], stratified across the batch. [B]"""
-    u = torch.rand((), generator=generator, dtype=torch.float64)
-    frac = (u + torch.arange(batch, dtype=torch.float64)) / batch
+    frac = _stratified_fractions(batch, generator)
     return (eps + (1.0 - eps) * frac) * num_timesteps
 
 
