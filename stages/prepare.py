@@ -3,7 +3,8 @@
 Reads  params `data.*` and `model.name_or_path` (whose tokenizer cuts the text); the corpus
        (`data.source`: an LM1B mirror directory, text files, or the Hub).
 Writes data/prepared/{train,validation,test}/ (TokenizedSplit: ids.npy, offsets.npy,
-       word_counts.npy), data/prepared/test.txt (the raw test lines, BLEU references) and
+       word_counts.npy, truncated.npy: lines over data.max_seq_len are cut at a word boundary and
+       count only the words kept), data/prepared/test.txt (the raw test lines, BLEU references) and
        data/prepared/meta.json (source, tokenizer, max_seq_len, sizes, corpus file md5s).
 
 Corpus paths (`data.mirror_dir`, relative `data.*_files`) are relative to the *project* root
@@ -98,7 +99,8 @@ def tokenize(lines: list[str], tokenizer, max_seq_len: int, task: str, progress:
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     word_counts = np.concatenate([p.word_counts for p in parts])
-    return TokenizedSplit(ids=ids, offsets=offsets, word_counts=word_counts)
+    truncated = np.concatenate([p.truncated for p in parts])
+    return TokenizedSplit(ids=ids, offsets=offsets, word_counts=word_counts, truncated=truncated)
 
 
 def run(params: Params, root: Path, *, progress: Progress | None = None) -> dict:
@@ -123,7 +125,7 @@ def run(params: Params, root: Path, *, progress: Progress | None = None) -> dict
                     "tokens": int(len(split.ids)),
                     "content_tokens": split.num_content_tokens,
                     "words": int(np.asarray(split.word_counts).sum()),
-                    "truncated": int((split.lengths >= d.max_seq_len).sum()),
+                    "truncated": split.num_truncated,  # cut at a word boundary; words counted = kept
                 }
             (tmp / "test.txt").write_text("".join(line + "\n" for line in corpus.test), encoding="utf-8")
             meta = {

@@ -228,6 +228,33 @@ def test_tokenized_split_records_word_counts_and_dtypes(tokenizer):
     assert split.num_content_tokens == int(split.lengths.sum()) - 4
 
 
+def test_a_line_over_max_seq_len_is_cut_at_a_word_boundary_and_counts_only_the_words_kept(tokenizer):
+    """Issue 9 defect 3: a cut line used to keep the word count of the whole raw line, so the
+    per-word bound divided the NLL of a prefix by every word of the line."""
+    long_line = " ".join(["internationalization"] * 30)  # several WordPieces per word
+    split = tokenize_lines([long_line, "it 's short ."], tokenizer, max_seq_len=16)
+    assert split.truncated.tolist() == [True, False] and split.num_truncated == 1
+    seq = split[0].tolist()
+    assert len(seq) <= 16 and seq[0] == CLS and seq[-1] == SEP
+    kept_words = split.word_counts[0]
+    assert 0 < kept_words < 30
+    # exactly the first `kept_words` whole words, and the next one would not have fitted
+    assert seq == tokenizer(" ".join(["internationalization"] * int(kept_words)))["input_ids"]
+    assert len(tokenizer(" ".join(["internationalization"] * int(kept_words + 1)))["input_ids"]) > 16
+    assert split.word_counts[1] == 4
+
+
+def test_test_split_word_counts_match_the_scored_text(test_shard_lines, tokenizer):
+    lines = [line for line in test_shard_lines if line.isascii()][:3000]
+    split = tokenize_lines(lines, tokenizer, max_seq_len=64)
+    assert split.num_truncated > 0  # LM1B has lines over 64 WordPieces
+    for i in np.flatnonzero(split.truncated):
+        words = lines[i].split()[: split.word_counts[i]]
+        assert split[i].tolist() == tokenizer(" ".join(words))["input_ids"]
+    whole = ~split.truncated
+    assert split.word_counts[whole].tolist() == [len(line.split()) for line, w in zip(lines, whole) if w]
+
+
 def test_length_cap_is_respected_and_sep_stays_last(test_shard_lines, tokenizer):
     split = tokenize_lines(test_shard_lines[:300], tokenizer, max_seq_len=16, batch_size=100)
     assert split.lengths.max() == 16
@@ -246,11 +273,11 @@ def test_save_load_round_trip_and_byte_identical_rerun(test_shard_lines, tokeniz
     split = tokenize_lines(test_shard_lines[:500], tokenizer, max_seq_len=64)
     split.save(tmp_path / "one")
     loaded = TokenizedSplit.load(tmp_path / "one")
-    for name in ("ids", "offsets", "word_counts"):
+    for name in ("ids", "offsets", "word_counts", "truncated"):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(split, name))
         assert getattr(loaded, name).dtype == getattr(split, name).dtype
     tokenize_lines(test_shard_lines[:500], tokenizer, max_seq_len=64).save(tmp_path / "two")
-    for name in ("ids.npy", "offsets.npy", "word_counts.npy"):
+    for name in ("ids.npy", "offsets.npy", "word_counts.npy", "truncated.npy"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
 

@@ -1,7 +1,9 @@
 """Perplexity bound on held-out text (PAPER §7): per WordPiece token and per word, with seeds.
 
 The bound is exp(total NLL bound / count). Denominators: content WordPieces (no [CLS], [SEP],
-[PAD]) for the per-token number, whitespace words of the raw line for the per-word number.
+[PAD]) for the per-token number, whitespace words of the scored text for the per-word number (a
+line over max_seq_len is cut at a word boundary and counts only the words it keeps, so no word is
+counted whose WordPieces were not scored; `num_truncated` says how many lines were cut).
 Adding -log p(length) from the training length histogram makes it a full (unconditional) bound.
 """
 
@@ -39,6 +41,7 @@ class PackedRows:
         is_content[starts] = False
         is_content[ends] = False
         kept = self.rows.size
+        self.num_truncated = split.num_truncated
         self.num_content_tokens = int(is_content[:kept].sum())
         self.word_counts = per_token[:kept].reshape(self.rows.shape).sum(axis=1)  # [N] fractional words
 
@@ -90,6 +93,7 @@ def perplexity_report(
         "num_sequences": len(split),
         "num_tokens": tokens,
         "num_words": words,
+        "num_truncated": int(getattr(split, "num_truncated", 0)),
         "ppl_token": math.exp(total / tokens),
         "ppl_word": math.exp(total / words),
     }

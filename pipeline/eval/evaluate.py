@@ -53,7 +53,7 @@ def evaluate_model(params: Params, layout: Layout, model_dir: str | Path, progre
     special = SpecialIds.from_tokenizer(tokenizer)
     test = TokenizedSplit.load(layout.prepared / "test")
     if settings["num_sequences"] is not None:
-        test = _head(test, settings["num_sequences"])
+        test = test.head(settings["num_sequences"])
     histogram = np.load(layout.token_stats / "lengths.npy")
     length_lp = length_log_probs(histogram, max_length=params.data.max_seq_len - 2)
     scored, bound_format = _scored_text(params, test)
@@ -164,7 +164,7 @@ def steps_quality_table(*, model, tokenizer, schedule, special, denoise, test, h
     chain (first `table_sequences` test sentences, mean and std over `evaluate.seeds`) and the
     quality, calls and time of samples drawn with the same steps."""
     ev = params.evaluate
-    subset, _ = _scored_text(params, _head(test, ev.table_sequences))
+    subset, _ = _scored_text(params, test.head(ev.table_sequences))
     rows = []
     for steps in ev.table_steps:
         with torch.no_grad():
@@ -206,12 +206,6 @@ def summary_metrics(report: dict) -> dict:
         out["bound.reduction_vs_initial"] = b["reduction_vs_initial"]
     out.update({f"generation.{k}": v for k, v in g.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     return out
-
-
-def _head(split: TokenizedSplit, n: int) -> TokenizedSplit:
-    n = min(n, len(split))
-    end = int(split.offsets[n])
-    return TokenizedSplit(split.ids[:end], split.offsets[: n + 1], split.word_counts[:n])
 
 
 def _references(layout: Layout, limit: int) -> list[str]:
