@@ -106,19 +106,19 @@ class EvalParams(_Group):
     batch_size: int = Field(32, ge=1)
     bound_steps: int = Field(32, ge=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
-    num_samples: int = Field(64, ge=1)
+    num_samples: int = Field(128, ge=2)  # and as many again, disjoint, for Self-BLEU
     sample_length: int = Field(0, ge=0)  # 0: sample lengths from the training histogram
     sample_steps: int = Field(128, ge=1)
     top_k: int = Field(30, ge=0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     temperature: float = Field(1.0, gt=0.0)
-    num_references: int = Field(1000, ge=1)
+    num_references: int = Field(0, ge=0)  # 0: the whole test split (the authors' protocol)
     sample_seed: int = 0
     table_steps: list[int] = Field(default_factory=lambda: [2, 8, 16, 64, 128])  # steps vs time vs quality
     table_sequences: int = Field(32, ge=1)
-    table_samples: int = Field(16, ge=2)
+    table_samples: int = Field(64, ge=2)
     qd_top_k: list[int] = Field(default_factory=lambda: [1, 3, 10, 30, 0])  # 0 = no truncation
-    qd_samples: int = Field(16, ge=2)
+    qd_samples: int = Field(64, ge=2)
     sampler: Literal["ancestral", "gibbs"] = "ancestral"  # gibbs: BERT-Mouth
     gibbs_sweeps: int = Field(2, ge=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"

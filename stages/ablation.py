@@ -210,8 +210,13 @@ def collect_result(row_run: RowRun, row_root: Path, row_run_id: str, seconds: di
         "num_sequences": bound["runs"][0]["num_sequences"], "num_tokens": bound["runs"][0]["num_tokens"],
         **{k: v for k, v in bound.items() if k.startswith("ppl_")},
         "runs": [{k: r[k] for k in ("seed", "ppl_token", "ppl_word", "nll_bound_nats")} for r in bound["runs"]],
-        **{k: generation[k] for k in ("bleu", "self_bleu", "unigram_entropy", "distinct_1", "distinct_2",
-                                      "distinct_4", "mean_length_words", "num_samples", "sample_steps",
+        "num_words": bound["runs"][0]["num_words"], "num_truncated": bound["runs"][0].get("num_truncated", 0),
+        **{k: generation[k] for k in ("bleu", "bleu_pooled", "bleu_measured", "bleu_p1", "bleu_p2", "bleu_p3",
+                                      "bleu_p4", "bleu_samples_with_4gram_match", "self_bleu", "self_bleu_pooled",
+                                      "self_bleu_measured", "self_bleu_p4", "self_bleu_samples_with_4gram_match",
+                                      "unigram_entropy_bits", "distinct_1", "distinct_2",
+                                      "distinct_4", "mean_length_words", "num_samples", "num_references",
+                                      "num_self_bleu_samples", "sample_steps",
                                       "model_calls_per_sample", "seconds_per_sample") if k in generation},
         "sampler": row_run.params.evaluate.sampler, "top_k": row_run.params.evaluate.top_k,
         "steps_table": report.get("steps_table") or [],
@@ -261,7 +266,7 @@ def _curve(history_csv: Path) -> dict[str, list]:
 def row_metrics(result: dict) -> dict[str, float]:
     ev = result["evaluate"]
     metrics = {k: ev[k] for k in ("ppl_token_mean", "ppl_token_std", "ppl_word_mean", "ppl_word_std", "bleu",
-                                  "self_bleu", "unigram_entropy") if ev.get(k) is not None}
+                                  "self_bleu", "unigram_entropy_bits") if ev.get(k) is not None}
     metrics.update({"train_minutes": result["train"]["seconds"] / 60.0, "eval_minutes": ev["seconds"] / 60.0})
     return metrics
 
@@ -269,7 +274,7 @@ def row_metrics(result: dict) -> dict[str, float]:
 def parent_metrics(report: dict) -> dict[str, float]:
     out = {}
     for line in report["table"]:
-        for key in ("ppl_token", "ppl_word", "bleu", "self_bleu", "unigram_entropy"):
+        for key in ("ppl_token", "ppl_word", "bleu", "self_bleu", "unigram_entropy_bits"):
             out[f"{line['row']}.{key}"] = line[key]
     return out
 
@@ -320,9 +325,7 @@ def write_report(report: dict, directory: Path) -> None:
                 {"bleu": p["bleu"], "self_bleu": p["self_bleu"], "label": f"k={p['top_k'] or 'all'}"}
                 for p in r["evaluate"]["quality_diversity"]]
     quality_diversity_groups(directory / "quality_diversity.png", groups, joined=[g for g in groups if "sweep" in g],
-                             title=f"{report['label']}: quality vs diversity (BLEU-4 of 16 samples is often 0)"
-                             if report["budget"]["evaluation"].get("detail_samples", 16) < 32
-                             else f"{report['label']}: quality vs diversity")
+                             title=f"{report['label']}: quality vs diversity (per-sample BLEU-4)")
     text = [f"# Ablation ({report['label']})", "",
             f"Command: `{report['command']}`; MLflow parent run `{report['mlflow_parent_run_id']}`; "
             f"commit `{report['git_commit']}`.", "",

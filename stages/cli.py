@@ -233,9 +233,8 @@ def evaluate_command(
         quiet_hf()
         with RichProgress() as bar:
             summary = evaluate.run(p, r, model_dir=model, progress=bar)
-    for key in sorted(k for k in summary if k.startswith(("bound.ppl_token", "bound.ppl_word", "generation.bleu",
-                                                            "generation.self_bleu"))):
-        typer.echo(f"{key}: {summary[key]}")
+    for line in evaluate.summary_lines(summary):
+        typer.echo(line)
     _echo_summary(summary, ("outputs",))
 
 

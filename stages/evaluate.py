@@ -67,6 +67,27 @@ def flat_metrics(report: dict) -> dict[str, Any]:
     return jsonable(metrics)
 
 
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """What `dbert evaluate` prints: the bounds with their denominators, and BLEU / Self-BLEU with
+    the sample counts and 4-gram precision they rest on (flagged when no sample shares a 4-gram)."""
+    lines = [f"{key}: {summary[key]}" for key in sorted(summary) if key.startswith(("bound.ppl_token", "bound.ppl_word"))]
+    if "bound.num_tokens" in summary:
+        lines.append(f"bound counted: {summary['bound.num_tokens']} content WordPieces, {summary['bound.num_words']} words "
+                     f"({summary.get('bound.num_truncated', 0)} test lines cut at data.max_seq_len)")
+    for metric, against in (("bleu", "generation.num_references"), ("self_bleu", "generation.num_self_bleu_samples")):
+        key = f"generation.{metric}"
+        if key not in summary:
+            continue
+        n = summary.get("generation.num_samples") if metric == "bleu" else summary.get("generation.num_self_bleu_samples")
+        refs = summary.get(against) if metric == "bleu" else "the other"
+        detail = (f"mean of {n} per-sample BLEU-4 against {refs} references; pooled 4-gram precision "
+                  f"{summary.get(f'{key}_p4', float('nan')):.4f}")
+        if not summary.get(f"{key}_measured", 1.0):
+            detail += "; NOT A MEASUREMENT: no sample shares a 4-gram with its references"
+        lines.append(f"{key}: {summary[key]:.4f} ({detail})")
+    return lines
+
+
 def _safe_name(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", str(name)).strip("._") or "plot"
 

@@ -132,7 +132,7 @@ def fake(row: str, seed: int, ppl: float, std: float = 0.5, curve=(9.0, 8.0, 7.0
         "mlflow": {"row": f"run-{row}-{seed}"},
         "train": {"seconds": 60.0, "curve": {"step": [50, 100, 150], "val_bound": list(curve)}},
         "evaluate": {"ppl_token_mean": ppl, "ppl_token_std": std, "ppl_word_mean": 2 * ppl, "ppl_word_std": 2 * std,
-                     "seeds": [0, 1, 2], "bleu": 0.2, "self_bleu": 0.3, "unigram_entropy": 7.0, "format": "padded",
+                     "seeds": [0, 1, 2], "bleu": 0.2, "self_bleu": 0.3, "unigram_entropy_bits": 7.0, "format": "padded",
                      "leaky": spec.schedule == "spindle_paper", "seconds": 30.0, "steps_table": table or []},
     }
 

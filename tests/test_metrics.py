@@ -1,4 +1,6 @@
-"""The fast BLEU / Self-BLEU equal nltk's corpus_bleu exactly; the other metrics on tiny cases."""
+"""The fast BLEU / Self-BLEU equal nltk's exactly, under the paper's protocol (one corpus_bleu per
+sample, averaged) and pooled (one corpus_bleu of all samples, a labelled extra); the other metrics
+on tiny cases."""
 
 from __future__ import annotations
 
@@ -10,13 +12,19 @@ from nltk.translate.bleu_score import corpus_bleu
 
 from pipeline.eval.metrics import (
     bleu,
+    bleu_summary,
     bleu_tokens,
     distinct_n,
     generation_metrics,
     normalize_words,
     perplexity,
+    pooled_bleu_tokens,
+    pooled_self_bleu_tokens,
     self_bleu,
+    self_bleu_summary,
     self_bleu_tokens,
+    self_sentence_bleus,
+    sentence_bleus,
     token_entropy,
     unigram_entropy,
 )
@@ -83,11 +91,31 @@ HYPOTHESES = [
 ]
 
 
+def nltk_sentence_bleus(hyps: list[list[str]], refs: list[list[str]], max_n: int = 4) -> list[float]:
+    """The authors' script: one corpus_bleu per sample, against every reference."""
+    return [corpus_bleu([refs], [h], weights=(1 / max_n,) * max_n) for h in hyps]
+
+
 def nltk_bleu(hyps: list[list[str]], refs: list[list[str]], max_n: int = 4) -> float:
-    return corpus_bleu([refs] * len(hyps), hyps, weights=(1 / max_n,) * max_n)
+    scores = nltk_sentence_bleus(hyps, refs, max_n)
+    return sum(scores) / len(scores)
+
+
+def nltk_self_sentence_bleus(samples: list[list[str]], max_n: int = 4) -> list[float]:
+    return [corpus_bleu([samples[:i] + samples[i + 1 :]], [s], weights=(1 / max_n,) * max_n)
+            for i, s in enumerate(samples)]
 
 
 def nltk_self_bleu(samples: list[list[str]], max_n: int = 4) -> float:
+    scores = nltk_self_sentence_bleus(samples, max_n)
+    return sum(scores) / len(scores)
+
+
+def nltk_pooled_bleu(hyps: list[list[str]], refs: list[list[str]], max_n: int = 4) -> float:
+    return corpus_bleu([refs] * len(hyps), hyps, weights=(1 / max_n,) * max_n)
+
+
+def nltk_pooled_self_bleu(samples: list[list[str]], max_n: int = 4) -> float:
     others = [samples[:i] + samples[i + 1 :] for i in range(len(samples))]
     return corpus_bleu(others, samples, weights=(1 / max_n,) * max_n)
 
@@ -129,8 +157,43 @@ def test_normalize_words_lower_cases_and_splits_every_punctuation_mark():
 def test_bleu_equals_nltk_on_lm1b_fixture():
     hyps, refs = tok(HYPOTHESES), tok(LM1B_REFERENCES)
     expected = nltk_bleu(hyps, refs)
-    assert expected > 0.1  # real 4-gram overlap, not the degenerate case
+    assert expected > 0.05  # real 4-gram overlap, not the degenerate case
     assert abs(bleu(HYPOTHESES, LM1B_REFERENCES) - expected) < 1e-12
+
+
+def test_every_sample_s_bleu_equals_nltk_corpus_bleu_of_that_sample_alone():
+    hyps, refs = tok(HYPOTHESES), tok(LM1B_REFERENCES)
+    assert sentence_bleus(hyps, refs) == nltk_sentence_bleus(hyps, refs)
+    samples = tok(LM1B_REFERENCES + HYPOTHESES)
+    assert self_sentence_bleus(samples) == nltk_self_sentence_bleus(samples)
+
+
+def test_the_headline_is_the_per_sample_mean_not_the_pooled_corpus_bleu():
+    """Issue 9 defect 4: pooling every sample's n-gram counts into one corpus BLEU gives a
+    different (larger) number than the paper's per-sample average."""
+    hyps, refs = tok(HYPOTHESES), tok(LM1B_REFERENCES)
+    pooled, mean = nltk_pooled_bleu(hyps, refs), nltk_bleu(hyps, refs)
+    assert pooled > 1.05 * mean  # the two protocols really differ on this fixture (0.667 vs 0.604)
+    assert bleu_tokens(hyps, refs) == pytest.approx(mean, abs=1e-12)
+    assert pooled_bleu_tokens(hyps, refs) == pytest.approx(pooled, abs=1e-12)
+    samples = tok(LM1B_REFERENCES + HYPOTHESES)
+    assert self_bleu_tokens(samples) == pytest.approx(nltk_self_bleu(samples), abs=1e-12)
+    assert pooled_self_bleu_tokens(samples) == pytest.approx(nltk_pooled_self_bleu(samples), abs=1e-12)
+    out = generation_metrics(HYPOTHESES, LM1B_REFERENCES)
+    assert out["bleu"] == bleu_tokens(hyps, refs) and out["bleu_pooled"] == pooled_bleu_tokens(hyps, refs)
+
+
+def test_a_bleu_with_no_shared_four_gram_is_flagged_as_no_measurement():
+    samples = [["w%d" % (10 * i + k) for k in range(6)] for i in range(5)]  # no word shared
+    summary = self_bleu_summary(samples)
+    assert 0 <= summary.mean < 1e-70 and not summary.measured and summary.samples_with_match == 0
+    assert summary.num_samples == 5 and summary.num_references == 4
+    hyps, refs = tok(HYPOTHESES), tok(LM1B_REFERENCES)
+    real = bleu_summary(hyps, refs)
+    assert real.measured and 0 < real.samples_with_match <= len(hyps) and real.num_references == len(refs)
+    assert len(real.precisions) == 4 and 1 >= real.precisions[0] >= real.precisions[3] > 0
+    out = generation_metrics([" ".join(s) for s in samples], ["x y z w v"])
+    assert out["self_bleu_measured"] is False and out["self_bleu_samples_with_4gram_match"] == 0
 
 
 @pytest.mark.parametrize("max_n", [1, 2, 3, 4])
@@ -260,13 +323,14 @@ def test_every_empty_input_raises_value_error_naming_the_argument(call, name):
 
 def test_unigram_entropy_is_exact_on_tiny_cases():
     assert unigram_entropy(["a a a a"]) == 0.0
-    assert unigram_entropy(["a b", "c d"]) == pytest.approx(math.log(4), abs=1e-15)
-    # counts a:2 b:1 c:1 -> -(1/2 ln 1/2 + 2 * 1/4 ln 1/4) = 1.5 ln 2
-    assert unigram_entropy(["A a", "b c"]) == pytest.approx(1.5 * math.log(2), abs=1e-15)
+    # in bits (issue 9 defect 5: it was nats labelled bits): four equally likely words = 2 bits
+    assert unigram_entropy(["a b", "c d"]) == pytest.approx(2.0, abs=1e-15)
+    # counts a:2 b:1 c:1 -> -(1/2 log2 1/2 + 2 * 1/4 log2 1/4) = 1.5 bits
+    assert unigram_entropy(["A a", "b c"]) == pytest.approx(1.5, abs=1e-15)
 
 
 def test_token_entropy_counts_ids_like_words():
-    assert token_entropy([[1, 1], [2, 3]]) == pytest.approx(1.5 * math.log(2), abs=1e-15)
+    assert token_entropy([[1, 1], [2, 3]]) == pytest.approx(1.5, abs=1e-15)
     assert token_entropy([[]]) == 0.0
 
 
@@ -296,7 +360,7 @@ def test_generation_metrics_uses_the_disjoint_set_for_self_bleu_when_given():
     assert out["self_bleu"] == self_bleu(second)
     assert out["self_bleu_disjoint"] is True
     assert out["num_self_bleu_samples"] == 10
-    assert out["unigram_entropy"] == unigram_entropy(samples)
+    assert out["unigram_entropy_bits"] == unigram_entropy(samples)
     for n in (1, 2, 3, 4):
         assert out[f"distinct_{n}"] == distinct_n(samples, n)
     assert out["mean_length_words"] == sum(len(normalize_words(s)) for s in samples) / 10

@@ -106,8 +106,10 @@ def table_rows(results: Iterable[dict]) -> list[dict]:
             line[metric] = sum(values) / len(values)
             line[f"{metric}_per_seed"] = values
             line[f"{metric}_eval_std"] = max(e[f"{metric}_std"] for e in ev)
-        for metric in ("bleu", "self_bleu", "unigram_entropy"):
+        for metric in ("bleu", "self_bleu", "unigram_entropy_bits"):
             line[metric] = sum(e[metric] for e in ev) / len(ev)
+        for metric in ("bleu", "self_bleu"):  # no shared 4-gram in any sample set: no measurement
+            line[f"{metric}_measured"] = all(e.get(f"{metric}_measured", True) for e in ev)
         line["format"] = ev[0]["format"]
         line["leaky"] = bool(ev[0]["leaky"])
         line["train_minutes"] = sum(r["train"]["seconds"] for r in runs) / len(runs) / 60.0
@@ -124,6 +126,10 @@ def _ppl_cell(line: dict, metric: str) -> str:
     return f"{line[metric]:.1f} ± {line[f'{metric}_eval_std']:.1f}"
 
 
+def _bleu_cell(line: dict, metric: str) -> str:
+    return f"{line[metric]:.4f}" if line.get(f"{metric}_measured", True) else "n/a (no 4-gram match)"
+
+
 def markdown_table(lines: Sequence[dict], *, label: str) -> str:
     header = ("| Row | Method | Init | Schedule | Time | PPL/word | PPL/token | BLEU | Self-BLEU | Entropy (bits) "
               "| Train min |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
@@ -133,12 +139,16 @@ def markdown_table(lines: Sequence[dict], *, label: str) -> str:
         flags += " (packed)" if line["format"] == "packed" else ""
         body.append(
             f"| `{line['row']}`{flags} | {line['method']} | {line['init']} | {line['schedule']} | {line['time']} | "
-            f"{_ppl_cell(line, 'ppl_word')} | {_ppl_cell(line, 'ppl_token')} | {line['bleu']:.4f} | "
-            f"{line['self_bleu']:.4f} | {line['unigram_entropy']:.2f} | {line['train_minutes']:.1f} |"
+            f"{_ppl_cell(line, 'ppl_word')} | {_ppl_cell(line, 'ppl_token')} | {_bleu_cell(line, 'bleu')} | "
+            f"{_bleu_cell(line, 'self_bleu')} | {line['unigram_entropy_bits']:.2f} | {line['train_minutes']:.1f} |"
         )
     notes = [f"- `{line['row']}`: {line['note']}" for line in lines if line.get("note")]
     caption = (f"{label} numbers. PPL: the bound on the test split, mean ± std over evaluation seeds (one "
-               "trained model), or one value per training seed (`a / b`) for rows trained twice.")
+               "trained model), or one value per training seed (`a / b`) for rows trained twice; per token = "
+               "content WordPieces, per word = whitespace words of the scored text (a line cut at max_seq_len "
+               "counts only its kept words). BLEU-4: mean over samples of each sample's nltk corpus_bleu "
+               "against the whole test split, no smoothing (PAPER §7); Self-BLEU: mean over a disjoint sample "
+               "set of each sample against the others. Entropy: unigram entropy of the samples' words, in bits.")
     return caption + "\n\n" + header + "\n".join(body) + ("\n\n" + "\n".join(notes) if notes else "") + "\n"
 
 

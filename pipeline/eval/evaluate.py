@@ -76,7 +76,8 @@ def evaluate_model(params: Params, layout: Layout, model_dir: str | Path, progre
         bound["initial_model"] = _initial_model_bound(params, schedule, scored, special, settings, length_lp, precision)
         bound["reduction_vs_initial"] = 1.0 - bound["ppl_token_mean"] / bound["initial_model"]["ppl_token"]
 
-    references = _references(layout, ev.num_references)
+    test_lines = _test_lines(layout)
+    references = test_lines[: ev.num_references] if ev.num_references > 0 else test_lines
     n = settings["num_samples"]
     lengths = fixed_or_sampled_lengths(2 * n, ev.sample_length, histogram, ev.sample_seed)
     start = time.perf_counter()
@@ -88,6 +89,8 @@ def evaluate_model(params: Params, layout: Layout, model_dir: str | Path, progre
     samples, self_bleu_set = gen.texts[:n], gen.texts[n:]
     quality = generation_metrics(samples, references, self_bleu_samples=self_bleu_set)
     quality.update({
+        "references": "the whole test split" if len(references) == len(test_lines) else
+                      f"the first {len(references)} test lines",
         "model_calls_per_sample": gen.row_calls / max(len(lengths), 1),
         "seconds_per_sample": gen.seconds / max(len(lengths), 1),
         "sample_steps": ev.sample_steps,
@@ -151,8 +154,10 @@ def _samples_quality(model, tokenizer, schedule, denoise, histogram, references,
                    temperature=ev.temperature, seed=seed, batch_size=ev.batch_size, denoiser=denoise,
                    sampler=ev.sampler, gibbs_sweeps=ev.gibbs_sweeps)
     quality = generation_metrics(gen.texts[:n], references, self_bleu_samples=gen.texts[n:])
+    kept = ("bleu", "bleu_measured", "bleu_p4", "self_bleu", "self_bleu_measured", "self_bleu_p4", "unigram_entropy_bits",
+            "num_references")
     return {
-        "bleu": quality["bleu"], "self_bleu": quality["self_bleu"], "unigram_entropy": quality["unigram_entropy"],
+        **{k: quality[k] for k in kept},
         "model_calls_per_sample": gen.row_calls / len(lengths), "seconds_per_sample": gen.seconds / len(lengths),
         "num_samples": n,
     }
@@ -204,11 +209,15 @@ def summary_metrics(report: dict) -> dict:
     if "initial_model" in b:
         out["bound.initial_ppl_token"] = b["initial_model"]["ppl_token"]
         out["bound.reduction_vs_initial"] = b["reduction_vs_initial"]
-    out.update({f"generation.{k}": v for k, v in g.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    out["bound.num_truncated"] = b["runs"][0].get("num_truncated", 0)
+    out["bound.num_words"] = b["runs"][0]["num_words"]
+    out["bound.num_tokens"] = b["runs"][0]["num_tokens"]
+    # flags as 0/1 so MLflow can chart them; a BLEU with no shared 4-gram is no measurement
+    out.update({f"generation.{k}": float(v) if isinstance(v, bool) else v for k, v in g.items()
+                if isinstance(v, (int, float)) and (not isinstance(v, bool) or k.endswith("_measured"))})
     return out
 
 
-def _references(layout: Layout, limit: int) -> list[str]:
+def _test_lines(layout: Layout) -> list[str]:
     path = layout.prepared / "test.txt"
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return lines[:limit]
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

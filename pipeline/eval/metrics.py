@@ -1,9 +1,12 @@
 """Generation metrics: BLEU-4, Self-BLEU, unigram entropy, distinct-n, perplexity (PAPER §7).
 
-BLEU and Self-BLEU reproduce ``nltk.translate.bleu_score.corpus_bleu`` (nltk 3.10.4, default
-weights, no smoothing) bit for bit, but precompute reference n-gram statistics once: nltk rebuilds
-every reference's n-gram counts for every hypothesis, i.e. O(H * R) Counter builds, which takes
-minutes for the paper's 1,000 samples x 1,000+ references.
+BLEU follows PAPER §7 and the authors' script: one ``nltk.translate.bleu_score.corpus_bleu`` per
+sample (that sample against every reference; for Self-BLEU, against the other samples), averaged.
+Each per-sample score equals nltk's (nltk 3.10.4, default weights, no smoothing) bit for bit, but
+reference n-gram statistics are built once: nltk rebuilds every reference's n-gram counts for every
+call, i.e. O(H * R) Counter builds, hours for 1,000 samples x the 6,119-line test split. The pooled
+corpus BLEU (all samples' counts summed, a larger number) is kept as a labelled extra.
+Entropies are in bits.
 
 Both sides are lower-cased and brought to one word tokenisation (:func:`normalize_words`), a
 documented correction of the authors' cased-versus-uncased comparison: say so in every report
@@ -18,19 +21,26 @@ import sys
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 __all__ = [
     "TOKENIZATION",
-    "GenerationMetrics",
+    "BLEU_PROTOCOL",
+    "BleuSummary",
     "bleu",
+    "bleu_summary",
     "bleu_tokens",
     "distinct_n",
     "generation_metrics",
     "normalize_words",
     "perplexity",
     "self_bleu",
+    "pooled_bleu_tokens",
+    "pooled_self_bleu_tokens",
+    "self_bleu_summary",
     "self_bleu_tokens",
+    "self_sentence_bleus",
+    "sentence_bleus",
     "token_entropy",
     "unigram_entropy",
 ]
@@ -137,15 +147,19 @@ def _reference_max_counts(references: Sequence[Sequence[str]], max_n: int) -> li
     return max_counts
 
 
-def bleu_tokens(
-    hypotheses: Sequence[Sequence[str]],
-    references: Sequence[Sequence[str]],
-    max_n: int = 4,
-) -> float:
-    """Corpus BLEU of every tokenised hypothesis against the whole reference set.
+@dataclass
+class _Counts:
+    """One hypothesis's clipped n-gram matches and n-gram totals per order, and its lengths."""
 
-    Equals ``corpus_bleu([references] * len(hypotheses), hypotheses, weights=(1/max_n,)*max_n)``.
-    """
+    numerators: list[int]
+    denominators: list[int]
+    hyp_length: int
+    ref_length: int
+
+
+def _reference_counts(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]],
+                      max_n: int) -> list[_Counts]:
+    """Per hypothesis, the statistics nltk's corpus_bleu collects against the whole reference set."""
     if not hypotheses:
         raise ValueError("hypotheses is empty")
     if not references:
@@ -153,22 +167,20 @@ def bleu_tokens(
     _check_max_n(max_n)
     max_counts = _reference_max_counts(references, max_n)
     lengths = _LengthIndex(len(ref) for ref in references)
-    numerators = [0] * max_n
-    denominators = [0] * max_n
-    hyp_lengths = ref_lengths = 0
+    out = []
     for hyp in hypotheses:
+        nums, dens = [], []
         for i in range(max_n):
             counts = Counter(_ngrams(hyp, i + 1))
             best = max_counts[i]
-            numerators[i] += sum(min(c, best.get(g, 0)) for g, c in counts.items())
-            denominators[i] += max(1, sum(counts.values()))  # nltk's max(1, ...) per sentence
-        hyp_lengths += len(hyp)
-        ref_lengths += lengths.closest(len(hyp))
-    return _combine(numerators, denominators, hyp_lengths, ref_lengths, max_n)
+            nums.append(sum(min(c, best.get(g, 0)) for g, c in counts.items()))
+            dens.append(max(1, sum(counts.values())))  # nltk's max(1, ...) per sentence
+        out.append(_Counts(nums, dens, len(hyp), lengths.closest(len(hyp))))
+    return out
 
 
-def self_bleu_tokens(samples: Sequence[Sequence[str]], max_n: int = 4) -> float:
-    """Corpus BLEU of each tokenised sample against all the *other* samples.
+def _self_counts(samples: Sequence[Sequence[str]], max_n: int) -> list[_Counts]:
+    """Per sample, the statistics against all the *other* samples.
 
     Per n-gram we keep the largest count, which sample holds it, and the second largest count
     over the remaining samples, so "max over others" is O(1) instead of O(samples).
@@ -192,25 +204,117 @@ def self_bleu_tokens(samples: Sequence[Sequence[str]], max_n: int = 4) -> float:
                 elif c > entry[2]:
                     entry[2] = c
     lengths = _LengthIndex(len(s) for s in samples)
-    numerators = [0] * max_n
-    denominators = [0] * max_n
-    hyp_lengths = ref_lengths = 0
+    out = []
     for j, (sample, per_order) in enumerate(zip(samples, sample_counts)):
+        nums, dens = [], []
         for i, counts in enumerate(per_order):
             stats = top[i]
             matched = 0
             for gram, c in counts.items():
                 best, holder, second = stats[gram]
                 matched += min(c, second if holder == j else best)
-            numerators[i] += matched
-            denominators[i] += max(1, sum(counts.values()))
-        hyp_lengths += len(sample)
-        ref_lengths += lengths.closest(len(sample), exclude=len(sample))
-    return _combine(numerators, denominators, hyp_lengths, ref_lengths, max_n)
+            nums.append(matched)
+            dens.append(max(1, sum(counts.values())))
+        out.append(_Counts(nums, dens, len(sample), lengths.closest(len(sample), exclude=len(sample))))
+    return out
+
+
+def _pooled(stats: Sequence[_Counts], max_n: int) -> float:
+    """One corpus BLEU over all hypotheses' pooled counts (nltk corpus_bleu of the whole list)."""
+    nums = [sum(s.numerators[i] for s in stats) for i in range(max_n)]
+    dens = [sum(s.denominators[i] for s in stats) for i in range(max_n)]
+    return _combine(nums, dens, sum(s.hyp_length for s in stats), sum(s.ref_length for s in stats), max_n)
+
+
+def _per_sample(stats: Sequence[_Counts], max_n: int) -> list[float]:
+    """nltk corpus_bleu of each hypothesis on its own (PAPER §7: one score per sample)."""
+    return [_combine(s.numerators, s.denominators, s.hyp_length, s.ref_length, max_n) for s in stats]
+
+
+@dataclass(frozen=True)
+class BleuSummary:
+    """BLEU as the paper reports it, with what it was computed from.
+
+    `mean` is the headline (the average of one nltk corpus_bleu per sample); `pooled` is one
+    corpus BLEU over all samples' pooled counts (a different, larger number: a labelled extra).
+    `precisions` are the pooled modified n-gram precisions p1..p_max_n. Without smoothing a
+    sample with no matching max_n-gram scores ~1e-77, so when *no* sample has one, the value is
+    no measurement: `measured` is False and reports print it as such.
+    """
+
+    mean: float
+    pooled: float
+    precisions: list[float]
+    samples_with_match: int  # samples with at least one matching max_n-gram
+    num_samples: int
+    num_references: int  # references per sample (the others, for Self-BLEU)
+
+    @property
+    def measured(self) -> bool:
+        return self.samples_with_match > 0
+
+
+def _summary(stats: list[_Counts], max_n: int, num_references: int) -> BleuSummary:
+    nums = [sum(s.numerators[i] for s in stats) for i in range(max_n)]
+    dens = [sum(s.denominators[i] for s in stats) for i in range(max_n)]
+    scores = _per_sample(stats, max_n)
+    return BleuSummary(
+        mean=sum(scores) / len(scores),  # summed in order, like the authors' script
+        pooled=_pooled(stats, max_n),
+        precisions=[n / d for n, d in zip(nums, dens)],
+        samples_with_match=sum(1 for s in stats if s.numerators[max_n - 1] > 0),
+        num_samples=len(stats),
+        num_references=num_references,
+    )
+
+
+def bleu_summary(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]],
+                 max_n: int = 4) -> BleuSummary:
+    """BLEU of tokenised hypotheses against the whole reference set: per-sample mean, pooled, precisions."""
+    return _summary(_reference_counts(hypotheses, references, max_n), max_n, len(references))
+
+
+def self_bleu_summary(samples: Sequence[Sequence[str]], max_n: int = 4) -> BleuSummary:
+    """Self-BLEU of tokenised samples, each against all the others (lower = more diverse)."""
+    return _summary(_self_counts(samples, max_n), max_n, len(samples) - 1)
+
+
+def sentence_bleus(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]],
+                   max_n: int = 4) -> list[float]:
+    """Per hypothesis: ``corpus_bleu([references], [hypothesis])`` (nltk, no smoothing)."""
+    return _per_sample(_reference_counts(hypotheses, references, max_n), max_n)
+
+
+def self_sentence_bleus(samples: Sequence[Sequence[str]], max_n: int = 4) -> list[float]:
+    """Per sample j: ``corpus_bleu([samples without j], [samples[j]])``."""
+    return _per_sample(_self_counts(samples, max_n), max_n)
+
+
+def bleu_tokens(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]],
+                max_n: int = 4) -> float:
+    """The paper's BLEU: the mean over hypotheses of each one's BLEU against all references."""
+    return bleu_summary(hypotheses, references, max_n).mean
+
+
+def self_bleu_tokens(samples: Sequence[Sequence[str]], max_n: int = 4) -> float:
+    """The paper's Self-BLEU: the mean over samples of each one's BLEU against the others."""
+    return self_bleu_summary(samples, max_n).mean
+
+
+def pooled_bleu_tokens(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]],
+                       max_n: int = 4) -> float:
+    """One corpus BLEU of all hypotheses at once: equals
+    ``corpus_bleu([references] * len(hypotheses), hypotheses)``. Not the paper's protocol."""
+    return _pooled(_reference_counts(hypotheses, references, max_n), max_n)
+
+
+def pooled_self_bleu_tokens(samples: Sequence[Sequence[str]], max_n: int = 4) -> float:
+    """One corpus BLEU of every sample against its others, counts pooled. Not the paper's protocol."""
+    return _pooled(_self_counts(samples, max_n), max_n)
 
 
 def bleu(hypotheses: list[str], references: list[str], max_n: int = 4) -> float:
-    """BLEU-max_n of generated sentences against the held-out set, on normalised words."""
+    """BLEU-max_n of generated sentences against the held-out set (per-sample mean), on normalised words."""
     if not hypotheses:
         raise ValueError("hypotheses is empty")
     if not references:
@@ -221,21 +325,22 @@ def bleu(hypotheses: list[str], references: list[str], max_n: int = 4) -> float:
 
 
 def self_bleu(samples: list[str], max_n: int = 4) -> float:
-    """Self-BLEU (lower = more diverse): each sample against the others, on normalised words."""
+    """Self-BLEU (lower = more diverse; per-sample mean): each sample against the others, on normalised words."""
     if not samples:
         raise ValueError("samples is empty")
     return self_bleu_tokens([normalize_words(s) for s in samples], max_n)
 
 
 def _entropy(counts: Counter) -> float:
+    """Shannon entropy in bits (log base 2): the one unit every report and metric name uses."""
     total = sum(counts.values())
     if total == 0:
         return 0.0
-    return -math.fsum(c / total * math.log(c / total) for c in counts.values())
+    return -math.fsum(c / total * math.log2(c / total) for c in counts.values())
 
 
 def token_entropy(sequences: Sequence[Sequence[int]]) -> float:
-    """Entropy (nats) of the pooled token distribution; 0.0 when there are no tokens."""
+    """Entropy (bits) of the pooled token distribution; 0.0 when there are no tokens."""
     if not sequences:
         raise ValueError("sequences is empty")
     counts: Counter = Counter()
@@ -252,7 +357,7 @@ def _word_entropy(tokenised: Sequence[Sequence[str]]) -> float:
 
 
 def unigram_entropy(texts: list[str]) -> float:
-    """Entropy (nats) of the pooled normalised-word distribution; low means repetitive samples."""
+    """Entropy (bits) of the pooled normalised-word distribution; low means repetitive samples."""
     if not texts:
         raise ValueError("texts is empty")
     return _word_entropy([normalize_words(t) for t in texts])
@@ -287,22 +392,16 @@ def perplexity(total_nll: float, count: int) -> float:
         return math.inf
 
 
-@dataclass(frozen=True)
-class GenerationMetrics:
-    """Sample-quality numbers for one set of generations (all on :func:`normalize_words`)."""
+BLEU_PROTOCOL = ("BLEU-4: mean over samples of nltk corpus_bleu(all references, one sample), no smoothing "
+                 "(PAPER §7); Self-BLEU: mean over samples of each against the other samples")
 
-    bleu: float
-    self_bleu: float
-    unigram_entropy: float
-    distinct_1: float
-    distinct_2: float
-    distinct_3: float
-    distinct_4: float
-    mean_length_words: float
-    num_samples: int
-    num_references: int
-    num_self_bleu_samples: int
-    self_bleu_disjoint: bool
+
+def _bleu_fields(prefix: str, summary: BleuSummary) -> dict:
+    """Flat fields of one BLEU summary: the headline, the pooled extra, precisions and the flag."""
+    out = {prefix: summary.mean, f"{prefix}_pooled": summary.pooled,
+           f"{prefix}_measured": summary.measured, f"{prefix}_samples_with_4gram_match": summary.samples_with_match}
+    out.update({f"{prefix}_p{i + 1}": p for i, p in enumerate(summary.precisions)})
+    return out
 
 
 def generation_metrics(
@@ -311,10 +410,13 @@ def generation_metrics(
     self_bleu_samples: list[str] | None = None,
     max_n: int = 4,
 ) -> dict:
-    """BLEU, Self-BLEU, entropy, distinct-1..4 and mean length, tokenising each text once.
+    """BLEU, Self-BLEU, entropy (bits), distinct-1..4 and mean length, tokenising each text once.
 
+    BLEU and Self-BLEU follow PAPER §7 (the per-sample mean; `*_pooled` is the pooled corpus
+    BLEU, kept as a labelled extra), with the pooled n-gram precisions `*_p1..4`, how many samples
+    share a 4-gram with their references, and `*_measured` = False when none does (no measurement).
     Self-BLEU uses ``self_bleu_samples`` when given (the paper draws a second, disjoint set of
-    1,000 samples for it), else ``samples`` themselves; ``self_bleu_disjoint`` records which.
+    samples for it), else ``samples`` themselves; ``self_bleu_disjoint`` records which.
     """
     if not samples:
         raise ValueError("samples is empty")
@@ -327,18 +429,15 @@ def generation_metrics(
     sb_tokens = hyp_tokens if self_bleu_samples is None else [
         normalize_words(s) for s in self_bleu_samples
     ]
-    metrics = GenerationMetrics(
-        bleu=bleu_tokens(hyp_tokens, ref_tokens, max_n),
-        self_bleu=self_bleu_tokens(sb_tokens, max_n),
-        unigram_entropy=_word_entropy(hyp_tokens),
-        distinct_1=_distinct(hyp_tokens, 1),
-        distinct_2=_distinct(hyp_tokens, 2),
-        distinct_3=_distinct(hyp_tokens, 3),
-        distinct_4=_distinct(hyp_tokens, 4),
-        mean_length_words=sum(len(t) for t in hyp_tokens) / len(hyp_tokens),
-        num_samples=len(samples),
-        num_references=len(references),
-        num_self_bleu_samples=len(sb_tokens),
-        self_bleu_disjoint=self_bleu_samples is not None,
-    )
-    return asdict(metrics)
+    return {
+        **_bleu_fields("bleu", bleu_summary(hyp_tokens, ref_tokens, max_n)),
+        **_bleu_fields("self_bleu", self_bleu_summary(sb_tokens, max_n)),
+        "unigram_entropy_bits": _word_entropy(hyp_tokens),
+        **{f"distinct_{n}": _distinct(hyp_tokens, n) for n in range(1, 5)},
+        "mean_length_words": sum(len(t) for t in hyp_tokens) / len(hyp_tokens),
+        "num_samples": len(samples),
+        "num_references": len(references),
+        "num_self_bleu_samples": len(sb_tokens),
+        "self_bleu_disjoint": self_bleu_samples is not None,
+        "bleu_protocol": BLEU_PROTOCOL,
+    }
