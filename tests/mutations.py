@@ -1,0 +1,231 @@
+"""Mutation check for issue 9 ("tests that could not fail for their bug").
+
+Each mutation below is a bug an independent review could apply to the library while the whole
+suite still passed. This script copies pipeline/, tests/ and pyproject.toml into a temporary
+directory, applies one mutation there by exact text replacement (asserting that the original text
+is found exactly once and that the result still compiles), runs the tests that must catch it with
+this venv's python and PYTHONPATH = the copy, and reports caught / NOT caught. It first checks that
+the unmutated copy passes the same tests. It never writes to the real working tree.
+
+    .venv/bin/python tests/mutations.py            # all mutations; exit 1 if any is not caught
+    .venv/bin/python tests/mutations.py 2a 3       # only these
+    .venv/bin/python tests/mutations.py --show     # run every selected test, print pytest's output
+    .venv/bin/python tests/mutations.py --all      # run the whole of every named test file
+
+Exit status: 0 all caught; 1 some mutation not caught, or no longer applies (the source changed
+and its anchor text must be updated here); 2 the unmutated copy fails its tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLERS = "pipeline/diffusion/samplers.py"
+LOSS = "pipeline/diffusion/loss.py"
+FORWARD = "pipeline/diffusion/forward.py"
+
+GUARDS = "tests/test_mutation_guards.py"
+CHAIN = f"{GUARDS}::test_ancestral_sampler_draws_x0_from_the_exact_reverse_chain_distribution"
+REVEALS = f"{GUARDS}::test_each_reverse_step_reveals_the_share_of_masks_the_schedule_asks_for"
+CACHE = f"{GUARDS}::test_cached_sampler_returns_the_uncached_tokens_for_a_context_dependent_denoiser"
+BOUND = f"{GUARDS}::test_sequence_bound_on_a_skipping_grid_is_the_bound_of_that_chain"
+CONTRACTS = "tests/test_diffusion_contracts.py"
+STRATA = [
+    f"{CONTRACTS}::test_stratified_times_take_every_stratum_once_in_a_random_row_order",
+    f"{CONTRACTS}::test_training_loss_draws_stratified_times_uncorrelated_with_sentence_length",
+]
+LAST_STEP = "tests/test_samplers.py::test_spindle_sampler_reveals_every_mask_on_its_last_step_with_a_full_vocabulary"
+
+ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "RAY_AUTH_MODE": "disabled",
+    "PYTHONDONTWRITEBYTECODE": "1",
+}
+
+
+@dataclass(frozen=True)
+class Edit:
+    """Replace `anchor` (which must occur exactly once in `path`) by `new`; with `line=True` the
+    whole line holding the anchor is replaced by `new` at the same indentation (short anchors stay
+    valid while the rest of the line is edited by others)."""
+
+    path: str
+    anchor: str
+    new: str
+    line: bool = False
+
+
+@dataclass(frozen=True)
+class Mutation:
+    key: str
+    what: str
+    edits: tuple[Edit, ...]
+    tests: tuple[str, ...]
+
+
+MUTATIONS = [
+    Mutation("1", "cached sampler: no cache refresh after a reveal",
+             (Edit(SAMPLERS, "stale[hb.unique()] = True", "pass  # MUTANT: the cache is never refreshed", line=True),),
+             (CACHE, CHAIN)),
+    Mutation("2a", "spindle sampler: token drawn proportionally to p, not p a",
+             (Edit(SAMPLERS, "weights = weights * reveal", "weights = weights  # MUTANT: no a(v) weighting", line=True),),
+             (CHAIN, REVEALS)),
+    Mutation("2b", "spindle sampler: reveal chance mean(a) instead of sum_v p(v) a(v)",
+             (Edit(SAMPLERS, "chance = reveal_chance(", "chance = reveal.mean().expand(len(b_idx))  # MUTANT", line=True),),
+             (CHAIN, REVEALS)),
+    Mutation("3", "sampler: nothing revealed until s = 0 (one-step generation)",
+             (Edit(SAMPLERS, "if hit.any():", "if s_step == 0 and hit.any():  # MUTANT", line=True),),
+             (CHAIN, REVEALS)),
+    Mutation("4a", "sequence_bound: a skipping step t -> s as k one-step KLs (k = t - s)",
+             (Edit(LOSS, "reveal = schedule.reveal_probability(t, s, context)",
+                   "reveal = schedule.reveal_probability(t, t - 1, context)  # MUTANT", line=True),
+              Edit(LOSS, "kl = position_kl(", "kl = (t_step - s_step) * position_kl(")),
+             (BOUND,)),
+    Mutation("4b", "sequence_bound: the one-step chain's KLs whatever the grid",
+             (Edit(LOSS, "zip(grid[:-1], grid[1:])", "zip(range(T, 0, -1), range(T - 1, -1, -1))"),),
+             (BOUND,)),
+    Mutation("5", "stratified times: every row shares one t",
+             (Edit(FORWARD, "return (u + strata) / batch", "return (u + strata[:1].expand(batch)) / batch"),),
+             tuple(STRATA)),
+    Mutation("6", "spindle sampler: float32 reveal chance on the last step",
+             (Edit(SAMPLERS, "if s_step == 0:", "if False:  # MUTANT", line=True),
+              Edit(SAMPLERS, "chance = reveal_chance(",
+                   "chance = (probs @ reveal.to(probs.dtype))[b_idx, l_idx].double()  # MUTANT", line=True)),
+             (LAST_STEP,)),
+    Mutation("7", "stratified times: no permutation of the strata",
+             (Edit(FORWARD, "strata = torch.randperm(", "strata = torch.arange(batch, dtype=torch.float64)  # MUTANT", line=True),),
+             tuple(STRATA)),
+    Mutation("7b", "stratified times: no permutation, same random stream (randperm drawn, unused)",
+             (Edit(FORWARD, "strata = torch.randperm(", "strata = torch.arange(batch, dtype=torch.float64) + 0 * torch.randperm("),),
+             tuple(STRATA)),
+]
+
+
+class AnchorError(RuntimeError):
+    pass
+
+
+def copy_repo(dest: Path) -> None:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+    for name in ("pipeline", "tests"):
+        shutil.copytree(ROOT / name, dest / name, ignore=ignore)
+    shutil.copy2(ROOT / "pyproject.toml", dest / "pyproject.toml")
+
+
+def apply(edit: Edit, dest: Path) -> None:
+    path = dest / edit.path
+    text = path.read_text()
+    count = text.count(edit.anchor)
+    if count != 1:
+        raise AnchorError(f"{edit.path}: anchor {edit.anchor!r} found {count} times (expected once)")
+    if edit.line:
+        start = text.rfind("\n", 0, text.index(edit.anchor)) + 1
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end
+        indent = re.match(r"[ \t]*", text[start:end]).group(0)
+        text = text[:start] + indent + edit.new + text[end:]
+    else:
+        text = text.replace(edit.anchor, edit.new)
+    compile(text, str(path), "exec")  # a mutant that does not even parse would be "caught" for nothing
+    path.write_text(text)
+
+
+def python() -> str:
+    venv = ROOT / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def run_pytest(dest: Path, tests: list[str], first_failure: bool = False) -> tuple[int, str, float]:
+    env = {**os.environ, **ENV, "PYTHONPATH": str(dest)}
+    cmd = [python(), "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-rfE", *(["-x"] if first_failure else []), *tests]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=dest, env=env, capture_output=True, text=True)
+    return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - start
+
+
+def check_imports_the_copy(dest: Path) -> None:
+    env = {**os.environ, **ENV, "PYTHONPATH": str(dest)}
+    code = "import pipeline.diffusion.samplers as m, tests.toy as t; print(m.__file__); print(t.__file__)"
+    out = subprocess.run([python(), "-c", code], cwd=dest, env=env, capture_output=True, text=True, check=True).stdout
+    for line in out.split():
+        if not Path(line).resolve().is_relative_to(dest.resolve()):
+            raise RuntimeError(f"the copy imports {line}, not a file under {dest}")
+
+
+def selection(mutation: Mutation, whole_files: bool) -> list[str]:
+    if not whole_files:
+        return list(mutation.tests)
+    return sorted({t.split("::")[0] for t in mutation.tests})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("keys", nargs="*", help="mutations to run (default: all): " + ", ".join(m.key for m in MUTATIONS))
+    parser.add_argument("--show", action="store_true", help="print pytest's output for every run (and run every selected test)")
+    parser.add_argument("--all", action="store_true", help="run the whole test files, not just the named tests")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.keys or m.key in args.keys]
+    if args.keys and len(chosen) != len(set(args.keys)):
+        parser.error(f"unknown mutation among {args.keys}")
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dbert-mutations-") as tmp:
+        base = Path(tmp) / "base"
+        copy_repo(base)
+        check_imports_the_copy(base)
+        baseline = sorted({t for m in chosen for t in selection(m, args.all)})
+        rc, out, secs = run_pytest(base, baseline)
+        print(f"unmutated copy: {'passes' if rc == 0 else 'FAILS'} ({len(baseline)} selections, {secs:.0f} s)")
+        if args.show or rc != 0:
+            print(out)
+        if rc != 0:
+            return 2
+
+        missed, broken = [], []
+        for mutation in chosen:
+            dest = Path(tmp) / f"mutant-{mutation.key}"
+            copy_repo(dest)
+            try:
+                for edit in mutation.edits:
+                    apply(edit, dest)
+            except (AnchorError, SyntaxError) as err:
+                print(f"[{mutation.key}] {mutation.what}: does NOT apply: {err}")
+                broken.append(mutation.key)
+                continue
+            # Stop at the first failing test unless every statistic is wanted (--show / --all).
+            rc, out, secs = run_pytest(dest, selection(mutation, args.all), first_failure=not (args.show or args.all))
+            failed = re.findall(r"^FAILED (\S+)", out, flags=re.M)
+            errors = re.findall(r"^ERROR (\S+)", out, flags=re.M)
+            caught = rc == 1 and bool(failed)  # rc 2+ (collection error, crash) proves nothing
+            print(f"[{mutation.key}] {mutation.what}: {'caught' if caught else 'NOT caught'} ({secs:.0f} s)")
+            for test in failed:
+                print(f"      failed: {test}")
+            for test in errors:
+                print(f"      error:  {test}")
+            if args.show or not caught:
+                print(out)
+            if not caught:
+                missed.append(mutation.key)
+            shutil.rmtree(dest, ignore_errors=True)
+    print(f"{len(chosen) - len(missed) - len(broken)} of {len(chosen)} mutations caught "
+          f"in {time.perf_counter() - start:.0f} s" + (f"; NOT caught: {', '.join(missed)}" if missed else "")
+          + (f"; not applicable: {', '.join(broken)}" if broken else ""))
+    return 1 if missed or broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
