@@ -44,13 +44,23 @@ def content_mask(ids: Tensor, special: SpecialIds, attention_mask: Tensor | None
     return keep
 
 
+def _draw_device(generator: torch.Generator | None) -> torch.device:
+    """Where draws from `generator` are made: its own device (the CPU for the default generator).
+
+    Noise is drawn there and then moved to the data, so a seeded CPU generator gives the same
+    noise whatever device the model runs on."""
+    return generator.device if generator is not None else torch.device("cpu")
+
+
 def _stratified_fractions(batch: int, generator: torch.Generator | None) -> Tensor:
-    """One point per stratum, (u + pi(i)) / B with a random permutation pi of the strata. [B] in (0, 1)
+    """One point per stratum, (u + pi(i)) / B with a random permutation pi of the strata. [B] in (0, 1),
+    on the generator's device (the CPU by default).
 
     The permutation matters: batches are length-sorted, so handing stratum i to row i would
     always give the longest rows the largest t (time correlated with sentence length)."""
-    u = torch.rand((), generator=generator, dtype=torch.float64)
-    strata = torch.randperm(batch, generator=generator).to(torch.float64)  # [B]
+    device = _draw_device(generator)
+    u = torch.rand((), generator=generator, dtype=torch.float64, device=device)
+    strata = torch.randperm(batch, generator=generator, device=device).to(torch.float64)  # [B]
     return (u + strata) / batch
 
 
@@ -78,9 +88,10 @@ def q_sample(
 ) -> tuple[Tensor, Tensor]:
     """Noise x0 [B, L] to step t [B]: each maskable position stays with prob alpha_t(x0_i).
 
-    Returns (x_t [B, L], masked [B, L] bool).
+    Returns (x_t [B, L], masked [B, L] bool), on x0's device. t may be on the CPU; the uniforms
+    are drawn on the generator's device (float64) and moved to x0's.
     """
-    alpha = schedule.alpha(t, x0, maskable)  # [B, L] float64
-    u = torch.rand(x0.shape, generator=generator, dtype=torch.float64)
+    alpha = schedule.alpha(t, x0, maskable)  # [B, L] float64, on x0's device
+    u = torch.rand(x0.shape, generator=generator, dtype=torch.float64, device=_draw_device(generator)).to(x0.device)
     masked = maskable & (u >= alpha)
     return torch.where(masked, torch.full_like(x0, mask_id), x0), masked

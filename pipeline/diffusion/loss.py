@@ -107,8 +107,9 @@ def diffusion_loss(
         t = stratified_continuous_times(batch, T, eps, generator)  # [B] steps, float
     else:
         t = stratified_times(batch, T, generator)  # [B] in 1..T
+    t = t.to(x0.device)  # drawn on the generator's device (CPU); every schedule table follows t
     x_t, masked = q_sample(x0, t, schedule, maskable, special.mask, generator)
-    s_frac = (t / T).to(torch.float32).to(x0.device)
+    s_frac = (t / T).to(torch.float32)
     batch_index = masked.nonzero(as_tuple=True)[0]  # [N]
     target = x0[masked]  # [N]
     if target.numel() == 0:
@@ -119,10 +120,10 @@ def diffusion_loss(
     if schedule.continuous:
         alpha = schedule.alpha_vocab(t, context)
         weight = -schedule.dalpha_vocab(t, context) / (1.0 - alpha).clamp_min(1e-12)
-        per_position = continuous_position_loss(log_probs, target, _rows(weight, batch_index.cpu()).to(x0.device))
+        per_position = continuous_position_loss(log_probs, target, _rows(weight, batch_index))
     else:
-        reveal = schedule.reveal_probability(t, t - 1, context)  # [B, V] or [B, 1]
-        per_position = T * position_kl(log_probs, target, _rows(reveal, batch_index.cpu()).to(x0.device))
+        reveal = schedule.reveal_probability(t, t - 1, context)  # [B, V] or [B, 1], on x0's device
+        per_position = T * position_kl(log_probs, target, _rows(reveal, batch_index))
     ce = -log_probs.gather(1, target[:, None]).squeeze(1)
     bound_sum = per_position.sum()
     ce_sum = ce.sum()
@@ -164,7 +165,8 @@ def sequence_bound(
     grid: Sequence[int],
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """NLL bound (nats) of each sequence under the reverse chain on `grid` (descending, T..0). [B]
+    """NLL bound (nats) of each sequence under the reverse chain on `grid` (descending, T..0).
+    [B] float64, on the CPU (computed on x0's device).
 
     Every step t -> s of the chain is evaluated at one sampled x_t ~ q(x_t | x0); with a coarse
     grid this is the bound of that coarser chain (a(v) uses alpha_s, not k one-step KLs).
@@ -174,17 +176,17 @@ def sequence_bound(
         raise ValueError(f"time grid must run from T={T} down to 0, got {grid[0]}..{grid[-1]}")
     maskable = content_mask(x0, special, attention_mask)
     context = (x0, maskable) if schedule.token_dependent else None
-    total = torch.zeros(x0.shape[0], dtype=torch.float64)
+    total = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
     for t_step, s_step in zip(grid[:-1], grid[1:]):
-        t = torch.full((x0.shape[0],), float(t_step), dtype=torch.float64)
+        t = torch.full((x0.shape[0],), float(t_step), dtype=torch.float64, device=x0.device)
         s = torch.full_like(t, float(s_step))
         x_t, masked = q_sample(x0, t, schedule, maskable, special.mask, generator)
         if not masked.any():
             continue
         batch_index = masked.nonzero(as_tuple=True)[0]
-        logits = denoiser(x_t, attention_mask, (t / T).float().to(x0.device), masked)
+        logits = denoiser(x_t, attention_mask, (t / T).float(), masked)
         log_probs = subs_log_probs(logits, special.forbidden_outputs)
-        reveal = schedule.reveal_probability(t, s, context)
-        kl = position_kl(log_probs, x0[masked], _rows(reveal, batch_index.cpu()).to(x0.device))
-        total.index_add_(0, batch_index.cpu(), kl.double().cpu())
-    return total
+        reveal = schedule.reveal_probability(t, s, context)  # on x0's device
+        kl = position_kl(log_probs, x0[masked], _rows(reveal, batch_index))
+        total.index_add_(0, batch_index, kl.double())
+    return total.cpu()

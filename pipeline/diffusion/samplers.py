@@ -6,6 +6,10 @@ for a token-independent schedule the reveal chance is just a. Truncation (top-k,
 temperature) acts on p_theta(x0 | x_t) only, never on the reveal chance. Draws are float64
 inverse-CDF draws from a seeded generator, one uniform per position per step whether or not the
 model was called, so the cached sampler returns exactly the tokens of the uncached one.
+
+Devices: everything handed to the denoiser is on `device`, and truncation runs there; the
+canvas, the [B, L, V] probabilities (host memory) and the seeded draws stay on the CPU, so the
+only copies per model call are the inputs up and one [N, V] float32 table down.
 """
 
 from __future__ import annotations
@@ -148,10 +152,11 @@ def ancestral_sample(
             model_seconds += time.perf_counter() - tick
             calls += 1
             row_calls[rows] += 1
-            p = truncated_probs(logits.cpu(), forbidden, top_k, top_p, temperature)  # [N, V] fp32
+            # Truncation runs where the logits are; one [N, V] copy to the CPU bookkeeping per call.
+            p = truncated_probs(logits, forbidden, top_k, top_p, temperature).cpu()  # [N, V] fp32
             if probs is None:
                 probs = torch.zeros(batch, width, p.shape[-1], dtype=torch.float32)
-            sel_b, sel_l = sel.cpu().nonzero(as_tuple=True)
+            sel_b, sel_l = masked[rows].nonzero(as_tuple=True)  # = sel, without a device -> host copy
             probs[rows[sel_b], sel_l] = p  # in place, row-major like the model's output
             stale[rows] = False
         # Every row is at the same step: one [1, V] (or [1, 1]) reveal table serves the batch.
@@ -224,7 +229,7 @@ def gibbs_sample(
             logits = denoiser(x.to(device), attn.to(device), s_frac, sel.to(device))  # [B, V]
             model_seconds += time.perf_counter() - tick
             calls += 1
-            p = truncated_probs(logits.cpu(), forbidden, top_k, top_p, temperature)
+            p = truncated_probs(logits, forbidden, top_k, top_p, temperature).cpu()  # [B, V] fp32
             u = torch.rand(batch, generator=gen, dtype=torch.float64)
             x[rows, pos] = draw_categorical(p, u)
     return SampleOutput(x, attn, calls, torch.full((batch,), calls), time.perf_counter() - start, model_seconds)

@@ -7,6 +7,9 @@ token with vocabulary id v is still unmasked at step t. Time is given in steps t
 Every schedule has alpha_0 = 1, alpha_T = 0 and alpha non-increasing in t for every id, which is
 what makes the posterior and the bound of `loss.py` exact. Token-dependent schedules (spindle)
 return one alpha per vocabulary id, shape [B, V]; the others return [B, 1], broadcastable.
+
+Devices: results live on the device of the context's ids when a context is given, else on t's
+device. The float64 per-id tables (h, w) stay on the CPU and are copied once per device.
 """
 
 from __future__ import annotations
@@ -50,9 +53,10 @@ class Schedule(ABC):
         """alpha_t(v): t [B] in steps -> [B, V] (token-dependent) or [B, 1], float64.
 
         `context` = (ids [B, L], content_mask [B, L]) of the sequences being noised; only the
-        authors' per-sentence spindle variant reads it.
+        authors' per-sentence spindle variant reads it. The result is on the context's device
+        (t is moved there), else on t's device.
         """
-        s = self._fraction(t)  # [B]
+        s = self._fraction(t, context)  # [B]
         return self._alpha(s, context).clamp(0.0, 1.0)
 
     def alpha(self, t: Tensor, ids: Tensor, content_mask: Tensor | None = None) -> Tensor:
@@ -64,8 +68,8 @@ class Schedule(ABC):
         return table.gather(1, ids)
 
     def dalpha_vocab(self, t: Tensor, context: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """d alpha / d s (s = t / T), same shape as `alpha_vocab`; for the continuous loss."""
-        s = self._fraction(t)
+        """d alpha / d s (s = t / T), same shape and device as `alpha_vocab`; for the continuous loss."""
+        s = self._fraction(t, context)
         return self._dalpha(s, context)
 
     def reveal_probability(
@@ -81,9 +85,27 @@ class Schedule(ABC):
         return torch.where(safe, (a_s - a_t) / torch.where(safe, denom, 1.0), torch.ones_like(a_t)).clamp(0.0, 1.0)
 
     # -- helpers ------------------------------------------------------------------------------
-    def _fraction(self, t: Tensor) -> Tensor:
+    def _fraction(self, t: Tensor, context: tuple[Tensor, Tensor] | None = None) -> Tensor:
         t = torch.as_tensor(t, dtype=torch.float64)
+        if context is not None:
+            t = t.to(context[0].device)
         return (t.reshape(-1) / self.num_timesteps).clamp(0.0, 1.0)
+
+    def _table(self, name: str, device: torch.device) -> Tensor:
+        """The per-id table `self.<name>` on `device`, copied there once and cached."""
+        table = getattr(self, name)
+        if table.device == device:
+            return table
+        cache = self.__dict__.setdefault("_device_tables", {})
+        hit = cache.get((name, device))
+        if hit is None or hit[0] is not table:  # also when the table was replaced
+            hit = cache[(name, device)] = (table, table.to(device))
+        return hit[1]
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_device_tables", None)  # device copies are a cache: never pickle GPU tensors
+        return state
 
     @abstractmethod
     def _alpha(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor: ...
@@ -168,10 +190,12 @@ class SpindleSchedule(Schedule):
         self.spindle_lambda = float(spindle_lambda)
 
     def _alpha(self, s, context):
-        return 1.0 - s[:, None] - self.spindle_lambda * torch.sin(math.pi * s)[:, None] * self.h[None, :]
+        h = self._table("h", s.device)
+        return 1.0 - s[:, None] - self.spindle_lambda * torch.sin(math.pi * s)[:, None] * h[None, :]
 
     def _dalpha(self, s, context):
-        return -1.0 - self.spindle_lambda * math.pi * torch.cos(math.pi * s)[:, None] * self.h[None, :]
+        h = self._table("h", s.device)
+        return -1.0 - self.spindle_lambda * math.pi * torch.cos(math.pi * s)[:, None] * h[None, :]
 
     def describe(self) -> dict:
         return {**super().describe(), "spindle_lambda": self.spindle_lambda}
@@ -205,20 +229,20 @@ class SpindlePaperSchedule(Schedule):
             )
         self.spindle_lambda = float(spindle_lambda)
 
-    def _centre(self, context, batch: int) -> Tensor:
+    def _centre(self, context, batch: int, device: torch.device) -> Tensor:
         if context is None:
-            return torch.full((batch, 1), self.corpus_mean, dtype=torch.float64)
+            return torch.full((batch, 1), self.corpus_mean, dtype=torch.float64, device=device)
         ids, mask = context
-        w_tok = self.w[ids] * mask  # [B, L]
+        w_tok = self._table("w", ids.device)[ids] * mask  # [B, L]
         n = mask.sum(1, keepdim=True).clamp_min(1)
         return w_tok.sum(1, keepdim=True) / n  # [B, 1]
 
     def _alpha(self, s, context):
-        centred = self.w[None, :] - self._centre(context, s.shape[0])  # [B, V]
+        centred = self._table("w", s.device)[None, :] - self._centre(context, s.shape[0], s.device)  # [B, V]
         return 1.0 - s[:, None] + self.spindle_lambda * torch.sin(math.pi * s)[:, None] * centred
 
     def _dalpha(self, s, context):
-        centred = self.w[None, :] - self._centre(context, s.shape[0])
+        centred = self._table("w", s.device)[None, :] - self._centre(context, s.shape[0], s.device)
         return -1.0 + self.spindle_lambda * math.pi * torch.cos(math.pi * s)[:, None] * centred
 
     def describe(self) -> dict:

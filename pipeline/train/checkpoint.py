@@ -47,7 +47,9 @@ def load_checkpoint(directory: str | Path, model, optimizer=None, scheduler=None
     if missing:
         raise FileNotFoundError(f"checkpoint {directory} lacks {', '.join(missing)}")
     load_model(model, str(directory / MODEL_FILE))
-    state = torch.load(directory / STATE_FILE, weights_only=True)
+    # On the CPU whatever device saved it: the optimizer and the EMA move their state to the
+    # parameters' device, and the RNG state must be a CPU tensor.
+    state = torch.load(directory / STATE_FILE, weights_only=True, map_location="cpu")
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:

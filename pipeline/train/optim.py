@@ -73,5 +73,10 @@ class EMA:
         return {"decay": self.decay, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict) -> None:
+        """Shadows go to the device of the parameters they average (a checkpoint may come from
+        another device, or be read with map_location='cpu')."""
         self.decay = state["decay"]
-        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
+        self.shadow = {
+            k: v.to(self.shadow[k].device if k in self.shadow else v.device, copy=True)
+            for k, v in state["shadow"].items()
+        }

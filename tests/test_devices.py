@@ -1,0 +1,293 @@
+"""The library on a second device: training step, MLM loss, bound and samplers mix no CPU tensor
+into device ops, and give what they give on the CPU.
+
+The device is `tests.fake_device`: real CPU data behind tensors that claim `meta`, with every op
+that mixes them with a CPU tensor of ndim > 0 (or draws on them with a CPU generator) raising
+`DeviceMixError`, as CUDA would. So these tests catch CUDA-only crashes on a CPU machine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.diffusion.forward import content_mask, q_sample
+from pipeline.diffusion.loss import diffusion_loss, mlm_loss, sequence_bound
+from pipeline.diffusion.samplers import ancestral_sample, gibbs_sample
+from pipeline.diffusion.schedules import SCHEDULE_NAMES, grid_for_steps, time_grid
+from pipeline.eval.bound import bound_per_sequence
+from pipeline.model.denoiser import TIME_DESIGNS
+from pipeline.train.loop import train_loop
+from pipeline.train.optim import EMA, build_optimizer
+from tests.fake_device import FAKE, DeviceMixError, FakeDeviceTensor, on_fake_device, to_cpu
+from tests.test_samplers import tiny_bert
+from tests.test_train_loop import tiny_data  # noqa: F401  (fixture)
+from tests.toy import CLS, SEP, SPECIAL, toy_schedule
+
+T = 64
+IDS = torch.tensor([
+    [CLS, 4, 5, 6, 4, 5, SEP, 0],
+    [CLS, 6, 6, 4, SEP, 0, 0, 0],
+    [CLS, 5, 4, 6, 5, 4, 6, SEP],
+    [CLS, 4, SEP, 0, 0, 0, 0, 0],
+])
+ATTN = IDS != 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Every op here is tiny and goes through Python dispatch: intra-op threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def on_device(denoiser):
+    """The denoiser, asserting that every tensor it is handed is on the device, as is its output."""
+
+    def run(*args):
+        for index, arg in enumerate(args):
+            if isinstance(arg, torch.Tensor) and not isinstance(arg, FakeDeviceTensor):
+                raise DeviceMixError(f"denoiser argument {index} {tuple(arg.shape)} is on the CPU, not the device")
+        out = denoiser(*args)
+        assert isinstance(out, FakeDeviceTensor)
+        return out
+
+    return run
+
+
+# -- the fake device itself -------------------------------------------------------------------
+
+
+def test_the_fake_device_rejects_what_cuda_rejects_and_allows_what_it_allows():
+    with on_fake_device():
+        x = torch.arange(6.0).reshape(2, 3).to(FAKE)
+        assert isinstance(x, FakeDeviceTensor) and x.device == FAKE
+        with pytest.raises(DeviceMixError):
+            x + torch.ones(2, 3)  # a CPU tensor of ndim > 0
+        with pytest.raises(DeviceMixError):
+            x.gather(1, torch.zeros(2, 1, dtype=torch.long))
+        with pytest.raises(DeviceMixError):
+            torch.rand(3, generator=torch.Generator(), device=FAKE)  # a CPU generator for a device draw
+        y = x * torch.tensor(2.0) + torch.zeros(3, device=x.device)  # 0-dim CPU scalars are fine
+        assert isinstance(y, FakeDeviceTensor)
+        assert torch.equal(y.cpu(), torch.arange(6.0).reshape(2, 3) * 2)
+        assert type(y.cpu()) is torch.Tensor and int(y.sum()) == 30 and y[0].tolist() == [0.0, 2.0, 4.0]
+        assert isinstance(torch.as_tensor([1, 2], device=x.device), FakeDeviceTensor)
+        host = torch.zeros(2, 3)
+        host.copy_(y)  # device -> host copies are transfers, not mixes
+        assert torch.equal(host, y.cpu())
+        model = tiny_bert().to(FAKE)
+        weights = dict(model.named_parameters())
+        assert all(isinstance(p, FakeDeviceTensor) for p in weights.values())
+        assert model.mlm.cls.predictions.decoder.weight is model.mlm.bert.embeddings.word_embeddings.weight
+
+
+def test_the_original_q_sample_bug_is_a_device_mix_here():
+    """What issue 9 reported: the uniforms drawn on the CPU compared with a device alpha."""
+    schedule = toy_schedule("linear", T)
+    with on_fake_device():
+        x0, maskable = IDS.to(FAKE), content_mask(IDS, SPECIAL, ATTN).to(FAKE)
+        alpha = schedule.alpha(torch.full((4,), 10.0), x0, maskable)
+        assert isinstance(alpha, FakeDeviceTensor)  # schedule output follows the ids' device
+        u = torch.rand(x0.shape, dtype=torch.float64)
+        with pytest.raises(DeviceMixError):
+            maskable & (u >= alpha)
+
+
+# -- forward process and losses ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule_name", SCHEDULE_NAMES)
+def test_q_sample_on_the_device_draws_the_cpu_noise(schedule_name):
+    schedule = toy_schedule(schedule_name, T)
+    t = torch.tensor([1.0, 20.0, 40.0, 64.0])
+    maskable = content_mask(IDS, SPECIAL, ATTN)
+    want = q_sample(IDS, t, schedule, maskable, SPECIAL.mask, torch.Generator().manual_seed(3))
+    with on_fake_device():
+        got = q_sample(IDS.to(FAKE), t, schedule, maskable.to(FAKE), SPECIAL.mask, torch.Generator().manual_seed(3))
+        assert all(isinstance(v, FakeDeviceTensor) for v in got)
+        assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("schedule_name", SCHEDULE_NAMES)
+def test_diffusion_loss_on_the_device_equals_the_cpu_loss(schedule_name):
+    schedule = toy_schedule(schedule_name, T)
+    want = diffusion_loss(tiny_bert().denoise, IDS, ATTN, schedule, SPECIAL, torch.Generator().manual_seed(1), 0.01)
+    model = tiny_bert()  # the same weights; a fresh copy, as want's graph holds the CPU ones
+    with on_fake_device():
+        model.to(FAKE)
+        got = diffusion_loss(on_device(model.denoise), IDS.to(FAKE), ATTN.to(FAKE), schedule, SPECIAL,
+                             torch.Generator().manual_seed(1), 0.01)
+        assert isinstance(got.loss, FakeDeviceTensor)
+        assert got.num_masked == want.num_masked > 0
+        torch.testing.assert_close(got.loss.cpu(), want.loss, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["diffusion", "mlm"])
+@pytest.mark.parametrize("design", TIME_DESIGNS)
+def test_one_training_step_on_the_device(design, objective):
+    """Loss, backward, clipping, AdamW and EMA with the model and batch on the device."""
+    schedule = toy_schedule("spindle", T)
+
+    def step(device):
+        torch.manual_seed(0)  # dropout
+        model = tiny_bert(design, T).to(device).train()
+        optimizer = build_optimizer(model, 1e-2, 0.01)
+        ema = EMA(model, 0.9)
+        gen = torch.Generator().manual_seed(7)
+        ids, attn = IDS.to(device), ATTN.to(device)
+        forward = on_device(model.denoise) if device == FAKE else model.denoise
+        if objective == "mlm":
+            out = mlm_loss(forward, ids, attn, SPECIAL, gen, mask_prob=0.5)
+        else:
+            out = diffusion_loss(forward, ids, attn, schedule, SPECIAL, gen, 0.01)
+        assert out.num_masked > 0
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        grads = {n: to_cpu(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        ema.update(model)
+        with ema.swapped(model):
+            pass
+        return model, ema, float(out.loss.detach()), float(norm), grads
+
+    cpu_model, _, cpu_loss, cpu_norm, cpu_grads = step("cpu")
+    with on_fake_device():
+        model, ema, loss, norm, grads = step(FAKE)
+        for name, p in model.named_parameters():
+            assert isinstance(p, FakeDeviceTensor) and isinstance(ema.shadow[name], FakeDeviceTensor), name
+    assert loss == pytest.approx(cpu_loss, rel=1e-6) and norm == pytest.approx(cpu_norm, rel=1e-5)
+    assert grads.keys() == cpu_grads.keys()
+    for name, grad in cpu_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7)
+    for (name, p), (_, q) in zip(model.named_parameters(), cpu_model.named_parameters()):
+        torch.testing.assert_close(to_cpu(p.detach()), q.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_train_loop_on_the_device_with_ema_packing_checkpoint_and_resume(tiny_data):
+    """pipeline/train/loop.py end to end: packed batches moved to the device (padded ones take
+    the same path), EMA, validation bound, a checkpoint written from the device and resumed onto it."""
+    from tests.test_train_loop import params
+
+    p = params("train.steps=2", "train.eval_every=1", "train.checkpoint_every=1", "train.ema_decay=0.9",
+               "train.warmup_steps=1", "train.packed=true")
+    saved = []
+    cpu = train_loop(p, tiny_data)
+    with on_fake_device():
+        straight = train_loop(p, tiny_data, device=FAKE, report=lambda m, c: saved.append(c) if c else None)
+        resumed = train_loop(p, tiny_data, device=FAKE, resume_from=saved[0])
+    assert straight.progress.step == resumed.progress.step == 2
+    for key in ("loss", "val_bound", "grad_norm"):
+        assert straight.history[-1][key] == pytest.approx(cpu.history[-1][key], rel=1e-4), key
+    cpu_weights = dict(cpu.model.named_parameters())
+    for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        assert isinstance(a, FakeDeviceTensor) and isinstance(b, FakeDeviceTensor), name
+        assert torch.equal(a.cpu(), b.cpu()), name
+        torch.testing.assert_close(a.detach().cpu(), cpu_weights[name].detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_ema_state_loads_onto_the_parameters_device():
+    with on_fake_device():
+        model = torch.nn.Linear(3, 2).to(FAKE)
+        ema = EMA(model, 0.5)
+        ema.load_state_dict({"decay": 0.5, "shadow": {n: p.detach().cpu() for n, p in model.named_parameters()}})
+        assert all(isinstance(v, FakeDeviceTensor) for v in ema.shadow.values())
+        ema.update(model)
+
+
+# -- bound -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "spindle", "spindle_paper"])
+def test_sequence_bound_on_the_device_equals_the_cpu_bound(schedule_name):
+    schedule = toy_schedule(schedule_name, T)
+    model = tiny_bert()
+    grid = grid_for_steps(T, 8)
+    want = sequence_bound(model.denoise, IDS, ATTN, schedule, SPECIAL, grid, torch.Generator().manual_seed(2))
+    with on_fake_device():
+        model.to(FAKE)
+        got = sequence_bound(on_device(model.denoise), IDS.to(FAKE), ATTN.to(FAKE), schedule, SPECIAL, grid,
+                             torch.Generator().manual_seed(2))
+    assert type(got) is torch.Tensor and got.dtype == torch.float64  # a plain CPU tensor
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_bound_per_sequence_on_the_device_equals_the_cpu_bound():
+    schedule = toy_schedule("spindle", T)
+    model = tiny_bert()
+    split = [row[: int(n)].numpy() for row, n in zip(IDS, ATTN.sum(1))]
+    want = bound_per_sequence(model.denoise, split, schedule, SPECIAL, num_steps=8, seed=4, batch_size=3)
+    with on_fake_device():
+        model.to(FAKE)
+        got = bound_per_sequence(on_device(model.denoise), split, schedule, SPECIAL, num_steps=8, seed=4,
+                                 batch_size=3, device=FAKE)
+    assert isinstance(got, np.ndarray)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+# -- samplers ----------------------------------------------------------------------------------
+
+LENGTHS = [3, 1, 5, 4]
+
+
+@pytest.mark.parametrize("cache", [False, True])
+@pytest.mark.parametrize("schedule_name", ["linear", "spindle"])
+def test_ancestral_sampler_on_the_device_returns_the_cpu_tokens(schedule_name, cache):
+    schedule = toy_schedule(schedule_name, T)
+    model = tiny_bert()
+    kw = dict(grid=time_grid(T, 4), top_k=3, top_p=0.9, temperature=0.9, seed=5, cache=cache)
+    want = ancestral_sample(model.denoise, schedule, LENGTHS, SPECIAL, CLS, SEP, **kw)
+    with on_fake_device():
+        model.to(FAKE)
+        got = ancestral_sample(on_device(model.denoise), schedule, LENGTHS, SPECIAL, CLS, SEP, device=FAKE, **kw)
+    assert type(got.tokens) is torch.Tensor  # the canvas stays on the CPU
+    assert torch.equal(got.tokens, want.tokens) and got.model_calls == want.model_calls
+
+
+@pytest.mark.parametrize("design", ["prefix", "layerwise", "embedding"])
+def test_time_aware_ancestral_sampler_on_the_device(design):
+    schedule = toy_schedule("spindle", T)
+    model = tiny_bert(design, T)
+    kw = dict(grid=time_grid(T, 8), seed=1)
+    want = ancestral_sample(model.denoise, schedule, LENGTHS, SPECIAL, CLS, SEP, **kw)
+    with on_fake_device():
+        model.to(FAKE)
+        got = ancestral_sample(on_device(model.denoise), schedule, LENGTHS, SPECIAL, CLS, SEP, device=FAKE, **kw)
+    assert torch.equal(got.tokens, want.tokens)
+
+
+def test_gibbs_sampler_on_the_device_returns_the_cpu_tokens():
+    model = tiny_bert()
+    kw = dict(sweeps=2, top_k=3, top_p=0.9, seed=6)
+    want = gibbs_sample(model.denoise, LENGTHS, SPECIAL, CLS, SEP, **kw)
+    with on_fake_device():
+        model.to(FAKE)
+        got = gibbs_sample(on_device(model.denoise), LENGTHS, SPECIAL, CLS, SEP, device=FAKE, **kw)
+    assert type(got.tokens) is torch.Tensor
+    assert torch.equal(got.tokens, want.tokens)
+
+
+# -- benchmarks/gpu_check.py -------------------------------------------------------------------
+
+
+def test_gpu_check_training_step_on_the_device():
+    from benchmarks.gpu_check import TorchBert, random_batch
+    from pipeline.diffusion.forward import SpecialIds
+    from pipeline.diffusion.schedules import build_schedule
+
+    schedule = build_schedule("linear", 2048)
+    special = SpecialIds(mask=103, pad=0, never_masked=(0, 101, 102))
+    with on_fake_device():
+        torch.manual_seed(0)
+        model = TorchBert(1200, 16, 1, 2, 32, positions=32).to(FAKE)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        gen = torch.Generator().manual_seed(0)
+        ids, attn = random_batch(4, 16, 1200, gen, FAKE)
+        out = diffusion_loss(on_device(model), ids, attn, schedule, special, gen, 0.01)
+        out.loss.backward()
+        optimizer.step()
+        assert isinstance(model.words.weight, FakeDeviceTensor) and np.isfinite(float(out.loss))
