@@ -1,7 +1,7 @@
 """Mutation check for issue 9 ("tests that could not fail for their bug").
 
 Each mutation below is a bug an independent review could apply to the library while the whole
-suite still passed. This script copies pipeline/, tests/ and pyproject.toml into a temporary
+suite still passed (keys 1-7b), or one of issue 9's defects put back (keys d1-d5). This script copies pipeline/, tests/ and pyproject.toml into a temporary
 directory, applies one mutation there by exact text replacement (asserting that the original text
 is found exactly once and that the result still compiles), runs the tests that must catch it with
 this venv's python and PYTHONPATH = the copy, and reports caught / NOT caught. It first checks that
@@ -45,6 +45,12 @@ STRATA = [
     f"{CONTRACTS}::test_training_loss_draws_stratified_times_uncorrelated_with_sentence_length",
 ]
 LAST_STEP = "tests/test_samplers.py::test_spindle_sampler_reveals_every_mask_on_its_last_step_with_a_full_vocabulary"
+TOKENIZE = "pipeline/data/tokenize.py"
+METRICS = "pipeline/eval/metrics.py"
+DEVICE_LOSS = "tests/test_devices.py::test_diffusion_loss_on_the_device_equals_the_cpu_loss"
+WORD_COUNTS = "tests/test_data.py::test_a_line_over_max_seq_len_is_cut_at_a_word_boundary_and_counts_only_the_words_kept"
+PER_SAMPLE = "tests/test_metrics.py::test_the_headline_is_the_per_sample_mean_not_the_pooled_corpus_bleu"
+ENTROPY = "tests/test_metrics.py::test_unigram_entropy_is_exact_on_tiny_cases"
 
 ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -54,6 +60,8 @@ ENV = {
     "DVC_NO_ANALYTICS": "1",
     "RAY_AUTH_MODE": "disabled",
     "PYTHONDONTWRITEBYTECODE": "1",
+    # the copy lives in a temporary folder: point its tests at the real LM1B sample
+    "DBERT_LM1B_DIR": os.environ.get("DBERT_LM1B_DIR", str(ROOT.parent / "shared" / "data" / "lm1b")),
 }
 
 
@@ -112,6 +120,21 @@ MUTATIONS = [
     Mutation("7b", "stratified times: no permutation, same random stream (randperm drawn, unused)",
              (Edit(FORWARD, "strata = torch.randperm(", "strata = torch.arange(batch, dtype=torch.float64) + 0 * torch.randperm("),),
              tuple(STRATA)),
+    # The defects of issue 9 themselves, put back (d<N> = defect N).
+    Mutation("d1", "q_sample draws its uniforms on the CPU next to device data (every GPU run crashed)",
+             (Edit(FORWARD, "u = torch.rand(x0.shape", "u = torch.rand(x0.shape, generator=generator, dtype=torch.float64)  # MUTANT",
+                   line=True),),
+             (DEVICE_LOSS,)),
+    Mutation("d3", "a line cut at max_seq_len keeps the word count of the whole raw line",
+             (Edit(TOKENIZE, "encoded[i], words[i], cut[i] = _cut_at_word_boundary(", "pass  # MUTANT: hard cut, whole-line words",
+                   line=True),),
+             (WORD_COUNTS,)),
+    Mutation("d4", "BLEU headline = one corpus BLEU of pooled counts, not the per-sample mean",
+             (Edit(METRICS, "mean=sum(scores) / len(scores),", "mean=_pooled(stats, max_n),  # MUTANT", line=True),),
+             (PER_SAMPLE,)),
+    Mutation("d5", "entropy in nats labelled bits",
+             (Edit(METRICS, "math.log2(c / total)", "math.log(c / total)"),),
+             (ENTROPY,)),
 ]
 
 
