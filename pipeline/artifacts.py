@@ -64,18 +64,41 @@ class Layout:
 @contextmanager
 def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Write a stage output into a temporary sibling and move it into place only on success,
-    so a failed stage never leaves a half-written output behind."""
+    so a failed or killed stage never leaves a half-written output behind. The swap itself runs
+    under `pipeline.signals.held()`: a stop signal never lands between removing the old output
+    and renaming the new one into place."""
+    from pipeline.signals import held
+
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp: Path | None = None
     try:
+        with held():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         yield tmp
+        with held():
+            _swap_into_place(tmp, target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if target.exists():
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
-    tmp.rename(target)
+
+
+def _swap_into_place(new: Path, target: Path) -> None:
+    """Rename `new` to `target`; an existing target is renamed aside first and removed after."""
+    if not (target.exists() or target.is_symlink()):
+        new.rename(target)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    old = aside / target.name
+    target.rename(old)
+    try:
+        new.rename(target)
+    except BaseException:
+        old.rename(target)
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    shutil.rmtree(aside)
 
 
 def dumps_json(obj) -> str:
@@ -90,17 +113,23 @@ def write_json(obj, path: str | os.PathLike[str]) -> None:
 
 def write_file_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
     """Write a single file via a temporary sibling + rename (never half-written)."""
+    from pipeline.signals import held
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = None
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with held():  # a stop signal right after mkstemp must not leave the temporary file behind
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            handle = os.fdopen(fd, "wb")
+        with handle:
             handle.write(data.encode("utf-8") if isinstance(data, str) else data)
         os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; an output is a normal file
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
     return path
 

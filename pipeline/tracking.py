@@ -428,9 +428,12 @@ def start_stage_run(
     nests under a run started by another process (a Tune driver's run seen from a trial).
     `resume_run_id` reopens that run (an interrupted ablation going on). Yields the `mlflow.ActiveRun`;
     the run ends FINISHED, or FAILED (KILLED on Ctrl-C) when the block raises, and the
-    exception propagates.
+    exception propagates. In the main thread, SIGTERM / SIGINT / SIGHUP raise
+    `pipeline.signals.Terminated` while the run is open, so a killed stage ends KILLED too.
     """
     import mlflow
+
+    from pipeline.signals import held, terminate_on_signals
 
     name = experiment or _experiment_of(params) or DEFAULT_EXPERIMENT
     experiment_id = setup_tracking(name, root)
@@ -438,29 +441,37 @@ def start_stage_run(
     all_tags.update({str(k): v for k, v in (tags or {}).items()})
     safe_tags = {_safe_key(k): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in all_tags.items()}
     nested = nested or (parent_run_id is None and mlflow.active_run() is not None)
-    if resume_run_id is not None:
-        run = mlflow.start_run(run_id=resume_run_id, nested=nested)
-        mlflow.set_tags(safe_tags)
-    else:
-        run = mlflow.start_run(
-            experiment_id=experiment_id,
-            run_name=run_name or default_run_name(stage),
-            nested=nested,
-            parent_run_id=parent_run_id,
-            tags=safe_tags,
-        )
-    run_id = run.info.run_id
-    status = "FINISHED"
-    try:
-        flat = flat_params(params)
-        if flat:
-            mlflow.log_params(flat, run_id=run_id)
-        yield run
-    except BaseException as err:
-        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-        raise
-    finally:
-        _end_run(run_id, status)
+    # SIGTERM / SIGINT / SIGHUP raise Terminated (a KeyboardInterrupt) while the run is open, so
+    # a killed stage ends its run KILLED; a signal while the run is being opened or ended waits.
+    with terminate_on_signals():
+        run_id = None
+        status = "FINISHED"
+        try:
+            with held():
+                if resume_run_id is not None:
+                    run = mlflow.start_run(run_id=resume_run_id, nested=nested)
+                    run_id = run.info.run_id
+                    mlflow.set_tags(safe_tags)
+                else:
+                    run = mlflow.start_run(
+                        experiment_id=experiment_id,
+                        run_name=run_name or default_run_name(stage),
+                        nested=nested,
+                        parent_run_id=parent_run_id,
+                        tags=safe_tags,
+                    )
+                    run_id = run.info.run_id
+            flat = flat_params(params)
+            if flat:
+                mlflow.log_params(flat, run_id=run_id)
+            yield run
+        except BaseException as err:
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+            raise
+        finally:
+            if run_id is not None:
+                with held():
+                    _end_run(run_id, status)
 
 
 def _end_run(run_id: str, status: str) -> None:

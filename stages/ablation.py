@@ -119,7 +119,7 @@ def _run_row(row_run: RowRun, layout: Layout, state: dict, state_path: Path, ind
         shutil.rmtree(row_root)  # the row's training params changed: nothing of it can be reused
     result_path.unlink(missing_ok=True)  # only the evaluation changed: keep the model, evaluate again
     _link_shared_data(layout, row_root)
-    write_json({"fingerprint": row_run.fingerprint, "train_fingerprint": row_run.train_fingerprint}, stamp)
+    write_json_atomic({"fingerprint": row_run.fingerprint, "train_fingerprint": row_run.train_fingerprint}, stamp)
     # Reopen the row's run only when it was interrupted with these very params (MLflow refuses
     # to change a logged param); a re-evaluation with other settings gets a new child run.
     same = record.get("parent") == parent_id and record.get("fingerprint") == row_run.fingerprint
@@ -154,11 +154,11 @@ def _train_and_evaluate(params: Params, row_root: Path, progress: Progress | Non
             train.run(params, row_root, resume=last_run(row_layout) is not None, progress=progress)
         finally:
             seconds["train"] += time.perf_counter() - start
-            write_json(seconds, timing_path)
+            write_json_atomic(seconds, timing_path)
     start = time.perf_counter()
     evaluate.run(params, row_root, progress=progress)
     seconds["evaluate"] = time.perf_counter() - start
-    write_json(seconds, timing_path)
+    write_json_atomic(seconds, timing_path)
     return seconds
 
 

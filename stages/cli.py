@@ -5,7 +5,9 @@ Every command takes `--params PATH` (default <root>/params.yaml), repeatable `--
 (the syntax of `dvc exp run -S`) and `--root DIR` (default: the nearest directory at or above
 the current one that holds dvc.yaml or params.yaml). Bad input ends in one line `error: ...` on
 stderr and exit code 1, and no stage leaves a half-written output behind. Set DBERT_DEBUG=1 to
-see the traceback instead. Progress bars go to stderr, so stdout stays clean for `generate`
+see the traceback instead. SIGTERM, SIGINT (Ctrl-C) and SIGHUP stop a command cleanly: its MLflow
+runs end KILLED, nothing half-written stays, one line `stopped by SIGTERM` and exit code 143
+(130 for SIGINT, 129 for SIGHUP). Progress bars go to stderr, so stdout stays clean for `generate`
 and `params`.
 """
 
@@ -78,10 +80,21 @@ def _is_user_error(err: BaseException) -> bool:
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn input errors (params, corpus, model, schedule, missing files, placement) into
-    `error: <message>` + exit 1; anything else is a bug and keeps its traceback."""
+    `error: <message>` + exit 1; anything else is a bug and keeps its traceback.
+
+    Also the command's stop boundary: SIGTERM / SIGINT / SIGHUP unwind it (`pipeline.signals`),
+    so MLflow runs end KILLED and no half-written output stays; then one line `stopped by
+    SIGTERM` on stderr and exit code 128 + the signal (143, 130, 129)."""
+    from pipeline.signals import terminate_on_signals
+
+    stop = None
     try:
-        yield
-    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        with terminate_on_signals() as stop:
+            yield
+    except KeyboardInterrupt:  # Terminated, or Ray's KeyboardInterrupt standing in for it
+        typer.echo(f"stopped by {stop.signame if stop and stop.signame else 'SIGINT'}", err=True)
+        raise typer.Exit(stop.exit_code if stop else 130) from None
+    except (typer.Exit, typer.Abort):
         raise
     except Exception as err:  # noqa: BLE001 - classified below
         if not _is_user_error(err) or os.environ.get("DBERT_DEBUG"):

@@ -22,8 +22,10 @@ from pipeline.config import Params
 
 CODE_ROOT = Path(__file__).resolve().parents[1]  # the checkout whose code is running
 # Plumbing that never changes what a stage writes: params are tracked as params, MLflow is not an
-# output, the CLI and these helpers only parse arguments, draw bars and rename directories.
-NOT_CODE_DEPS = frozenset({"pipeline.config", "pipeline.tracking", "stages.common", "stages.cli"})
+# output, the CLI and these helpers only parse arguments, draw bars and rename directories, and
+# pipeline.signals only turns stop signals into exceptions.
+NOT_CODE_DEPS = frozenset({"pipeline.config", "pipeline.tracking", "pipeline.signals", "stages.common",
+                           "stages.cli"})
 
 # progress(task, advance, total): advance the bar called `task` by `advance` of `total` units.
 Progress = Callable[[str, int, "int | None"], None]

@@ -3,7 +3,11 @@ gloo, a killed worker that resumes, fail-fast placement, and `resume=True`."""
 
 from __future__ import annotations
 
+import json
+import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +35,35 @@ def _checkpoint_model(params, layout, directory):
     model = build_model(params, build_schedule_for(params, TokenStatistics.load(layout.token_stats)))
     load_checkpoint(directory, model)
     return model
+
+
+SLOW_POLL_REPLY_S = 3.0
+
+
+def _slow_poll_reply_worker(config: dict):
+    """`ray_driver.train_worker` on a worker whose reply to the controller's poll that collects a
+    checkpoint is late (a descheduled thread on a loaded machine) while training runs on. Ray 2.60
+    takes the report off the worker's queue before replying, so a kill in that window loses it:
+    the injected failure at step 4 then restarted from scratch unless the hook waits for the
+    controller to register the step-2 checkpoint. Only the attempt that will be killed is slowed."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        results = get_train_context().execution_context.result_queue
+    except (ImportError, AttributeError):  # another Ray: run as is
+        results = None
+    marker = config.get("fail_marker")
+    if results is not None and marker and not Path(marker).exists():
+        take = results.get_nowait
+
+        def late_get_nowait():
+            report = take()
+            if getattr(report, "checkpoint", None) is not None:
+                time.sleep(SLOW_POLL_REPLY_S)
+            return report
+
+        results.get_nowait = late_get_nowait
+    return ray_driver.train_worker(config)
 
 
 def test_local_mode_training_reaches_the_configured_steps_logs_to_mlflow_and_exports_a_model_that_generates(
@@ -91,12 +124,20 @@ def test_two_worker_ddp_over_gloo_finishes_with_identical_models_on_both_ranks(r
 def test_a_worker_killed_mid_run_resumes_from_its_checkpoint_and_finishes_at_the_configured_steps(
     ray_cluster, layout, tmp_path, monkeypatch
 ):
+    from ray import cloudpickle
+
     marker = tmp_path / "failed-once"
     monkeypatch.setenv(ray_driver.ENV_FAIL_AT_STEP, "4")
     monkeypatch.setenv(ray_driver.ENV_FAIL_MARKER, str(marker))
+    # the step-2 checkpoint reaches the controller late: the kill must still wait for it
+    monkeypatch.setattr(ray_driver, "train_worker", _slow_poll_reply_worker)
     params = tiny_params("train.steps=6", "train.eval_every=1", "train.checkpoint_every=2", "train.num_workers=1",
                          "train.cpus_per_worker=1", "train.max_failures=1")
-    outcome = run_training(params, layout)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this module
+    try:
+        outcome = run_training(params, layout)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
     assert marker.exists()  # the worker really died once (os._exit at step 4)
     first = [h for h in outcome.history if h["resumed_from_step"] == 0]
@@ -107,6 +148,26 @@ def test_a_worker_killed_mid_run_resumes_from_its_checkpoint_and_finishes_at_the
     assert {h["resumed_via"] for h in second} == {"ray"}  # ray.train.get_checkpoint() after the restart
     assert _steps(outcome.history)[-1] == params.train.steps
     assert ray_driver.checkpoint_step(outcome.checkpoint_dir) == params.train.steps
+
+
+def test_the_injected_kill_waits_until_the_controller_has_registered_the_checkpoint(tmp_path):
+    snapshot = tmp_path / "checkpoint_manager_snapshot.json"
+    assert not ray_driver._await_checkpoint_registered(tmp_path, "checkpoint_0000002", timeout_s=0.2)  # no file
+    snapshot.write_text('{"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_00000')  # half written
+    assert not ray_driver._await_checkpoint_registered(tmp_path, "checkpoint_0000002", timeout_s=0.2)
+    snapshot.write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_0000020"}}))
+    assert not ray_driver._await_checkpoint_registered(tmp_path, "checkpoint_0000002", timeout_s=0.2)
+
+    def register_later():
+        time.sleep(0.3)
+        snapshot.write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_0000002"}}))
+
+    writer = threading.Thread(target=register_later)
+    writer.start()
+    start = time.monotonic()
+    assert ray_driver._await_checkpoint_registered(tmp_path, "checkpoint_0000002", timeout_s=30)
+    assert 0.25 < time.monotonic() - start < 10
+    writer.join()
 
 
 def test_more_workers_than_the_cluster_can_place_fail_fast_with_the_numbers(ray_cluster, layout):

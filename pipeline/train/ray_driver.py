@@ -32,14 +32,13 @@ import math
 import os
 import secrets
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.artifacts import Layout, read_json, write_json_atomic
+from pipeline.artifacts import Layout, atomic_directory, read_json, write_json_atomic
 from pipeline.config import Params, params_from_dict
 
 RUN_RECORD = "last_run.json"
@@ -74,10 +73,11 @@ class InjectedFailure(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 
 
-def init_ray() -> None:
-    """Join `$RAY_ADDRESS` when set, else start a local cluster sized to this machine.
+def init_ray() -> bool:
+    """Join `$RAY_ADDRESS` when set, else start a local cluster sized to this machine; True when
+    this call connected (the caller may then `ray.shutdown()` it when stopped, see `stop_ray`).
 
-    No-op when Ray is already initialised (a test fixture, a notebook, a Tune trial). The local
+    No-op (False) when Ray is already initialised (a test fixture, a notebook, a Tune trial). The local
     cluster keeps its session files under `$RAY_TMPDIR` (default /tmp/ray: socket paths must be
     short). Its dashboard binds 127.0.0.1 only: Ray Train's controller polls the state API that
     the dashboard process serves (without it, every run logs "State API may be temporarily
@@ -85,20 +85,38 @@ def init_ray() -> None:
     """
     import ray
 
+    from pipeline.signals import keep_handlers
+
     if ray.is_initialized():
-        return
+        return False
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
     address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, **quiet)
+    with keep_handlers():  # ray.init() puts sys.exit(15) on SIGTERM: a stopped stage must end KILLED
+        if address:
+            ray.init(address=address, **quiet)
+            return True
+        dashboard = os.environ.get(ENV_DASHBOARD, "1").strip().lower() not in ("0", "false", "no", "off")
+        ray.init(
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            _temp_dir=os.environ.get("RAY_TMPDIR") or "/tmp/ray",
+            **quiet,
+        )
+    return True
+
+
+def stop_ray(started: bool) -> None:
+    """After Ctrl-C / SIGTERM: shut down the Ray connection this process made (`init_ray` returned
+    True), so the actors it owns - Train controllers and workers, Tune trials - stop with it.
+    A cluster someone else started (a test fixture, a notebook) stays up."""
+    if not started:
         return
-    dashboard = os.environ.get(ENV_DASHBOARD, "1").strip().lower() not in ("0", "false", "no", "off")
-    ray.init(
-        include_dashboard=dashboard,
-        dashboard_host="127.0.0.1",
-        _temp_dir=os.environ.get("RAY_TMPDIR") or "/tmp/ray",
-        **quiet,
-    )
+    import ray
+
+    try:
+        ray.shutdown()
+    except Exception as err:  # the process is stopping anyway
+        _log.warning("ray.shutdown() failed while stopping: %s", err)
 
 
 def _fmt(x: float) -> str:
@@ -216,11 +234,8 @@ def _persist_checkpoint(source: Path, run_dir: Path, step: int, keep: int) -> Pa
     """Local mode: copy a checkpoint into the run folder atomically, keep the newest `keep`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     target = run_dir / _checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=run_dir))
-    shutil.copytree(source, tmp, dirs_exist_ok=True)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    with atomic_directory(target) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
     kept = sorted(
         (c for c in run_dir.iterdir() if c.is_dir() and c.name.startswith(CHECKPOINT_PREFIX)),
         key=lambda c: checkpoint_step(c) or -1,
@@ -310,10 +325,13 @@ def train_worker_body(
             marker.touch()
         if config.get("local_mode"):
             raise InjectedFailure(f"{ENV_FAIL_AT_STEP}={fail_at}: injected failure at step {step}")
+        if reported["checkpoint"] is not None:  # die only once the controller holds it (see below)
+            _await_checkpoint_registered(Path(config["run_dir"]), reported["checkpoint"])
         _log.warning("%s=%s: killing training worker rank 0 at step %d", ENV_FAIL_AT_STEP, fail_at, step)
         os._exit(1)  # a dead process, as if the node went away
 
     last_metrics: dict = {}
+    reported: dict[str, str | None] = {"checkpoint": None}  # the last checkpoint this rank handed on
 
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
         metrics = dict(metrics)
@@ -335,6 +353,8 @@ def train_worker_body(
         finally:
             if checkpoint_dir is not None:
                 shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        if checkpoint_dir is not None:
+            reported["checkpoint"] = _checkpoint_name(int(metrics["step"]))
         last_metrics.clear()
         last_metrics.update(metrics)
 
@@ -343,6 +363,37 @@ def train_worker_body(
         resume_from=resume_from, on_step=on_step,
     )
     return dict(last_metrics)
+
+
+def _await_checkpoint_registered(run_dir: Path, name: str, timeout_s: float = 60.0) -> bool:
+    """Wait until the Train controller has registered checkpoint `name` of this run (the test hook
+    `DBERT_FAIL_AT_STEP` calls this before it kills the worker).
+
+    `ray.train.report` returns once the report is queued in the worker; the controller takes it
+    with its next `poll_status` call, and Ray 2.60 drops it from the queue before the reply is on
+    its way (its "two phase commit" TODO). A worker that dies in between loses that report: its
+    checkpoint is never registered and the restart begins from an older one, or from scratch.
+    The controller writes `checkpoint_manager_snapshot.json` into the run folder right after it
+    registers a checkpoint, so the kill waits until that file names the checkpoint.
+    """
+    try:
+        from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME as snapshot_name
+    except ImportError:
+        snapshot_name = "checkpoint_manager_snapshot.json"
+    snapshot = Path(run_dir) / snapshot_name
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            text = snapshot.read_text()
+            json.loads(text)  # not a half-written file
+            if f'"{name}"' in text:
+                return True
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() >= deadline:
+            _log.warning("%s never appeared in %s; killing the worker anyway", name, snapshot)
+            return False
+        time.sleep(0.05)
 
 
 def train_worker(config: dict) -> dict | None:
@@ -519,7 +570,7 @@ def run_training(
     run. `progress(metrics)` is called in this process for every report of rank 0 (live in local
     mode and for Ray workers alike).
     """
-    from ray.train.torch import TorchTrainer
+    trainer_class = _trainer_class()  # imports Ray Train before anything is written
 
     tp = params.train
     storage = layout.ray_results.resolve()
@@ -543,8 +594,9 @@ def run_training(
         run_name = new_run_name("train")
     run_dir = storage / run_name
 
+    started = False
     if tp.num_workers > 0:
-        init_ray()
+        started = init_ray()
         check_placement(tp.num_workers, tp.cpus_per_worker, tp.use_gpu)
     run_dir.mkdir(parents=True, exist_ok=True)
     record_run(layout, run_name, storage, tp.num_workers)
@@ -587,7 +639,7 @@ def run_training(
         pump = threading.Thread(target=pump_loop, name="dbert-train-progress", daemon=True)
         pump.start()
 
-    trainer = TorchTrainer(
+    trainer = trainer_class(
         train_worker,
         train_loop_config=config,
         scaling_config=scaling_config_for(params),
@@ -597,19 +649,26 @@ def run_training(
     saved_level = train_logger.level
     if tp.num_workers == 0:  # local mode ignores LoggingConfig and logs every report at INFO
         train_logger.setLevel(os.environ.get(ENV_TRAIN_LOG_LEVEL, "WARNING").upper())
+    interrupted = False
     try:
         result = trainer.fit()
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM (pipeline.signals): stop the workers, then unwind
+        interrupted = True
+        raise
     except Exception as err:
         raise TrainingError(f"training run {run_name} failed: {_short(err)}") from err
     finally:
         if queue is not None:
             stop.set()
             pump.join(timeout=10)
-            drain(block=False)
-            queue.shutdown()
+            if not interrupted:
+                drain(block=False)
+                queue.shutdown()
         else:
             _LOCAL_SINKS.pop(config.get("sink_id", ""), None)
             train_logger.setLevel(saved_level)
+        if interrupted:
+            _stop_training(trainer, queue, started)
     if result.error:
         raise TrainingError(f"training run {run_name} failed: {_short(result.error)}") from result.error
     # A resume of a run that had already reached train.steps trains nothing and reports nothing:
@@ -619,13 +678,11 @@ def run_training(
         raise TrainingError(f"training run {run_name} reported no checkpoint")
 
     checkpoint_dir = (layout.checkpoints / run_name).resolve()
-    if checkpoint_dir.exists():
-        shutil.rmtree(checkpoint_dir)
-    checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
-    if result.checkpoint is not None:
-        result.checkpoint.to_directory(str(checkpoint_dir))
-    else:
-        shutil.copytree(final, checkpoint_dir)
+    with atomic_directory(checkpoint_dir) as tmp:  # a stopped copy leaves no partial checkpoint
+        if result.checkpoint is not None:
+            result.checkpoint.to_directory(str(tmp))
+        else:
+            shutil.copytree(final, tmp, dirs_exist_ok=True)
 
     precision = next((h["precision"] for h in reversed(history) if h.get("precision")), None)
     if precision is None:
@@ -636,6 +693,50 @@ def run_training(
         export_checkpoint(params, layout, checkpoint_dir, Path(export_dir))
     return TrainOutcome(run_name=run_name, history=history, checkpoint_dir=checkpoint_dir,
                         export_dir=Path(export_dir) if export_dir is not None else None, precision=precision)
+
+
+def _trainer_class():
+    """TorchTrainer that leaves SIGINT to `pipeline.signals`.
+
+    Ray Train 2.60's `fit()` replaces the SIGINT handler (in the main thread) with one that aborts
+    the run and calls `sys.exit(0)`, and never puts the old one back: a Ctrl-C then ended the
+    stage's MLflow run FAILED with exit code 0, and later stages saw Ray's handler. Here SIGINT
+    raises like SIGTERM does, and `run_training` stops the run itself (`_stop_training`).
+    """
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        controller = None
+
+        def _register_sigint_handler(self, controller) -> None:
+            self.controller = controller
+
+    return Trainer
+
+
+def _stop_training(trainer, queue, started: bool) -> None:
+    """After Ctrl-C / SIGTERM: stop the run's actors, as few Ray calls as possible (the cluster may
+    be going down with us: a process-group SIGTERM reaches its processes too).
+
+    A cluster this process started is shut down, and the controller, workers and report queue die
+    with it. On a cluster someone else runs, the controller is aborted the way Ray's own Ctrl-C
+    does it and the queue is killed. Best effort: the process is stopping anyway."""
+    if started:
+        stop_ray(True)
+        return
+    import ray
+
+    controller = getattr(trainer, "controller", None)
+    try:
+        if controller is not None:
+            ray.get(controller.abort.remote(), timeout=30)
+    except Exception:  # abort ends the actor, so its own call fails
+        pass
+    try:
+        if queue is not None:
+            queue.shutdown(force=True)
+    except Exception:
+        pass
 
 
 def _short(err: BaseException) -> str:

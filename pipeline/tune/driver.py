@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import Layout, write_json
+from pipeline.artifacts import Layout, atomic_directory, write_json
 from pipeline.config import Params, params_from_dict
 
 METRIC = "val_bound"
@@ -227,7 +227,7 @@ def run_tune(params: Params, layout: Layout, *, parent_run_id: str | None = None
 
     values = search_values(params)  # validates before Ray starts
     tp, tn = params.train, params.tune
-    ray_driver.init_ray()
+    started = ray_driver.init_ray()
     ray_driver.check_placement(tp.num_workers, tp.cpus_per_worker, tp.use_gpu, reserve_cpus=TRIAL_CPU)
 
     tracking = None
@@ -260,7 +260,7 @@ def run_tune(params: Params, layout: Layout, *, parent_run_id: str | None = None
         run_config=tune.RunConfig(name=tune_name, storage_path=str(storage), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
-    grid = tuner.fit()
+    grid = _fit(tuner, started, parent_run_id, tracking["uri"] if tracking else None)
 
     table = [_row(result, values, tn.steps) for result in grid]
     if tracking:
@@ -274,8 +274,6 @@ def run_tune(params: Params, layout: Layout, *, parent_run_id: str | None = None
     best = {**best_row, "overrides": overrides}
 
     out = layout.tune_out
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "trials.csv", _table_csv(table, list(values)))
     results = {
         "tune_run": tune_name,
         "metric": METRIC,
@@ -290,17 +288,59 @@ def run_tune(params: Params, layout: Layout, *, parent_run_id: str | None = None
         "parent_run_id": parent_run_id,
         "storage_path": str(storage / tune_name),
     }
-    tmp = out / ".results.json.tmp"
-    write_json(_jsonable(results), tmp)
-    os.replace(tmp, out / "results.json")
+    with atomic_directory(out) as tmp:  # the three files appear together, or not at all
+        (tmp / "trials.csv").write_text(_table_csv(table, list(values)), encoding="utf-8")
+        write_json(_jsonable(results), tmp / "results.json")
+        (tmp / "best_params.yaml").write_text(proposal_yaml(overrides, best_row, tune_name), encoding="utf-8")
     proposal = out / "best_params.yaml"
-    _write_atomic(proposal, proposal_yaml(overrides, best_row, tune_name))
     if parent_run_id:
         from pipeline.tracking import log_metrics
 
         log_metrics({"best_val_bound": best_row["best_val_bound"]}, run_id=parent_run_id)
     _log.info("tune run %s: best %s=%.6g with %s", tune_name, METRIC, best_row["best_val_bound"], overrides)
     return TuneOutcome(table=table, best=best, proposal_path=proposal)
+
+
+def _fit(tuner, started: bool, parent_run_id: str | None, uri: str | None):
+    """`tuner.fit()`, stoppable: Ctrl-C and SIGTERM (`pipeline.signals`) stop the whole tune.
+
+    Tune's own SIGINT handler would end the experiment "gracefully" and return the partial grid,
+    which then looked like a finished tune; it is switched off, so SIGINT raises like SIGTERM.
+    On the way out the Ray connection this driver made is shut down (the trial actors die with
+    it) and the trials' MLflow runs, which those actors can no longer end, are ended KILLED.
+    """
+    saved = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        return tuner.fit()
+    except KeyboardInterrupt:
+        from pipeline.train import ray_driver
+
+        ray_driver.stop_ray(started)
+        if parent_run_id and uri:
+            _kill_trial_runs(parent_run_id, uri)
+        raise
+    finally:
+        if saved is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved
+
+
+def _kill_trial_runs(parent_run_id: str, uri: str) -> None:
+    """End every trial run still RUNNING under the tune's parent run as KILLED (best effort)."""
+    import mlflow
+
+    try:
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        parent = client.get_run(parent_run_id)
+        runs = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+        for run in runs:
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, "KILLED")
+    except Exception as err:  # the process is stopping anyway
+        _log.warning("could not end the trial runs of %s as KILLED: %s", parent_run_id, err)
 
 
 def _finite(value: Any) -> bool:
@@ -401,8 +441,3 @@ def _jsonable(obj: Any) -> Any:
         return None
     return obj
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
