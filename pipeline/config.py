@@ -116,9 +116,9 @@ class EvalParams(_Group):
     sample_seed: int = 0
     table_steps: list[int] = Field(default_factory=lambda: [2, 8, 16, 64, 128])  # steps vs time vs quality
     table_sequences: int = Field(32, ge=1)
-    table_samples: int = Field(64, ge=2)
+    table_samples: int = Field(32, ge=2)
     qd_top_k: list[int] = Field(default_factory=lambda: [1, 3, 10, 30, 0])  # 0 = no truncation
-    qd_samples: int = Field(64, ge=2)
+    qd_samples: int = Field(32, ge=2)
     sampler: Literal["ancestral", "gibbs"] = "ancestral"  # gibbs: BERT-Mouth
     gibbs_sweeps: int = Field(2, ge=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"

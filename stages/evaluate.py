@@ -78,9 +78,11 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         key = f"generation.{metric}"
         if key not in summary:
             continue
-        n = summary.get("generation.num_samples") if metric == "bleu" else summary.get("generation.num_self_bleu_samples")
-        refs = summary.get(against) if metric == "bleu" else "the other"
-        detail = (f"mean of {n} per-sample BLEU-4 against {refs} references; pooled 4-gram precision "
+        n = int(summary.get(against, 0))
+        refs = f"{int(summary.get('generation.num_references', 0))} test lines" if metric == "bleu" else f"the other {n - 1} samples"
+        if metric == "bleu":
+            n = int(summary.get("generation.num_samples", 0))
+        detail = (f"mean of {n} per-sample BLEU-4, each against {refs}; pooled 4-gram precision "
                   f"{summary.get(f'{key}_p4', float('nan')):.4f}")
         if not summary.get(f"{key}_measured", 1.0):
             detail += "; NOT A MEASUREMENT: no sample shares a 4-gram with its references"
