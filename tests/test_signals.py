@@ -34,6 +34,19 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _signals_default_in_child() -> None:
+    """A child of a job started with `&` (CI, nohup) inherits SIGINT *ignored*, and a process
+    that starts with SIGINT ignored keeps it ignored by design; a terminal gives SIG_DFL. Give the
+    child the terminal's dispositions, which is what these tests are about."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
+def spawn(command: list[str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_signals_default_in_child, **kwargs)
+
+
 def signal_when_ready(proc: subprocess.Popen, ready: Path, signum: int, timeout: float = 240) -> tuple[str, str]:
     """Wait for the child's ready marker, send `signum`, return its (stdout, stderr)."""
     deadline = time.monotonic() + timeout
@@ -280,8 +293,7 @@ def test_a_killed_process_ends_its_nested_runs_killed_and_keeps_the_old_output(t
     (root / "outputs" / "model").mkdir(parents=True)
     (root / "outputs" / "model" / "weights.bin").write_bytes(b"previous")
     ready = tmp_path / "ready.json"
-    proc = subprocess.Popen([sys.executable, "-c", NESTED, str(root), str(ready)], cwd=tmp_path,
-                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = spawn([sys.executable, "-c", NESTED, str(root), str(ready)], cwd=tmp_path, env=child_env())
     out, err = signal_when_ready(proc, ready, signum)
 
     assert proc.returncode != 0 and "not reached" not in out, err
@@ -337,8 +349,7 @@ def test_dbert_prepare_stopped_by_a_signal_exits_128_plus_it_with_one_line(tmp_p
     command = [sys.executable, "-c", PAUSED_CLI, str(ready), "prepare", "--params", str(PARAMS), "--root", str(root),
                "-S", "data.source=text_files", "-S", f"data.train_files=[{corpus}]", "-S",
                f"data.test_files=[{corpus}]", "-S", "model.name_or_path=random", "-S", "data.max_seq_len=16"]
-    proc = subprocess.Popen(command, cwd=root, env=child_env(DBERT_PROJECT_ROOT=str(root)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = spawn(command, cwd=root, env=child_env(DBERT_PROJECT_ROOT=str(root)))
     out, err = signal_when_ready(proc, ready, signum)
 
     name = signal.Signals(signum).name
