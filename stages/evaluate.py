@@ -74,15 +74,17 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     if "bound.num_tokens" in summary:
         lines.append(f"bound counted: {summary['bound.num_tokens']} content WordPieces, {summary['bound.num_words']} words "
                      f"({summary.get('bound.num_truncated', 0)} test lines cut at data.max_seq_len)")
-    for metric, against in (("bleu", "generation.num_references"), ("self_bleu", "generation.num_self_bleu_samples")):
+    for metric in ("bleu", "self_bleu"):
         key = f"generation.{metric}"
         if key not in summary:
             continue
-        n = int(summary.get(against, 0))
-        refs = f"{int(summary.get('generation.num_references', 0))} test lines" if metric == "bleu" else f"the other {n - 1} samples"
         if metric == "bleu":
             n = int(summary.get("generation.num_samples", 0))
-        detail = (f"mean of {n} per-sample BLEU-4, each against {refs}; pooled 4-gram precision "
+            against = f"{int(summary.get('generation.num_references', 0))} test lines"
+        else:
+            n = int(summary.get("generation.num_self_bleu_samples", 0))
+            against = f"the other {n - 1} samples"
+        detail = (f"mean of {n} per-sample BLEU-4, each against {against}; pooled 4-gram precision "
                   f"{summary.get(f'{key}_p4', float('nan')):.4f}")
         if not summary.get(f"{key}_measured", 1.0):
             detail += "; NOT A MEASUREMENT: no sample shares a 4-gram with its references"

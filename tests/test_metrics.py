@@ -371,3 +371,19 @@ def test_generation_metrics_falls_back_to_the_samples_for_self_bleu():
     assert out["self_bleu"] == self_bleu(HYPOTHESES)
     assert out["self_bleu_disjoint"] is False
     assert out["num_samples"] == len(HYPOTHESES) and out["num_references"] == len(LM1B_REFERENCES)
+
+
+def test_dbert_evaluate_prints_what_each_bleu_counts_and_flags_a_non_measurement():
+    from stages.evaluate import summary_lines
+
+    summary = {"bound.ppl_token_mean": 500.0, "bound.num_tokens": 70, "bound.num_words": 60, "bound.num_truncated": 1,
+               "generation.bleu": 0.06, "generation.bleu_p4": 0.01, "generation.bleu_measured": 1.0,
+               "generation.self_bleu": 1e-78, "generation.self_bleu_p4": 0.0, "generation.self_bleu_measured": 0.0,
+               "generation.num_samples": 128, "generation.num_references": 6119,
+               "generation.num_self_bleu_samples": 128}
+    text = "\n".join(summary_lines(summary))
+    assert "70 content WordPieces, 60 words (1 test lines cut" in text
+    assert "generation.bleu: 0.0600 (mean of 128 per-sample BLEU-4, each against 6119 test lines" in text
+    bleu_line, self_line = text.splitlines()[-2:]
+    assert "NOT A MEASUREMENT" not in bleu_line
+    assert "against the other 127 samples" in self_line and "NOT A MEASUREMENT" in self_line
