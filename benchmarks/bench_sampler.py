@@ -22,7 +22,7 @@ from pipeline.diffusion.forward import SpecialIds  # noqa: E402
 from pipeline.diffusion.samplers import ancestral_sample  # noqa: E402
 from pipeline.diffusion.schedules import build_schedule, time_grid  # noqa: E402
 from pipeline.model.loading import build_denoiser, load_tokenizer  # noqa: E402
-from pipeline.train.precision import autocast  # noqa: E402
+from pipeline.model.precision import autocast  # noqa: E402
 
 
 def main() -> None:

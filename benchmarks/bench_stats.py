@@ -24,7 +24,7 @@ from pipeline.diffusion.forward import SpecialIds  # noqa: E402
 from pipeline.diffusion.schedules import build_schedule  # noqa: E402
 from pipeline.eval.bound import bound_per_sequence  # noqa: E402
 from pipeline.model.loading import build_denoiser, load_tokenizer  # noqa: E402
-from pipeline.train.precision import autocast  # noqa: E402
+from pipeline.model.precision import autocast  # noqa: E402
 
 
 def main() -> None:
@@ -52,7 +52,7 @@ def main() -> None:
     print(f"| tokenization + statistics | {both_s:.2f} | {split.num_content_tokens / both_s:,.0f} | {both_s / tok_s:.2f}x |")
 
     if args.model:
-        from pipeline.train.export import load_exported
+        from pipeline.model.export import load_exported
 
         model, _, schedule = load_exported(args.model)
     else:

@@ -27,7 +27,7 @@ from pipeline.diffusion.loss import diffusion_loss  # noqa: E402
 from pipeline.diffusion.schedules import build_schedule  # noqa: E402
 from pipeline.model.loading import build_denoiser, load_tokenizer  # noqa: E402
 from pipeline.train.optim import build_optimizer  # noqa: E402
-from pipeline.train.precision import autocast  # noqa: E402
+from pipeline.model.precision import autocast  # noqa: E402
 
 BATCH, MAX_LEN, T = 32, 64, 2048
 

@@ -13,8 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SCHEDULES = ("linear", "cosine", "loglinear", "spindle", "spindle_paper")
-TIME_DESIGNS = ("none", "prefix", "layerwise", "embedding")
+from pipeline.vocab import TIME_DESIGNS, Precision, ScheduleName, TimeDesign
 
 
 class ParamsError(ValueError):
@@ -48,7 +47,7 @@ class ModelParams(_Group):
     """Which BERT initialises the denoiser, and how the time step enters it (PAPER §5)."""
 
     name_or_path: str = "default"
-    time_design: Literal["none", "prefix", "layerwise", "embedding"] = "none"
+    time_design: TimeDesign = "none"
     random_init: bool = False
     # Shape of a randomly initialised BERT (used only when name_or_path == "random").
     hidden_size: int = Field(384, ge=8)
@@ -67,7 +66,7 @@ class ModelParams(_Group):
 class DiffusionParams(_Group):
     """`schedule` stage: the forward process and its noise schedule (PAPER §2-§3)."""
 
-    schedule: Literal["linear", "cosine", "loglinear", "spindle", "spindle_paper"] = "spindle"
+    schedule: ScheduleName = "spindle"
     num_timesteps: int = Field(2048, ge=1, le=1_000_000)
     spindle_lambda: float = Field(0.3, ge=0.0)
     loglinear_eps: float = Field(1e-3, gt=0.0, lt=1.0)
@@ -86,7 +85,7 @@ class TrainParams(_Group):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     grad_clip: float = Field(1.0, ge=0.0)
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Precision = "auto"
     packed: bool = False
     seed: int = 0
     eval_every: int = Field(100, ge=1)
@@ -121,14 +120,14 @@ class EvalParams(_Group):
     qd_samples: int = Field(32, ge=2)
     sampler: Literal["ancestral", "gibbs"] = "ancestral"  # gibbs: BERT-Mouth
     gibbs_sweeps: int = Field(2, ge=1)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Precision = "auto"
     compare_init: bool = True  # also bound the untrained initial model (seed 0) for comparison
 
 
 class TuneParams(_Group):
     """`tune` stage (opt-in): Ray Tune over the time design and, when asked, lr and lambda."""
 
-    time_designs: list[Literal["none", "prefix", "layerwise", "embedding"]] = Field(
+    time_designs: list[TimeDesign] = Field(
         default_factory=lambda: list(TIME_DESIGNS)
     )
     lrs: list[float] = Field(default_factory=list)

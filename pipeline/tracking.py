@@ -1,12 +1,10 @@
-"""MLflow tracking: where the store lives, experiment setup, stage runs, lineage tags, rank-0 guard.
+"""MLflow tracking: the store, experiment setup, one run per stage, rank-0 logging, UI and queries.
 
 The store is embedded by default: `sqlite:///<abs project root>/mlflow.db` with artifacts under
 `<abs project root>/mlartifacts` (MLflow 3 needs an explicit artifact location next to a sqlite
-store). `MLFLOW_TRACKING_URI` points everything at a tracking server instead.
-
-The project root is the *main* repository's work tree, also when a stage runs inside the copy
-that `dvc exp run --temp/--queue` makes under `<repo>/.dvc/tmp/exps/...`, so that every
-experiment lands in the same database (override with `DBERT_PROJECT_ROOT`).
+store). `MLFLOW_TRACKING_URI`, or an explicit `uri`, points everything at a tracking server
+instead. Where the project root is: `pipeline.project`; what a run is tagged with:
+`pipeline.lineage`.
 
 Typical stage::
 
@@ -21,12 +19,10 @@ also exports `MLFLOW_TRACKING_URI` (MLflow does so itself), so processes started
 
 Importing this module is cheap: MLflow is imported lazily inside the functions that need it.
 """
-
 from __future__ import annotations
 
 import contextlib
 import functools
-import getpass
 import hashlib
 import json
 import logging
@@ -36,8 +32,6 @@ import os
 import posixpath
 import re
 import secrets
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,10 +39,12 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pipeline.lineage import lineage_tags
+from pipeline.project import resolve_root
+
 if TYPE_CHECKING:  # pragma: no cover
     import mlflow
 
-ENV_PROJECT_ROOT = "DBERT_PROJECT_ROOT"
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
 DEFAULT_EXPERIMENT = "diffusionbert"
 DB_NAME = "mlflow.db"
@@ -59,66 +55,11 @@ MAX_PARAM_VAL_LENGTH = 6000
 MAX_TAG_VAL_LENGTH = 8000
 MAX_KEY_LENGTH = 250
 
-_EXPS_PARTS = (".dvc", "tmp", "exps")
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- ]")
-_IGNORED_DIR_NAMES = frozenset({".git", ".hg", ".dvc"})  # what DVC skips inside a directory
 _QUIET_LOGGERS = ("alembic", "mlflow.store", "mlflow.tracking._tracking_service")
 
 _log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-# ---------------------------------------------------------------------------------------------
-# Where things live
-# ---------------------------------------------------------------------------------------------
-
-
-def _main_repo_of_exp_copy(path: Path) -> Path | None:
-    """`<repo>/.dvc/tmp/exps/<anything>` -> `<repo>`; None when `path` is not inside such a copy."""
-    parts = path.parts
-    for i in range(len(parts) - len(_EXPS_PARTS), 0, -1):  # innermost match wins
-        if parts[i : i + len(_EXPS_PARTS)] == _EXPS_PARTS:
-            return Path(*parts[:i])
-    return None
-
-
-def _git(args: list[str], cwd: Path) -> str | None:
-    """stdout of `git <args>` in cwd, or None when git fails or is missing."""
-    try:
-        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    text = out.stdout.strip()
-    return text if out.returncode == 0 and text else None
-
-
-def _git_toplevel(path: Path) -> Path | None:
-    top = _git(["rev-parse", "--show-toplevel"], path)
-    return Path(top).resolve() if top else None
-
-
-def project_root(start: Path | None = None) -> Path:
-    """The main repository's work tree (absolute).
-
-    Order: `$DBERT_PROJECT_ROOT`; the repository that holds `.dvc/tmp/exps` when `start` (default:
-    the current directory) lies in a `dvc exp run --temp/--queue` copy; the git top level of
-    `start`; `start` itself.
-    """
-    env = os.environ.get(ENV_PROJECT_ROOT)
-    if env:
-        return Path(env).expanduser().resolve()
-    here = Path(start if start is not None else Path.cwd()).expanduser().resolve()
-    main = _main_repo_of_exp_copy(here)
-    if main is not None:
-        return main
-    if not here.is_dir():
-        here = here.parent
-    top = _git_toplevel(here) if here.is_dir() else None
-    return top if top is not None else here
-
-
-def _root(root: Path | str | None) -> Path:
-    return Path(root).expanduser().resolve() if root is not None else project_root()
 
 
 def tracking_uri(root: Path | str | None = None) -> str:
@@ -126,7 +67,7 @@ def tracking_uri(root: Path | str | None = None) -> str:
     env = os.environ.get(ENV_TRACKING_URI)
     if env:
         return env
-    return f"sqlite:///{(_root(root) / DB_NAME).as_posix()}"
+    return f"sqlite:///{(resolve_root(root) / DB_NAME).as_posix()}"
 
 
 def artifact_location(root: Path | str | None = None) -> str:
@@ -135,7 +76,7 @@ def artifact_location(root: Path | str | None = None) -> str:
     Experiments that `setup_tracking` creates in a sqlite store keep artifacts in `mlartifacts`
     next to the database file, which for the default store is exactly this folder.
     """
-    return (_root(root) / ARTIFACT_DIR).as_uri()
+    return (resolve_root(root) / ARTIFACT_DIR).as_uri()
 
 
 def _is_local_store(uri: str) -> bool:
@@ -226,138 +167,12 @@ def setup_tracking(experiment: str = DEFAULT_EXPERIMENT, root: Path | str | None
     return str(exp_id)
 
 
-# ---------------------------------------------------------------------------------------------
-# Lineage
-# ---------------------------------------------------------------------------------------------
-
-
-def git_commit(root: Path | str | None = None) -> str | None:
-    """Full HEAD commit of the repository at `root` (default: cwd); None outside git."""
-    where = Path(root).expanduser() if root is not None else Path.cwd()
-    if not where.is_dir():
-        return None
-    return _git(["rev-parse", "--verify", "--quiet", "HEAD"], where)
-
-
-def file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _dir_md5(path: Path) -> str:
-    """DVC 3's directory hash: md5 of the sorted JSON list of {md5, relpath}, plus `.dir`."""
-    entries = []
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = [d for d in dirnames if d not in _IGNORED_DIR_NAMES]
-        for name in filenames:
-            full = Path(dirpath) / name
-            if full.is_file():
-                rel = full.relative_to(path).as_posix()
-                entries.append({"md5": file_md5(full), "relpath": rel})
-    entries.sort(key=lambda e: e["relpath"])
-    blob = json.dumps(entries, sort_keys=True).encode("utf-8")
-    return hashlib.md5(blob).hexdigest() + ".dir"
-
-
-def path_md5(path: Path | str) -> str:
-    """md5 of a file, DVC-style `<md5>.dir` of a directory, `"missing"` if absent."""
-    p = Path(path)
-    if p.is_file():
-        return file_md5(p)
-    if p.is_dir():
-        return _dir_md5(p)
-    return "missing"
-
-
-def _display_path(path: Path, root: Path | None) -> str:
-    p = Path(path).expanduser()
-    if root is None:
-        return posixpath.normpath(p.as_posix())
-    absolute = Path(os.path.abspath(p if p.is_absolute() else root / p))
-    for candidate in (absolute, absolute.resolve()):
-        try:
-            return candidate.relative_to(root).as_posix()
-        except ValueError:
-            continue
-    return absolute.as_posix()
-
-
-def dependency_md5s(paths: list[Path] | list[str], root: Path | str | None = None) -> dict[str, str]:
-    """`{path: md5}` for each path (file md5, DVC-style `.dir` md5, or `"missing"`).
-
-    Relative paths are taken relative to `root` when given (else to cwd); keys are posix paths
-    relative to `root` when the path lies inside it, else the path as given.
-    """
-    base = Path(root).expanduser().resolve() if root is not None else None
-    out: dict[str, str] = {}
-    for path in paths:
-        p = Path(path).expanduser()
-        real = p if p.is_absolute() or base is None else base / p
-        out[_display_path(p, base)] = path_md5(real)
-    return out
-
-
 def _safe_key(key: str) -> str:
     """A valid MLflow param/tag key: allowed characters only, normalised, <= 250 chars."""
     key = posixpath.normpath(_BAD_KEY_CHARS.sub("_", key)).lstrip("/")
     if key == "." or key.startswith(".."):
         key = "_" + key
     return key[:MAX_KEY_LENGTH].rstrip("/") or "_"
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # no passwd entry in some containers
-        return os.environ.get("USER") or os.environ.get("USERNAME") or "unknown"
-
-
-def _checkout(root: Path | str | None) -> Path:
-    """`root`, else the git work tree of the current directory (a DVC exp copy is its own)."""
-    if root is not None:
-        return Path(root).expanduser().resolve()
-    here = Path.cwd().resolve()
-    return _git_toplevel(here) or here
-
-
-def lineage_tags(
-    stage: str, deps: list[Path] | list[str] | None = None, root: Path | str | None = None
-) -> dict[str, str]:
-    """Tags that tie a run to its code and inputs.
-
-    `git_commit` (omitted outside git), `stage`, `dvc_exp_name` / `dvc_exp_baseline_rev` when
-    DVC sets them, `dep_md5.<path>` per dependency, `host`, `user`.
-
-    With `root`, the commit is `root`'s and relative deps are relative to it. Without, both come
-    from the checkout the stage runs in (the current directory's git work tree): inside a
-    `dvc exp run --temp/--queue` copy that is the copy, whose HEAD is the experiment's baseline
-    and whose files are the ones the stage reads, not the main repository's.
-    """
-    base = _checkout(root)
-    tags: dict[str, str] = {}
-    commit = git_commit(base)
-    if commit:
-        tags["git_commit"] = commit
-    tags["stage"] = stage
-    for env, tag in (("DVC_EXP_NAME", "dvc_exp_name"), ("DVC_EXP_BASELINE_REV", "dvc_exp_baseline_rev")):
-        if os.environ.get(env):
-            tags[tag] = os.environ[env]
-    paths = [Path(d).expanduser() for d in deps or []]
-    if root is None:  # relative to where the stage runs
-        paths = [p if p.is_absolute() else Path.cwd() / p for p in paths]
-    for rel, md5 in dependency_md5s(paths, root=base).items():
-        tags[_safe_key(f"dep_md5.{rel}")] = md5
-    tags["host"] = socket.gethostname()
-    tags["user"] = _user()
-    return tags
-
-
-# ---------------------------------------------------------------------------------------------
-# Runs
-# ---------------------------------------------------------------------------------------------
 
 
 def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -490,11 +305,6 @@ def _end_run(run_id: str, status: str) -> None:
         mlflow.MlflowClient().set_terminated(run_id, status)
 
 
-# ---------------------------------------------------------------------------------------------
-# Rank 0 and logging helpers
-# ---------------------------------------------------------------------------------------------
-
-
 def global_rank() -> int:
     """This process's rank: torch.distributed when initialised, else `$RANK`, else 0."""
     torch = sys.modules.get("torch")  # never import torch just to learn we are alone
@@ -594,11 +404,6 @@ def log_dict_artifact(obj: Any, name: str, run_id: str | None = None) -> None:
 
     text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
     mlflow.log_text(text, name, run_id=run_id)
-
-
-# ---------------------------------------------------------------------------------------------
-# UI and queries
-# ---------------------------------------------------------------------------------------------
 
 
 def ui_command(host: str = "127.0.0.1", port: int = 5000, root: Path | str | None = None) -> list[str]:

@@ -27,9 +27,17 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.ablation.rows import RowRun, digest, plan
-from pipeline.artifacts import Layout, atomic_directory, read_json, write_file_atomic, write_json, write_json_atomic
+from pipeline.artifacts import (
+    Layout,
+    atomic_directory,
+    read_json,
+    write_file_atomic,
+    write_json,
+    write_json_atomic,
+)
 from pipeline.config import Params
-from stages.common import Progress, code_paths, require, stage_run, tracking_root
+from pipeline.vocab import ProgressCallback
+from stages.common import code_paths, require, stage_run, tracking_root
 
 STAGE = "ablation"
 ROW_STAGE = "ablation_row"
@@ -48,7 +56,7 @@ def run(
     *,
     only: list[str] | None = None,
     fresh: bool = False,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
     on_row: RowCallback | None = None,
 ) -> dict:
     """Train and evaluate every planned row (reusing finished ones), then write the report."""
@@ -91,7 +99,7 @@ def run(
 
 
 def _run_row(row_run: RowRun, layout: Layout, state: dict, state_path: Path, index: int, total: int,
-             progress: Progress | None, on_row: RowCallback | None) -> dict:
+             progress: ProgressCallback | None, on_row: RowCallback | None) -> dict:
     from pipeline.tracking import log_metrics, start_stage_run
 
     row_root = layout.ablation_out / "rows" / row_run.key
@@ -138,7 +146,7 @@ def _run_row(row_run: RowRun, layout: Layout, state: dict, state_path: Path, ind
     return result
 
 
-def _train_and_evaluate(params: Params, row_root: Path, progress: Progress | None) -> dict[str, float]:
+def _train_and_evaluate(params: Params, row_root: Path, progress: ProgressCallback | None) -> dict[str, float]:
     """The pipeline's own stages on the row's root; a finished training is not repeated, an
     interrupted one resumes from its checkpoint. Seconds per phase accumulate over resumptions."""
     from pipeline.train.ray_driver import last_run
@@ -282,7 +290,7 @@ def parent_metrics(report: dict) -> dict[str, float]:
 def build_report(params: Params, results: list[dict], parent_run_id: str) -> dict:
     from pipeline.ablation.report import check_claims, table_rows
     from pipeline.eval.evaluate import corpus_label, evaluation_settings
-    from pipeline.tracking import git_commit
+    from pipeline.project import git_commit
 
     ab, ev = params.ablation, params.evaluate
     return {

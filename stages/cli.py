@@ -123,7 +123,13 @@ class RichProgress:
 
     def __init__(self) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         console = Console(stderr=True)
         self._progress = Progress(
@@ -401,7 +407,8 @@ def mlflow_ui_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the command instead of running it.")] = False,
 ) -> None:
     """Start the MLflow UI on the project's tracking store (mlflow.db and mlartifacts/ at the project root)."""
-    from pipeline.tracking import project_root, ui_command
+    from pipeline.project import project_root
+    from pipeline.tracking import ui_command
 
     with user_errors():
         _, r = resolve(params, set_, root)

@@ -5,7 +5,7 @@ A stage is `run(params, root, **options) -> dict`. `root` is the checkout the st
 writes to (the repository root under `dvc repro`, the copy under `dvc exp run --temp`, a
 temporary directory in tests). The *project* root - where the corpus mirror is resolved and the
 MLflow database lives - is the main repository, also from an experiment copy
-(`pipeline.tracking.project_root`).
+(`pipeline.project.project_root`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 from pipeline.artifacts import write_file_atomic  # noqa: F401 - stages import it from here
 from pipeline.config import Params
+from pipeline.vocab import ProgressCallback
 
 CODE_ROOT = Path(__file__).resolve().parents[1]  # the checkout whose code is running
 # Plumbing that never changes what a stage writes: params are tracked as params, MLflow is not an
@@ -26,9 +27,6 @@ CODE_ROOT = Path(__file__).resolve().parents[1]  # the checkout whose code is ru
 # pipeline.signals only turns stop signals into exceptions.
 NOT_CODE_DEPS = frozenset({"pipeline.config", "pipeline.tracking", "pipeline.signals", "stages.common",
                            "stages.cli"})
-
-# progress(task, advance, total): advance the bar called `task` by `advance` of `total` units.
-Progress = Callable[[str, int, "int | None"], None]
 
 
 def same_path(a: Path, b: Path) -> bool:
@@ -40,7 +38,7 @@ def same_path(a: Path, b: Path) -> bool:
 
 def project_dir(root: Path) -> Path:
     """The main repository for `root` (see module doc): corpus paths are relative to it."""
-    from pipeline.tracking import project_root
+    from pipeline.project import project_root
 
     return project_root(Path(root))
 
@@ -94,7 +92,7 @@ def stage_run(
         yield run
 
 
-def tick(progress: Progress | None, task: str, total: int | None) -> Callable[[int], None] | None:
+def tick(progress: ProgressCallback | None, task: str, total: int | None) -> Callable[[int], None] | None:
     """A one-argument `advance(n)` for library functions that take `progress(n)`."""
     if progress is None:
         return None
@@ -117,10 +115,25 @@ def _module_file(name: str) -> Path | None:
     return None
 
 
+def _is_type_checking_block(node: ast.AST) -> bool:
+    test = getattr(node, "test", None) if isinstance(node, ast.If) else None
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _runtime_nodes(tree: ast.AST) -> Iterator[ast.AST]:
+    """Every node of `tree` except those under `if TYPE_CHECKING:` (annotations change no output)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        todo.extend(child for child in ast.iter_child_nodes(node) if not _is_type_checking_block(child))
+
+
 def _local_imports(path: Path) -> set[str]:
-    """Project modules (pipeline.*, stages.*) that a file imports anywhere, lazy imports included."""
+    """Project modules (pipeline.*, stages.*) that a file imports at run time, lazy imports included."""
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+    for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

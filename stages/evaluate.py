@@ -24,7 +24,8 @@ from typing import Any
 
 from pipeline.artifacts import Layout, atomic_directory, read_json, write_json
 from pipeline.config import Params
-from stages.common import Progress, code_paths, require, same_path, stage_run
+from pipeline.vocab import ProgressCallback
+from stages.common import code_paths, require, same_path, stage_run
 
 STAGE = "evaluate"
 # model.* and diffusion.num_timesteps/hybrid_lambda: `evaluate.compare_init` rebuilds the untrained
@@ -166,7 +167,7 @@ def _train_run_tag(layout: Layout, model_dir: Path) -> dict[str, str]:
     return {"train_mlflow_run_id": run_id} if run_id else {}
 
 
-def run(params: Params, root: Path, *, model_dir: Path | None = None, progress: Progress | None = None) -> dict:
+def run(params: Params, root: Path, *, model_dir: Path | None = None, progress: ProgressCallback | None = None) -> dict:
     from pipeline.eval.evaluate import evaluate_model
     from pipeline.tracking import log_artifact, log_metrics
 

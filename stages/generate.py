@@ -16,7 +16,8 @@ import numpy as np
 
 from pipeline.artifacts import Layout
 from pipeline.config import Params
-from stages.common import Progress, code_paths, stage_run, tick, write_file_atomic
+from pipeline.vocab import ProgressCallback
+from stages.common import code_paths, stage_run, tick, write_file_atomic
 
 STAGE = "generate"
 PARAMS = ("evaluate.sample_steps", "evaluate.top_k", "evaluate.top_p", "evaluate.temperature",
@@ -51,10 +52,10 @@ def run(
     seed: int | None = None,
     output: Path | None = None,
     track: bool = False,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
 ) -> dict:
     from pipeline.eval.generation import generate
-    from pipeline.train.export import load_exported
+    from pipeline.model.export import load_exported
 
     ev = params.evaluate
     settings = {

@@ -22,8 +22,9 @@ import numpy as np
 
 from pipeline.artifacts import Layout, atomic_directory, write_json
 from pipeline.config import Params
-from pipeline.tracking import file_md5
-from stages.common import Progress, code_paths, project_dir, stage_run
+from pipeline.lineage import file_md5
+from pipeline.vocab import ProgressCallback
+from stages.common import code_paths, project_dir, stage_run
 
 STAGE = "prepare"
 PARAMS = ("data", "model.name_or_path")
@@ -84,7 +85,7 @@ def corpus_request(params: Params, root: Path) -> tuple[str, dict[str, Any], dic
     raise CorpusError(f"unknown data.source {d.source!r}")  # the schema already refuses this
 
 
-def tokenize(lines: list[str], tokenizer, max_seq_len: int, task: str, progress: Progress | None):
+def tokenize(lines: list[str], tokenizer, max_seq_len: int, task: str, progress: ProgressCallback | None):
     """`tokenize_lines` in chunks (same result as one call) so the progress bar moves."""
     from pipeline.data.tokenize import TokenizedSplit, tokenize_lines
 
@@ -103,7 +104,7 @@ def tokenize(lines: list[str], tokenizer, max_seq_len: int, task: str, progress:
     return TokenizedSplit(ids=ids, offsets=offsets, word_counts=word_counts, truncated=truncated)
 
 
-def run(params: Params, root: Path, *, progress: Progress | None = None) -> dict:
+def run(params: Params, root: Path, *, progress: ProgressCallback | None = None) -> dict:
     from pipeline.data.sources import load_corpus
     from pipeline.model.loading import load_tokenizer
     from pipeline.tracking import log_artifact, log_metrics

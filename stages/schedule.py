@@ -23,7 +23,8 @@ import numpy as np
 
 from pipeline.artifacts import Layout, atomic_directory, read_json, write_json
 from pipeline.config import Params
-from stages.common import Progress, code_paths, require, stage_run
+from pipeline.vocab import ProgressCallback
+from stages.common import code_paths, require, stage_run
 
 STAGE = "schedule"
 PARAMS = ("diffusion.schedule", "diffusion.num_timesteps", "diffusion.spindle_lambda", "diffusion.loglinear_eps")
@@ -45,7 +46,7 @@ def curve_grid(num_timesteps: int, points: int = CURVE_POINTS) -> list[int]:
     return sorted({round(j * num_timesteps / points) for j in range(points + 1)})
 
 
-def check_monotone(schedule, progress: Progress | None = None) -> dict:
+def check_monotone(schedule, progress: ProgressCallback | None = None) -> dict:
     """alpha_0 = 1, alpha_T = 0 and alpha_{t-1}(v) >= alpha_t(v) for every id v and step t."""
     import torch
 
@@ -116,9 +117,13 @@ def _alpha_columns(schedule, grid: list[int], ids: list[int]) -> np.ndarray:
     return table[:, ids].numpy()
 
 
-def run(params: Params, root: Path, *, progress: Progress | None = None) -> dict:
+def run(params: Params, root: Path, *, progress: ProgressCallback | None = None) -> dict:
     from pipeline.data.stats import TokenStatistics
-    from pipeline.diffusion.schedules import ScheduleError, max_spindle_lambda, schedule_from_params
+    from pipeline.diffusion.schedules import (
+        ScheduleError,
+        max_spindle_lambda,
+        schedule_from_params,
+    )
     from pipeline.tracking import log_artifact, log_metrics
     from pipeline.viz import line_plot
 

@@ -17,7 +17,8 @@ import numpy as np
 
 from pipeline.artifacts import Layout, atomic_directory, read_json
 from pipeline.config import Params
-from stages.common import Progress, code_paths, require, stage_run, write_file_atomic
+from pipeline.vocab import ProgressCallback
+from stages.common import code_paths, require, stage_run, write_file_atomic
 
 STAGE = "token_stats"
 PARAMS: tuple[str, ...] = ()
@@ -26,9 +27,15 @@ METRICS_FILE = "outputs/token_stats.json"
 TOP_K = 20
 
 
-def run(params: Params, root: Path, *, progress: Progress | None = None) -> dict:
+def run(params: Params, root: Path, *, progress: ProgressCallback | None = None) -> dict:
     del progress  # one vectorised pass over the ids: nothing to show
-    from pipeline.data.stats import TokenStatistics, dumps_json, length_histogram, summarize, write_json
+    from pipeline.data.stats import (
+        TokenStatistics,
+        dumps_json,
+        length_histogram,
+        summarize,
+        write_json,
+    )
     from pipeline.data.tokenize import TokenizedSplit
     from pipeline.diffusion.forward import SpecialIds
     from pipeline.model.loading import load_tokenizer

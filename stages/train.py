@@ -24,7 +24,8 @@ from typing import Any
 
 from pipeline.artifacts import Layout, atomic_directory, read_json, write_json
 from pipeline.config import Params
-from stages.common import Progress, code_paths, require, stage_run
+from pipeline.vocab import ProgressCallback
+from stages.common import code_paths, require, stage_run
 
 STAGE = "train"
 PARAMS = ("model", "diffusion", "train", "data.max_seq_len")
@@ -100,7 +101,7 @@ def final_metrics(history: list[dict[str, Any]], outcome, run_id: str) -> dict[s
     }
 
 
-def step_progress(progress: Progress | None, total_steps: int):
+def step_progress(progress: ProgressCallback | None, total_steps: int):
     """The driver's `progress(metrics)` (one call per report) as a bar over optimizer steps."""
     if progress is None:
         return None
@@ -114,7 +115,7 @@ def step_progress(progress: Progress | None, total_steps: int):
     return on_report
 
 
-def run(params: Params, root: Path, *, resume: bool = False, progress: Progress | None = None) -> dict:
+def run(params: Params, root: Path, *, resume: bool = False, progress: ProgressCallback | None = None) -> dict:
     from pipeline.tracking import log_artifact, log_metrics
     from pipeline.train.ray_driver import run_training
     from pipeline.viz import training_curves

@@ -22,7 +22,8 @@ import yaml
 
 from pipeline.artifacts import Layout
 from pipeline.config import Params, params_from_dict
-from stages.common import Progress, code_paths, require, stage_run
+from pipeline.vocab import ProgressCallback
+from stages.common import code_paths, require, stage_run
 
 STAGE = "tune"
 PARAMS = ("tune", "model", "diffusion", "train", "data.max_seq_len")
@@ -88,7 +89,7 @@ def run(
     *,
     apply: bool = False,
     on_proposal: Callable[[dict], None] | None = None,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
 ) -> dict:
     """Tune, write the proposal, hand the summary to `on_proposal` (the CLI prints it), and with
     `apply=True` run it as `dvc exp run --temp -S ...` in `root`."""

@@ -153,7 +153,7 @@ def tiny_model(tmp_path_factory) -> Path:
     """A tiny random DiffusionBERT exported with the default tokenizer and a linear schedule."""
     from pipeline.diffusion.schedules import build_schedule
     from pipeline.model.loading import build_denoiser, load_tokenizer, random_bert_config
-    from pipeline.train.export import export_model
+    from pipeline.model.export import export_model
 
     tokenizer = load_tokenizer("random")
     config = random_bert_config(tokenizer.vocab_size, 32, 2, 2, 64, max_positions=64)

@@ -15,12 +15,18 @@ import torch
 from pipeline.diffusion.forward import content_mask, q_sample
 from pipeline.diffusion.loss import diffusion_loss, mlm_loss, sequence_bound
 from pipeline.diffusion.samplers import ancestral_sample, gibbs_sample
-from pipeline.diffusion.schedules import SCHEDULE_NAMES, grid_for_steps, time_grid
+from pipeline.diffusion.schedules import grid_for_steps, time_grid
 from pipeline.eval.bound import bound_per_sequence
-from pipeline.model.denoiser import TIME_DESIGNS
 from pipeline.train.loop import train_loop
 from pipeline.train.optim import EMA, build_optimizer
-from tests.fake_device import FAKE, DeviceMixError, FakeDeviceTensor, on_fake_device, to_cpu
+from pipeline.vocab import SCHEDULES, TIME_DESIGNS
+from tests.fake_device import (
+    FAKE,
+    DeviceMixError,
+    FakeDeviceTensor,
+    on_fake_device,
+    to_cpu,
+)
 from tests.test_samplers import tiny_bert
 from tests.test_train_loop import tiny_data  # noqa: F401  (fixture)
 from tests.toy import CLS, SEP, SPECIAL, toy_schedule
@@ -100,7 +106,7 @@ def test_the_original_q_sample_bug_is_a_device_mix_here():
 # -- forward process and losses ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("schedule_name", SCHEDULE_NAMES)
+@pytest.mark.parametrize("schedule_name", SCHEDULES)
 def test_q_sample_on_the_device_draws_the_cpu_noise(schedule_name):
     schedule = toy_schedule(schedule_name, T)
     t = torch.tensor([1.0, 20.0, 40.0, 64.0])
@@ -112,7 +118,7 @@ def test_q_sample_on_the_device_draws_the_cpu_noise(schedule_name):
         assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want))
 
 
-@pytest.mark.parametrize("schedule_name", SCHEDULE_NAMES)
+@pytest.mark.parametrize("schedule_name", SCHEDULES)
 def test_diffusion_loss_on_the_device_equals_the_cpu_loss(schedule_name):
     schedule = toy_schedule(schedule_name, T)
     want = diffusion_loss(tiny_bert().denoise, IDS, ATTN, schedule, SPECIAL, torch.Generator().manual_seed(1), 0.01)

@@ -10,15 +10,20 @@ import torch
 
 from pipeline.config import ParamsError, load_params
 from pipeline.diffusion.forward import content_mask, q_sample, stratified_times
-from pipeline.diffusion.loss import diffusion_loss, position_kl, sequence_bound, subs_log_probs
+from pipeline.diffusion.loss import (
+    diffusion_loss,
+    position_kl,
+    sequence_bound,
+    subs_log_probs,
+)
 from pipeline.diffusion.schedules import (
-    SCHEDULE_NAMES,
     ScheduleError,
     build_schedule,
     grid_for_steps,
     max_spindle_lambda,
     time_grid,
 )
+from pipeline.vocab import SCHEDULES
 from tests.toy import (
     CONTENT,
     DATA_PROBS,
@@ -42,7 +47,7 @@ def all_content_ids_batch(T: int, t: float) -> tuple[torch.Tensor, torch.Tensor]
 
 
 # ---------------------------------------------------------------- schedule contract
-@pytest.mark.parametrize("name", SCHEDULE_NAMES)
+@pytest.mark.parametrize("name", SCHEDULES)
 @pytest.mark.parametrize("T", T_VALUES)
 class TestEveryScheduleContract:
     def test_alpha_is_one_at_step_zero_and_zero_at_step_T(self, name, T):
@@ -149,7 +154,7 @@ def _brute_force_kl(probs: torch.Tensor, a: torch.Tensor, x0: int) -> float:
     return float((q[support] * (q[support].log() - p[support].log())).sum())
 
 
-@pytest.mark.parametrize("name", SCHEDULE_NAMES)
+@pytest.mark.parametrize("name", SCHEDULES)
 @pytest.mark.parametrize("step", [(6, 5), (3, 2), (1, 0), (6, 2)])
 def test_position_kl_equals_brute_force_kl_over_full_distributions(name, step):
     schedule = toy_schedule(name, 6)

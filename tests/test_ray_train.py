@@ -30,7 +30,8 @@ def _checkpoint_model(params, layout, directory):
     """The model a checkpoint holds, rebuilt the way the driver does."""
     from pipeline.data.stats import TokenStatistics
     from pipeline.train.checkpoint import load_checkpoint
-    from pipeline.train.loop import build_model, build_schedule_for
+    from pipeline.model.loading import build_model
+    from pipeline.train.loop import build_schedule_for
 
     model = build_model(params, build_schedule_for(params, TokenStatistics.load(layout.token_stats)))
     load_checkpoint(directory, model)
@@ -73,7 +74,7 @@ def test_local_mode_training_reaches_the_configured_steps_logs_to_mlflow_and_exp
 
     from pipeline import tracking
     from pipeline.eval.generation import generate
-    from pipeline.train.export import load_exported
+    from pipeline.model.export import load_exported
 
     monkeypatch.setenv("DBERT_PROJECT_ROOT", str(layout.root))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{layout.root / 'mlflow.db'}")

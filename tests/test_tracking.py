@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import tracking
+from pipeline import lineage, project, tracking
 
 # MLflow's own sqlalchemy store trips this deprecation; nothing here can change it.
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
@@ -222,12 +222,12 @@ def test_long_param_values_are_truncated_to_mlflows_limit(clean_mlflow, tmp_path
 def test_lineage_tags_omit_the_git_commit_outside_git_and_read_dvc_exp_name(clean_mlflow, tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "tidy-lynx")
     (tmp_path / "plain").mkdir()
-    tags = tracking.lineage_tags("schedule", deps=[], root=tmp_path / "plain")
+    tags = lineage.lineage_tags("schedule", deps=[], root=tmp_path / "plain")
 
     assert "git_commit" not in tags
     assert tags["stage"] == "schedule"
     assert tags["dvc_exp_name"] == "tidy-lynx"
-    assert tracking.git_commit(tmp_path / "plain") is None
+    assert project.git_commit(tmp_path / "plain") is None
 
 
 def test_dependency_md5s_equal_the_hashes_dvc_writes(tmp_path):
@@ -237,7 +237,7 @@ def test_dependency_md5s_equal_the_hashes_dvc_writes(tmp_path):
     (tmp_path / "d" / "sub" / "b.bin").write_bytes(b"x\r\ny")
     (tmp_path / "f.txt").write_bytes(b"zz")
 
-    assert tracking.dependency_md5s(["d", "f.txt", "gone"], root=tmp_path) == {
+    assert lineage.dependency_md5s(["d", "f.txt", "gone"], root=tmp_path) == {
         "d": "4887b9e0985fecf6b466b85f72b04639.dir",
         "f.txt": "25ed1bcb423b0b7200f485fc5ff71c8e",
         "gone": "missing",
@@ -249,17 +249,17 @@ def test_project_root_from_a_dvc_exp_temp_copy_resolves_to_the_main_repo(clean_m
     copy.mkdir(parents=True)
     _git(copy.parent, "init", "-q")  # DVC's temp copy is a git repo of its own
 
-    assert tracking.project_root(copy) == git_repo
+    assert project.project_root(copy) == git_repo
     monkeypatch.chdir(copy)
-    assert tracking.project_root() == git_repo
+    assert project.project_root() == git_repo
     assert tracking.tracking_uri() == f"sqlite:///{git_repo / 'mlflow.db'}"
     assert tracking.artifact_location() == (git_repo / "mlartifacts").as_uri()
 
 
 def test_project_root_is_the_git_top_level_and_dbert_project_root_wins(clean_mlflow, git_repo, tmp_path, monkeypatch):
-    assert tracking.project_root(git_repo / "data" / "tokenized") == git_repo
+    assert project.project_root(git_repo / "data" / "tokenized") == git_repo
     monkeypatch.setenv("DBERT_PROJECT_ROOT", str(tmp_path / "elsewhere"))
-    assert tracking.project_root(git_repo / "data") == tmp_path / "elsewhere"
+    assert project.project_root(git_repo / "data") == tmp_path / "elsewhere"
 
 
 def test_mlflow_tracking_uri_wins_over_the_project_database(clean_mlflow, tmp_path, monkeypatch):

@@ -11,7 +11,8 @@ from pipeline.data.stats import TokenStatistics
 from pipeline.data.tokenize import tokenize_lines
 from pipeline.diffusion.forward import SpecialIds
 from pipeline.train.checkpoint import load_checkpoint
-from pipeline.train.loop import TrainData, build_model, train_loop
+from pipeline.model.loading import build_model
+from pipeline.train.loop import TrainData, train_loop
 from pipeline.train.optim import EMA, warmup_cosine
 
 TINY = [

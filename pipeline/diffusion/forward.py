@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from pipeline.diffusion.schedules import Schedule
+
+# The network the process is learned with: denoiser(x_t [B, L], attention_mask [B, L],
+# s [B] (the time step as a fraction in [0, 1]), positions [B, L] or None) -> logits [B, L, V].
+# Training, the bound and both samplers call it through this one signature.
+Denoiser = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,13 @@ zero), so the MLM head only ever runs where something is masked.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from pipeline.diffusion.forward import (
+    Denoiser,
     SpecialIds,
     content_mask,
     q_sample,
@@ -22,8 +23,6 @@ from pipeline.diffusion.forward import (
     stratified_times,
 )
 from pipeline.diffusion.schedules import Schedule
-
-Denoiser = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 def subs_log_probs(logits: Tensor, forbidden_ids: Sequence[int]) -> Tensor:

@@ -21,10 +21,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from pipeline.diffusion.forward import SpecialIds
+from pipeline.diffusion.forward import Denoiser, SpecialIds
 from pipeline.diffusion.schedules import Schedule
-
-Denoiser = Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]
 
 
 @dataclass

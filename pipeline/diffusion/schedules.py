@@ -20,6 +20,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
+from pipeline.vocab import SCHEDULES
+
 
 class ScheduleError(ValueError):
     """A schedule that cannot be built as asked (unknown name, non-monotone alpha, ...)."""
@@ -249,7 +251,6 @@ class SpindlePaperSchedule(Schedule):
         return {**super().describe(), "spindle_lambda": self.spindle_lambda, "leaky": True}
 
 
-SCHEDULE_NAMES = ("linear", "cosine", "loglinear", "spindle", "spindle_paper")
 
 
 def build_schedule(
@@ -276,7 +277,7 @@ def build_schedule(
         if counts is None:
             raise ScheduleError("spindle_paper needs token statistics (the token counts)")
         return SpindlePaperSchedule(num_timesteps, counts, spindle_lambda)
-    raise ScheduleError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+    raise ScheduleError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
 
 
 def time_grid(num_timesteps: int, step_size: int = 1) -> list[int]:

@@ -17,8 +17,8 @@ import torch
 
 from pipeline.data.batching import pack_sequences, pad_batch
 from pipeline.data.tokenize import TokenizedSplit
-from pipeline.diffusion.forward import SpecialIds
-from pipeline.diffusion.loss import Denoiser, sequence_bound
+from pipeline.diffusion.forward import Denoiser, SpecialIds
+from pipeline.diffusion.loss import sequence_bound
 from pipeline.diffusion.schedules import Schedule, grid_for_steps
 
 

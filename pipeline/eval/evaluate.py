@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -21,11 +20,11 @@ from pipeline.diffusion.forward import SpecialIds
 from pipeline.eval.bound import PackedRows, perplexity_bound
 from pipeline.eval.generation import fixed_or_sampled_lengths, generate
 from pipeline.eval.metrics import TOKENIZATION, generation_metrics
-from pipeline.train.export import load_exported
-from pipeline.train.precision import autocast, resolve_precision
+from pipeline.model.export import load_exported
+from pipeline.model.precision import autocast, resolve_precision
+from pipeline.vocab import ProgressCallback
 
 # progress(task, advance, total): the stage turns this into a progress bar.
-Progress = Callable[[str, int, int], None]
 
 FULL_EVALUATION = {"num_sequences": None, "bound_steps": 128, "num_samples": 1000}
 
@@ -43,7 +42,7 @@ def corpus_label(params: Params) -> str:
     return "LM1B-sample" if params.data.source == "lm1b_mirror" else params.data.source
 
 
-def evaluate_model(params: Params, layout: Layout, model_dir: str | Path, progress: Progress | None = None) -> dict:
+def evaluate_model(params: Params, layout: Layout, model_dir: str | Path, progress: ProgressCallback | None = None) -> dict:
     """Bound (per token and per word, over `evaluate.seeds`) and generation metrics."""
     ev = params.evaluate
     settings = evaluation_settings(params)
@@ -135,7 +134,7 @@ def _with_precision(denoise, precision: str):
 
 def _initial_model_bound(params: Params, schedule, test, special, settings: dict, length_lp, precision: str) -> dict:
     """The same bound for the model as it was before training (first seed only)."""
-    from pipeline.train.loop import build_model
+    from pipeline.model.loading import build_model
 
     initial = build_model(params, schedule).eval()
     with torch.no_grad():

@@ -9,7 +9,12 @@ import numpy as np
 import torch
 
 from pipeline.diffusion.forward import SpecialIds
-from pipeline.diffusion.samplers import SampleOutput, ancestral_sample, decode, gibbs_sample
+from pipeline.diffusion.samplers import (
+    SampleOutput,
+    ancestral_sample,
+    decode,
+    gibbs_sample,
+)
 from pipeline.diffusion.schedules import Schedule, grid_for_steps
 
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from transformers import BertConfig, BertForMaskedLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
-TIME_DESIGNS = ("none", "prefix", "layerwise", "embedding")
+from pipeline.vocab import TIME_DESIGNS
 
 
 class DiffusionBertConfig(PretrainedConfig):

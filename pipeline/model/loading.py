@@ -7,15 +7,20 @@ deterministically, and every parameter is checked to be finite after loading.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 from transformers.utils import logging as hf_logging
 
-from pipeline.model.denoiser import TIME_DESIGNS, DiffusionBertConfig, DiffusionBertForDenoising
+from pipeline.model.denoiser import DiffusionBertConfig, DiffusionBertForDenoising
+from pipeline.vocab import TIME_DESIGNS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.config import Params
+    from pipeline.diffusion.schedules import Schedule
 
 DEFAULT_MODEL = "default"
 RANDOM_MODEL = "random"
@@ -189,3 +194,24 @@ def build_denoiser(
         model = DiffusionBertForDenoising(config, mlm=mlm)
     check_finite(model, name_or_path)
     return model
+
+
+def build_model(params: "Params", schedule: "Schedule") -> DiffusionBertForDenoising:
+    """The denoiser `params.model` describes, for `schedule` (its description goes into the config)."""
+    m = params.model
+    random_config = None
+    if m.name_or_path == "random":
+        random_config = random_bert_config(
+            load_tokenizer("random").vocab_size, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size,
+            max_positions=max(512, params.data.max_seq_len),
+        )
+    return build_denoiser(
+        m.name_or_path,
+        time_design=m.time_design,
+        num_timesteps=params.diffusion.num_timesteps,
+        max_seq_len=params.data.max_seq_len,
+        random_init=m.random_init,
+        random_config=random_config,
+        seed=m.head_init_seed,
+        diffusion={**schedule.describe(), "hybrid_lambda": params.diffusion.hybrid_lambda},
+    )

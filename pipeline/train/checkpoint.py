@@ -19,14 +19,16 @@ META_FILE = "progress.json"
 
 
 @dataclass
-class Progress:
+class TrainPosition:
+    """Where training stands: what a resumed run continues from (saved as progress.json)."""
+
     step: int = 0  # optimizer steps done
     epoch: int = 0
     batch_in_epoch: int = 0  # batches of `epoch` already consumed (the data position)
     tokens_seen: int = 0
 
 
-def save_checkpoint(directory: str | Path, model, optimizer, scheduler, progress: Progress, ema=None) -> Path:
+def save_checkpoint(directory: str | Path, model, optimizer, scheduler, progress: TrainPosition, ema=None) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_model(model, str(directory / MODEL_FILE))
@@ -41,7 +43,7 @@ def save_checkpoint(directory: str | Path, model, optimizer, scheduler, progress
     return directory
 
 
-def load_checkpoint(directory: str | Path, model, optimizer=None, scheduler=None, ema=None) -> Progress:
+def load_checkpoint(directory: str | Path, model, optimizer=None, scheduler=None, ema=None) -> TrainPosition:
     directory = Path(directory)
     missing = [f for f in (MODEL_FILE, STATE_FILE, META_FILE) if not (directory / f).is_file()]
     if missing:
@@ -57,4 +59,4 @@ def load_checkpoint(directory: str | Path, model, optimizer=None, scheduler=None
     if ema is not None and state.get("ema") is not None:
         ema.load_state_dict(state["ema"])
     torch.set_rng_state(state["rng_torch"])
-    return Progress(**json.loads((directory / META_FILE).read_text()))
+    return TrainPosition(**json.loads((directory / META_FILE).read_text()))

@@ -22,10 +22,10 @@ from pipeline.diffusion.forward import SpecialIds
 from pipeline.diffusion.loss import diffusion_loss, mlm_loss
 from pipeline.diffusion.schedules import Schedule, schedule_from_params
 from pipeline.model.denoiser import DiffusionBertForDenoising
-from pipeline.model.loading import build_denoiser, load_tokenizer, random_bert_config
-from pipeline.train.checkpoint import Progress, load_checkpoint, save_checkpoint
+from pipeline.model.loading import build_model, load_tokenizer
+from pipeline.model.precision import autocast, prefer_fast_attention, resolve_precision
+from pipeline.train.checkpoint import TrainPosition, load_checkpoint, save_checkpoint
 from pipeline.train.optim import EMA, build_optimizer, build_scheduler
-from pipeline.train.precision import autocast, prefer_fast_attention, resolve_precision
 
 # report(metrics, checkpoint_dir or None); called on every rank at the same steps.
 Reporter = Callable[[dict, Path | None], None]
@@ -52,26 +52,6 @@ def build_schedule_for(params: Params, stats: TokenStatistics) -> Schedule:
     return schedule_from_params(params.diffusion, information=stats.centred_information(), counts=stats.counts)
 
 
-def build_model(params: Params, schedule: Schedule) -> DiffusionBertForDenoising:
-    m = params.model
-    random_config = None
-    if m.name_or_path == "random":
-        random_config = random_bert_config(
-            load_tokenizer("random").vocab_size, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size,
-            max_positions=max(512, params.data.max_seq_len),
-        )
-    return build_denoiser(
-        m.name_or_path,
-        time_design=m.time_design,
-        num_timesteps=params.diffusion.num_timesteps,
-        max_seq_len=params.data.max_seq_len,
-        random_init=m.random_init,
-        random_config=random_config,
-        seed=m.head_init_seed,
-        diffusion={**schedule.describe(), "hybrid_lambda": params.diffusion.hybrid_lambda},
-    )
-
-
 def step_seed(seed: int, rank: int, step: int) -> int:
     """Diffusion noise of a step depends on (seed, rank, step) only: resumes replay it exactly."""
     return (seed * 1_000_003 + rank * 10_007 + step) % (2**63 - 1)
@@ -82,7 +62,7 @@ class TrainResult:
     model: DiffusionBertForDenoising
     schedule: Schedule
     history: list[dict] = field(default_factory=list)
-    progress: Progress = field(default_factory=Progress)
+    progress: TrainPosition = field(default_factory=TrainPosition)
     precision: str = "fp32"
 
 
@@ -129,7 +109,7 @@ def train_loop(
     optimizer = build_optimizer(model, tp.lr, tp.weight_decay)
     scheduler = build_scheduler(optimizer, tp.warmup_steps, tp.steps, tp.min_lr_ratio)
     ema = EMA(model, tp.ema_decay) if tp.ema_decay > 0 else None
-    progress = Progress()
+    progress = TrainPosition()
     if resume_from is not None:
         progress = load_checkpoint(resume_from, model, optimizer, scheduler, ema)
         # The run may continue with a different step budget: take the LR from this schedule.
@@ -224,6 +204,6 @@ def train_loop(
     return TrainResult(model, schedule, history, progress, precision)
 
 
-def _checkpoint(model, optimizer, scheduler, progress: Progress, ema) -> Path:
+def _checkpoint(model, optimizer, scheduler, progress: TrainPosition, ema) -> Path:
     directory = Path(tempfile.mkdtemp(prefix="dbert-ckpt-"))
     return save_checkpoint(directory, model, optimizer, scheduler, progress, ema)

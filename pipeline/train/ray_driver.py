@@ -281,8 +281,8 @@ def train_worker_body(
     """
     import torch
 
+    from pipeline.model.precision import resolve_precision
     from pipeline.train.loop import TrainData, train_loop
-    from pipeline.train.precision import resolve_precision
 
     params = params_from_dict(config["params"])
     tp = params.train
@@ -377,7 +377,9 @@ def _await_checkpoint_registered(run_dir: Path, name: str, timeout_s: float = 60
     registers a checkpoint, so the kill waits until that file names the checkpoint.
     """
     try:
-        from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME as snapshot_name
+        from ray.train.v2._internal.constants import (
+            CHECKPOINT_MANAGER_SNAPSHOT_FILENAME as snapshot_name,
+        )
     except ImportError:
         snapshot_name = "checkpoint_manager_snapshot.json"
     snapshot = Path(run_dir) / snapshot_name
@@ -686,7 +688,7 @@ def run_training(
 
     precision = next((h["precision"] for h in reversed(history) if h.get("precision")), None)
     if precision is None:
-        from pipeline.train.precision import resolve_precision
+        from pipeline.model.precision import resolve_precision
 
         precision = resolve_precision(tp.precision, "cuda" if tp.use_gpu else "cpu")
     if export_dir is not None:
@@ -750,10 +752,10 @@ def export_checkpoint(params: Params, layout: Layout, checkpoint_dir: Path, expo
     import torch
 
     from pipeline.data.stats import TokenStatistics
-    from pipeline.model.loading import load_tokenizer
+    from pipeline.model.export import export_model
+    from pipeline.model.loading import build_model, load_tokenizer
     from pipeline.train.checkpoint import load_checkpoint
-    from pipeline.train.export import export_model
-    from pipeline.train.loop import build_model, build_schedule_for
+    from pipeline.train.loop import build_schedule_for
     from pipeline.train.optim import EMA
 
     stats = TokenStatistics.load(layout.token_stats)

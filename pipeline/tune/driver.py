@@ -232,11 +232,12 @@ def run_tune(params: Params, layout: Layout, *, parent_run_id: str | None = None
 
     tracking = None
     if parent_run_id:
-        from pipeline.tracking import project_root, setup_tracking, tracking_uri
+        from pipeline.project import ENV_PROJECT_ROOT, project_root
+        from pipeline.tracking import setup_tracking, tracking_uri
 
         setup_tracking(params.tracking.experiment)  # creates the store once, here, not in trials
         tracking = {"uri": tracking_uri(), "parent_run_id": parent_run_id,
-                    "root": os.environ.get("DBERT_PROJECT_ROOT") or str(project_root())}
+                    "root": os.environ.get(ENV_PROJECT_ROOT) or str(project_root())}
 
     tune_name = ray_driver.new_run_name("tune")
     storage = layout.ray_results.resolve()

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.vocab import PRECISIONS
+
 
 @lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
@@ -24,8 +26,8 @@ def cpu_has_fast_bf16() -> bool:
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
     """`auto` -> `bf16` on a bf16-capable GPU or a CPU with AMX / AVX512-BF16, else `fp32`."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"unknown precision {precision!r}; choose auto, fp32 or bf16")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
     device = torch.device(device)

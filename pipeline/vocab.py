@@ -1,0 +1,28 @@
+"""The project's closed vocabularies, each defined once.
+
+`params.yaml` validation (`pipeline.config`), the model, the schedules and the CLI all read these,
+so adding a time design or a schedule is one edit here plus its implementation. This module
+imports nothing heavy: `dbert --help` and the params schema load it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal, get_args
+
+# How the diffusion time step enters BERT (PAPER §4): none (time-agnostic), prefix (a time token),
+# layerwise (added to every layer's input), embedding (added once to the token embeddings).
+TimeDesign = Literal["none", "prefix", "layerwise", "embedding"]
+TIME_DESIGNS: tuple[str, ...] = get_args(TimeDesign)
+
+# Noise schedules (pipeline.diffusion.schedules); spindle_paper is the original code's leaky one.
+ScheduleName = Literal["linear", "cosine", "loglinear", "spindle", "spindle_paper"]
+SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
+
+# Floating-point precision of training and evaluation; auto picks bf16 where it is fast.
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+# progress(task, advance, total): advance the bar called `task` by `advance` of `total` units
+# (total None: unknown). Library functions take one and the CLI draws it.
+ProgressCallback = Callable[[str, int, "int | None"], None]
