@@ -6,14 +6,18 @@ One layout for the DVC stages, the CLI and the tests (which point it at a tempor
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
+import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,21 @@ def _swap_into_place(new: Path, target: Path) -> None:
     shutil.rmtree(aside)
 
 
+def jsonable(obj: Any) -> Any:
+    """Plain JSON types: numpy scalars/arrays unwrapped, non-finite floats -> None, paths -> str."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return jsonable(obj.tolist())
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    return str(obj)
+
+
 def dumps_json(obj) -> str:
     """Canonical JSON text (sorted keys, 2-space indent, trailing newline)."""
     return json.dumps(obj, indent=2, sort_keys=True) + "\n"
@@ -137,6 +156,21 @@ def write_file_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
 def write_json_atomic(obj, path: str | os.PathLike[str]) -> Path:
     """`write_json`, never half-written (records that a crash must not corrupt)."""
     return write_file_atomic(path, dumps_json(obj))
+
+
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A header line, then one line per row, "\n" line ends; cells as `csv` writes them, so
+    callers format numbers themselves (the bytes are the output DVC hashes)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_csv_atomic(path: str | os.PathLike[str], header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """`csv_text` written via `write_file_atomic` (never half-written)."""
+    return write_file_atomic(path, csv_text(header, rows))
 
 
 def read_json(path: str | os.PathLike[str]):

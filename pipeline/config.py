@@ -7,6 +7,7 @@ names the key. Overrides use the syntax of `dvc exp run -S` (`train.lr=3e-4`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -243,6 +244,18 @@ def params_from_dict(raw: dict[str, Any]) -> Params:
         return Params.model_validate(raw)
     except ValidationError as err:
         raise ParamsError(_describe(err)) from None
+
+
+def with_values(params: Params, values: Mapping[str, Any]) -> Params:
+    """`params` with each `group.key` set to its value, validated as a whole like a params file
+    (ParamsError naming the key): for values that come from code or options, not `a.b=c` text."""
+    raw = params.model_dump()
+    for key, value in values.items():
+        group, dot, name = key.partition(".")
+        if not dot:
+            raise ParamsError(f"{key!r} is not a group.key name")
+        raw.setdefault(group, {})[name] = value
+    return params_from_dict(raw)
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:

@@ -28,6 +28,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from types import FrameType
+from typing import Any
 
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
 
@@ -124,7 +125,7 @@ def terminate_on_signals() -> Iterator[SignalScope]:
     if not _main_thread():
         yield scope
         return
-    previous: dict[int, object] = {}
+    previous: dict[int, Any] = {}
     for signum in _signums():
         current = signal.getsignal(signum)
         if current is signal.SIG_IGN:
@@ -159,7 +160,7 @@ def held() -> Iterator[None]:
         _state.hold -= 1
         if _state.hold == 0 and _state.pending:
             _state.pending = False
-            raise Terminated(_state.signum)
+            raise Terminated(_state.signum if _state.signum is not None else signal.SIGTERM)
 
 
 @contextlib.contextmanager

@@ -127,8 +127,11 @@ def quiet_mlflow_logs(level: int = logging.WARNING) -> None:
         logging.getLogger(name).setLevel(level)
 
 
-def setup_tracking(experiment: str = DEFAULT_EXPERIMENT, root: Path | str | None = None) -> str:
-    """Point MLflow at the project store, create `experiment` once, make it active; its id.
+def setup_tracking(
+    experiment: str = DEFAULT_EXPERIMENT, root: Path | str | None = None, uri: str | None = None
+) -> str:
+    """Point MLflow at the project store (or the store `uri` names), create `experiment` once,
+    make it active; its id.
 
     Safe to call again and from concurrent processes: for a local store, schema and experiment
     creation run under an inter-process file lock (sqlite migrations from several processes at
@@ -140,7 +143,7 @@ def setup_tracking(experiment: str = DEFAULT_EXPERIMENT, root: Path | str | None
     from mlflow.exceptions import MlflowException
 
     quiet_mlflow_logs()
-    uri = tracking_uri(root)
+    uri = uri or tracking_uri(root)
     local = _is_local_store(uri)
     db = _sqlite_path(uri)
     if db is not None:
@@ -234,6 +237,7 @@ def start_stage_run(
     root: Path | str | None = None,
     parent_run_id: str | None = None,
     resume_run_id: str | None = None,
+    uri: str | None = None,
 ) -> Iterator["mlflow.ActiveRun"]:
     """Run one stage as one MLflow run: flattened params, lineage + extra tags.
 
@@ -241,9 +245,10 @@ def start_stage_run(
     `nested=True` nests under the active run, and so does any stage started while a run is
     active in this thread (the ablation's row runs hold their stages' runs); `parent_run_id`
     nests under a run started by another process (a Tune driver's run seen from a trial).
-    `resume_run_id` reopens that run (an interrupted ablation going on). Yields the `mlflow.ActiveRun`;
-    the run ends FINISHED, or FAILED (KILLED on Ctrl-C) when the block raises, and the
-    exception propagates. In the main thread, SIGTERM / SIGINT / SIGHUP raise
+    `resume_run_id` reopens that run (an interrupted ablation going on). `uri` names the store
+    when this process cannot derive it (a Tune trial logging to its driver's store). Yields the
+    `mlflow.ActiveRun`; the run ends FINISHED, or FAILED (KILLED on Ctrl-C) when the block
+    raises, and the exception propagates. In the main thread, SIGTERM / SIGINT / SIGHUP raise
     `pipeline.signals.Terminated` while the run is open, so a killed stage ends KILLED too.
     """
     import mlflow
@@ -251,7 +256,7 @@ def start_stage_run(
     from pipeline.signals import held, terminate_on_signals
 
     name = experiment or _experiment_of(params) or DEFAULT_EXPERIMENT
-    experiment_id = setup_tracking(name, root)
+    experiment_id = setup_tracking(name, root, uri)
     all_tags = lineage_tags(stage, deps, root)
     all_tags.update({str(k): v for k, v in (tags or {}).items()})
     safe_tags = {_safe_key(k): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in all_tags.items()}

@@ -13,15 +13,15 @@ from typing import Literal, get_args
 # How the diffusion time step enters BERT (PAPER §4): none (time-agnostic), prefix (a time token),
 # layerwise (added to every layer's input), embedding (added once to the token embeddings).
 TimeDesign = Literal["none", "prefix", "layerwise", "embedding"]
-TIME_DESIGNS: tuple[str, ...] = get_args(TimeDesign)
+TIME_DESIGNS: tuple[TimeDesign, ...] = get_args(TimeDesign)
 
 # Noise schedules (pipeline.diffusion.schedules); spindle_paper is the original code's leaky one.
 ScheduleName = Literal["linear", "cosine", "loglinear", "spindle", "spindle_paper"]
-SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
+SCHEDULES: tuple[ScheduleName, ...] = get_args(ScheduleName)
 
 # Floating-point precision of training and evaluation; auto picks bf16 where it is fast.
 Precision = Literal["auto", "fp32", "bf16"]
-PRECISIONS: tuple[str, ...] = get_args(Precision)
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 
 # progress(task, advance, total): advance the bar called `task` by `advance` of `total` units
 # (total None: unknown). Library functions take one and the CLI draws it.

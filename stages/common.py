@@ -1,5 +1,5 @@
 """What every stage shares: where the project is, one MLflow run per stage, progress callbacks,
-atomic single-file writes.
+the inputs a stage requires, and the code a stage depends on.
 
 A stage is `run(params, root, **options) -> dict`. `root` is the checkout the stage reads from and
 writes to (the repository root under `dvc repro`, the copy under `dvc exp run --temp`, a
@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import write_file_atomic  # noqa: F401 - stages import it from here
 from pipeline.config import Params
 from pipeline.vocab import ProgressCallback
 
@@ -34,13 +33,6 @@ def same_path(a: Path, b: Path) -> bool:
         return Path(a).resolve() == Path(b).resolve()
     except OSError:
         return False
-
-
-def project_dir(root: Path) -> Path:
-    """The main repository for `root` (see module doc): corpus paths are relative to it."""
-    from pipeline.project import project_root
-
-    return project_root(Path(root))
 
 
 def tracking_root(root: Path) -> Path | None:
@@ -73,11 +65,13 @@ def stage_run(
     keys: Sequence[str],
     deps: Sequence[str | Path],
     tags: dict[str, Any] | None = None,
+    tracking_uri: str | None = None,
     **options: Any,
 ) -> Iterator[Any]:
     """One MLflow run for the stage, logging exactly the params it reads (`keys`) and tagged with
-    the md5s of its dependencies (`deps`, relative to `root`). `options` go to
-    `start_stage_run` (run_name, resume_run_id)."""
+    the md5s of its dependencies (`deps`, relative to `root`). `tracking_uri` names the store
+    when it is not the one `root` implies (an ablation row's stages log to the project's store);
+    `options` go to `start_stage_run` (run_name, resume_run_id)."""
     from pipeline.tracking import start_stage_run
 
     with start_stage_run(
@@ -87,6 +81,7 @@ def stage_run(
         deps=[Path(d) for d in deps],  # relative to root (== cwd when tracking_root is None)
         root=tracking_root(root),
         tags=tags,
+        uri=tracking_uri,
         **options,
     ) as run:
         yield run

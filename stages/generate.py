@@ -2,8 +2,9 @@
 
 Reads  an export directory (default models/final/) - model, tokenizer and schedule - and, when
        the length is 0, data/token_stats/lengths.npy to draw sentence lengths (32 tokens each when
-       it does not exist). Unset options fall back to params `evaluate.*` (sample_steps, top_k,
-       top_p, temperature, sample_seed, sample_length).
+       it does not exist). The sampling settings are params `evaluate.*` (sample_steps, top_k,
+       top_p, temperature, sample_seed, sample_length); `dbert generate`'s options set them
+       (OPTIONS), validated by the params schema like `--set`.
 Writes nothing by default (the caller prints the sentences); `output` writes them to a file,
        one per line, atomically. `track=True` also records an MLflow run.
 """
@@ -14,14 +15,18 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.artifacts import Layout
+from pipeline.artifacts import Layout, write_file_atomic
 from pipeline.config import Params
 from pipeline.vocab import ProgressCallback
-from stages.common import code_paths, stage_run, tick, write_file_atomic
+from stages.common import code_paths, stage_run, tick
 
 STAGE = "generate"
-PARAMS = ("evaluate.sample_steps", "evaluate.top_k", "evaluate.top_p", "evaluate.temperature",
-          "evaluate.sample_seed", "evaluate.sample_length")
+# `dbert generate` option -> the param it sets for the run (the schema checks the value).
+OPTIONS = {"steps": "evaluate.sample_steps", "top_k": "evaluate.top_k", "top_p": "evaluate.top_p",
+           "temperature": "evaluate.temperature", "seed": "evaluate.sample_seed", "length": "evaluate.sample_length"}
+PARAMS = tuple(OPTIONS.values())
+INPUTS = ("models/final", "data/token_stats/lengths.npy")
+OUTPUTS: tuple[str, ...] = ()  # only --output, when given
 DEFAULT_LENGTH = 32
 
 
@@ -44,12 +49,6 @@ def run(
     *,
     model_dir: Path | None = None,
     num: int = 8,
-    length: int | None = None,
-    steps: int | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    temperature: float | None = None,
-    seed: int | None = None,
     output: Path | None = None,
     track: bool = False,
     progress: ProgressCallback | None = None,
@@ -57,22 +56,10 @@ def run(
     from pipeline.eval.generation import generate
     from pipeline.model.export import load_exported
 
-    ev = params.evaluate
-    settings = {
-        "num": num,
-        "length": ev.sample_length if length is None else length,
-        "steps": ev.sample_steps if steps is None else steps,
-        "top_k": ev.top_k if top_k is None else top_k,
-        "top_p": ev.top_p if top_p is None else top_p,
-        "temperature": ev.temperature if temperature is None else temperature,
-        "seed": ev.sample_seed if seed is None else seed,
-    }
     if num < 1:
-        raise ValueError(f"--num must be >= 1, got {num}")
-    if settings["length"] < 0 or settings["steps"] < 1 or settings["top_k"] < 0:
-        raise ValueError("--length must be >= 0, --steps >= 1 and --top-k >= 0")
-    if not 0.0 < settings["top_p"] <= 1.0 or settings["temperature"] <= 0.0:
-        raise ValueError("--top-p must be in (0, 1] and --temperature > 0")
+        raise ValueError(f"--num must be >= 1, got {num}")  # not a param: the only check here
+    flat = params.flat()
+    settings = {"num": num, **{name: flat[key] for name, key in OPTIONS.items()}}
     layout = Layout(Path(root))
     model_dir = Path(model_dir) if model_dir is not None else layout.model
     model, tokenizer, schedule = load_exported(model_dir)

@@ -14,75 +14,21 @@ mirror directory. All outputs appear at once or not at all.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from pipeline.artifacts import Layout, atomic_directory, write_json
 from pipeline.config import Params
-from pipeline.lineage import file_md5
 from pipeline.vocab import ProgressCallback
-from stages.common import code_paths, project_dir, stage_run
+from stages.common import code_paths, stage_run
 
 STAGE = "prepare"
 PARAMS = ("data", "model.name_or_path")
-ENV_LM1B_DIR = "DBERT_LM1B_DIR"
-SPLITS = ("train", "validation", "test")
+INPUTS: tuple[str, ...] = ()  # the corpus lives outside the repository: its params identify it
+OUTPUTS = ("data/prepared/train", "data/prepared/validation", "data/prepared/test", "data/prepared/test.txt",
+           "data/prepared/meta.json")
 CHUNK = 5_000  # lines per progress update
-
-
-def corpus_dir(params: Params, root: Path) -> Path:
-    """The LM1B mirror: `$DBERT_LM1B_DIR`, else `data.mirror_dir` (relative to the project root)."""
-    env = os.environ.get(ENV_LM1B_DIR)
-    if env:
-        return Path(env).expanduser().resolve()
-    path = Path(params.data.mirror_dir).expanduser()
-    return path if path.is_absolute() else (project_dir(root) / path).resolve()
-
-
-def _resolve_patterns(patterns: list[str], base: Path) -> list[str]:
-    return [p if Path(p).expanduser().is_absolute() else str(base / p) for p in patterns]
-
-
-def corpus_request(params: Params, root: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """(source, loader options, description for meta.json); fails fast on a missing mirror."""
-    from pipeline.data.sources import LM1B_SHARD_PATTERN, CorpusError
-
-    d = params.data
-    common = {"validation_fraction": d.validation_fraction, "seed": d.seed, "max_sentences": d.max_sentences}
-    if d.source == "lm1b_mirror":
-        mirror = corpus_dir(params, root)
-        if not mirror.is_dir():
-            hint = f"${ENV_LM1B_DIR}" if os.environ.get(ENV_LM1B_DIR) else f"data.mirror_dir={d.mirror_dir!r}"
-            raise CorpusError(f"LM1B mirror directory not found: {mirror} (from {hint}; set data.mirror_dir "
-                              f"or ${ENV_LM1B_DIR})")
-        files = [mirror / LM1B_SHARD_PATTERN.format(i=int(i)) for i in [*d.train_shards, *d.test_shards]]
-        described = {"mirror_dir": d.mirror_dir, "train_shards": list(d.train_shards),
-                     "test_shards": list(d.test_shards),
-                     "files": {f.name: file_md5(f) for f in files if f.is_file()}}
-        options = {"mirror_dir": mirror, "train_shards": d.train_shards, "test_shards": d.test_shards, **common}
-        return "lm1b_mirror", options, described
-    if d.source == "text_files":
-        base = project_dir(root)
-        options = {
-            "train": _resolve_patterns(d.train_files, base),
-            "test": _resolve_patterns(d.test_files, base),
-            "validation": _resolve_patterns(d.validation_files, base) if d.validation_files else None,
-            **common,
-        }
-        described = {"train_files": list(d.train_files), "validation_files": list(d.validation_files),
-                     "test_files": list(d.test_files)}
-        return "text_files", options, described
-    if d.source == "lm1b_hub":
-        return "lm1b_hub", common, {"hub_name": "billion-word-benchmark/lm1b"}
-    if d.source == "hub":
-        if not d.hub_name:
-            raise CorpusError("data.source=hub needs data.hub_name (a Hugging Face dataset id)")
-        options = {"name": d.hub_name, "config": d.hub_config, "text_column": d.text_column, **common}
-        return "hub", options, {"hub_name": d.hub_name, "hub_config": d.hub_config, "text_column": d.text_column}
-    raise CorpusError(f"unknown data.source {d.source!r}")  # the schema already refuses this
 
 
 def tokenize(lines: list[str], tokenizer, max_seq_len: int, task: str, progress: ProgressCallback | None):
@@ -105,17 +51,16 @@ def tokenize(lines: list[str], tokenizer, max_seq_len: int, task: str, progress:
 
 
 def run(params: Params, root: Path, *, progress: ProgressCallback | None = None) -> dict:
-    from pipeline.data.sources import load_corpus
+    from pipeline.data.corpus import corpus_request
     from pipeline.model.loading import load_tokenizer
     from pipeline.tracking import log_artifact, log_metrics
 
     layout = Layout(Path(root))
     d = params.data
-    source, options, described = corpus_request(params, root)  # before any run or output
+    request = corpus_request(params, root)  # a missing mirror fails before any run or output
     tokenizer = load_tokenizer(params.model.name_or_path)
-    lineage = [*code_paths(__name__), *([options["mirror_dir"]] if source == "lm1b_mirror" else [])]
-    with stage_run(STAGE, params, root, PARAMS, lineage) as _run:
-        corpus = load_corpus(source, **options)
+    with stage_run(STAGE, params, root, PARAMS, [*code_paths(__name__), *request.lineage]):
+        corpus = request.load()
         sizes: dict[str, dict[str, int]] = {}
         with atomic_directory(layout.prepared) as tmp:
             for name, lines in corpus.as_dict().items():
@@ -130,8 +75,8 @@ def run(params: Params, root: Path, *, progress: ProgressCallback | None = None)
                 }
             (tmp / "test.txt").write_text("".join(line + "\n" for line in corpus.test), encoding="utf-8")
             meta = {
-                "source": source,
-                "corpus": described,
+                "source": request.source,
+                "corpus": request.described,
                 "tokenizer": params.model.name_or_path,
                 "vocab_size": int(tokenizer.vocab_size),
                 "max_seq_len": d.max_seq_len,
@@ -143,5 +88,5 @@ def run(params: Params, root: Path, *, progress: ProgressCallback | None = None)
             write_json(meta, tmp / "meta.json")
             log_metrics({f"{split}.{key}": value for split, row in sizes.items() for key, value in row.items()})
             log_artifact(tmp / "meta.json")
-    return {"stage": STAGE, "output": str(layout.prepared), "source": source,
+    return {"stage": STAGE, "output": str(layout.prepared), "source": request.source,
             **{f"{name}_sequences": row["sequences"] for name, row in sizes.items()}}

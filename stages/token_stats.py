@@ -15,27 +15,23 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.artifacts import Layout, atomic_directory, read_json
+from pipeline.artifacts import Layout, atomic_directory, dumps_json, read_json, write_file_atomic, write_json
 from pipeline.config import Params
 from pipeline.vocab import ProgressCallback
-from stages.common import code_paths, require, stage_run, write_file_atomic
+from stages.common import code_paths, require, stage_run
 
 STAGE = "token_stats"
 PARAMS: tuple[str, ...] = ()
 INPUTS = ("data/prepared/train", "data/prepared/meta.json")
 METRICS_FILE = "outputs/token_stats.json"
+OUTPUTS = ("data/token_stats/counts.npy", "data/token_stats/summary.json", "data/token_stats/lengths.npy",
+           METRICS_FILE)
 TOP_K = 20
 
 
 def run(params: Params, root: Path, *, progress: ProgressCallback | None = None) -> dict:
     del progress  # one vectorised pass over the ids: nothing to show
-    from pipeline.data.stats import (
-        TokenStatistics,
-        dumps_json,
-        length_histogram,
-        summarize,
-        write_json,
-    )
+    from pipeline.data.stats import TokenStatistics, length_histogram, summarize
     from pipeline.data.tokenize import TokenizedSplit
     from pipeline.diffusion.forward import SpecialIds
     from pipeline.model.loading import load_tokenizer

@@ -16,13 +16,11 @@ model is logged as its artifact `model/`.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import Layout, atomic_directory, read_json, write_json
+from pipeline.artifacts import Layout, atomic_directory, read_json, write_csv_atomic, write_json
 from pipeline.config import Params
 from pipeline.vocab import ProgressCallback
 from stages.common import code_paths, require, stage_run
@@ -36,6 +34,7 @@ INPUTS = (
     "data/token_stats/summary.json",
     "data/schedule/schedule.json",
 )
+OUTPUTS = ("models/final", "outputs/train/metrics.json", "outputs/train/history.csv", "outputs/train/curve.png")
 HISTORY_FIRST = ("step", "loss", "train_bound", "val_bound", "val_ppl", "lr", "grad_norm", "tokens_per_s",
                  "tokens_seen", "epoch")
 
@@ -43,35 +42,26 @@ HISTORY_FIRST = ("step", "loss", "train_bound", "val_bound", "val_ppl", "lr", "g
 def check_schedule(params: Params, layout: Layout) -> dict:
     """The schedule stage's report must describe the schedule these params build, and have passed."""
     from pipeline.data.stats import TokenStatistics
-    from pipeline.diffusion.schedules import ScheduleError, schedule_from_params
+    from pipeline.diffusion.checks import require_passed
+    from pipeline.diffusion.schedules import schedule_from_params
 
     report = read_json(require(layout.schedule / "schedule.json", "schedule report", "schedule"))
     stats = TokenStatistics.load(require(layout.token_stats, "token statistics", "token-stats"))
-    wanted = schedule_from_params(params.diffusion, information=stats.centred_information(),
-                                  counts=stats.counts).describe()
-    if report.get("schedule") != wanted:
-        raise ScheduleError(f"data/schedule/schedule.json describes {report.get('schedule')} but the params give "
-                            f"{wanted}; run `dbert schedule` first")
-    check = report.get("monotonicity", {})
-    if not (check.get("monotone") and check.get("endpoints_ok")):
-        raise ScheduleError(f"the schedule {wanted} failed its monotonicity check; see data/schedule/schedule.json")
+    schedule = schedule_from_params(params.diffusion, information=stats.centred_information(), counts=stats.counts)
+    require_passed(report, schedule)
     return report
 
 
 HISTORY_SKIP = ("checkpoint_path",)  # machine-specific paths stay out of the plotted table
 
 
-def history_csv(history: list[dict[str, Any]]) -> str:
-    """One row per report; scalar columns in a fixed order, empty where a row has no value."""
+def history_table(history: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """(columns, rows): one row per report; scalar columns in a fixed order, empty where a row has
+    no value."""
     keys = {k for row in history for k, v in row.items()
             if k not in HISTORY_SKIP and (v is None or isinstance(v, (int, float, str)))}
     columns = [k for k in HISTORY_FIRST if k in keys] + sorted(keys - set(HISTORY_FIRST))
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    for row in history:
-        writer.writerow([_cell(row.get(k)) for k in columns])
-    return buffer.getvalue()
+    return columns, [[_cell(row.get(k)) for k in columns] for row in history]
 
 
 def _cell(value: Any) -> Any:
@@ -115,16 +105,18 @@ def step_progress(progress: ProgressCallback | None, total_steps: int):
     return on_report
 
 
-def run(params: Params, root: Path, *, resume: bool = False, progress: ProgressCallback | None = None) -> dict:
+def run(params: Params, root: Path, *, resume: bool = False, progress: ProgressCallback | None = None,
+        tracking_uri: str | None = None) -> dict:
     from pipeline.tracking import log_artifact, log_metrics
-    from pipeline.train.ray_driver import run_training
+    from pipeline.train.ray.driver import run_training
     from pipeline.viz import training_curves
 
     layout = Layout(Path(root))
     for split in ("train", "validation"):
         require(layout.prepared / split, f"{split} split", "prepare")
     check_schedule(params, layout)
-    with stage_run(STAGE, params, root, PARAMS, [*code_paths(__name__), *INPUTS]) as active:
+    deps = [*code_paths(__name__), *INPUTS]
+    with stage_run(STAGE, params, root, PARAMS, deps, tracking_uri=tracking_uri) as active:
         run_id = active.info.run_id
         with atomic_directory(layout.model) as export_dir:
             outcome = run_training(params, layout, resume=resume, mlflow_run_id=run_id, export_dir=export_dir,
@@ -134,7 +126,7 @@ def run(params: Params, root: Path, *, resume: bool = False, progress: ProgressC
             log_artifact(export_dir, "model", run_id=run_id)
             with atomic_directory(layout.train_out) as out:
                 write_json(metrics, out / "metrics.json")
-                (out / "history.csv").write_text(history_csv(history), encoding="utf-8")
+                write_csv_atomic(out / "history.csv", *history_table(history))
                 training_curves(out / "curve.png", history,
                                 title=f"{params.model.time_design}, {params.diffusion.schedule}")
                 log_metrics({f"final.{k}": v for k, v in metrics.items()}, run_id=run_id)

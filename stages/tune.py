@@ -21,13 +21,14 @@ from typing import Any
 import yaml
 
 from pipeline.artifacts import Layout
-from pipeline.config import Params, params_from_dict
+from pipeline.config import Params, with_values
 from pipeline.vocab import ProgressCallback
 from stages.common import code_paths, require, stage_run
 
 STAGE = "tune"
 PARAMS = ("tune", "model", "diffusion", "train", "data.max_seq_len")
 INPUTS = ("data/prepared/train", "data/prepared/validation", "data/token_stats/counts.npy")
+OUTPUTS = ("outputs/tune/trials.csv", "outputs/tune/results.json", "outputs/tune/best_params.yaml")
 
 
 def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -49,13 +50,8 @@ def proposal_overrides(proposal: Mapping[str, Any], params: Params) -> list[str]
     """
     known = params.flat()
     flat = {k: v for k, v in _flatten(proposal).items() if k in known}
-    overrides = [f"{key}={_format(value)}" for key, value in sorted(flat.items())]
-    raw = params.model_dump()
-    for key, value in flat.items():
-        group, name = key.split(".", 1)
-        raw[group][name] = value
-    params_from_dict(raw)  # ParamsError naming the key when the proposal breaks the schema
-    return overrides
+    with_values(params, flat)  # ParamsError naming the key when the proposal breaks the schema
+    return [f"{key}={_format(value)}" for key, value in sorted(flat.items())]
 
 
 def _format(value: Any) -> str:

@@ -152,8 +152,8 @@ def test_stages_without_their_inputs_say_what_to_run(tmp_path):
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random DiffusionBERT exported with the default tokenizer and a linear schedule."""
     from pipeline.diffusion.schedules import build_schedule
-    from pipeline.model.loading import build_denoiser, load_tokenizer, random_bert_config
     from pipeline.model.export import export_model
+    from pipeline.model.loading import build_denoiser, load_tokenizer, random_bert_config
 
     tokenizer = load_tokenizer("random")
     config = random_bert_config(tokenizer.vocab_size, 32, 2, 2, 64, max_positions=64)
@@ -205,6 +205,12 @@ def test_generate_from_a_missing_model_is_one_line(tmp_path):
                                  "--model", str(missing)), str(missing))
     assert_one_line_error(invoke("generate", "--params", str(PARAMS), "--root", str(tmp_path), "--num", "0"),
                           "--num")
+
+
+@pytest.mark.parametrize(("option", "key"), [("--top-p=1.5", "evaluate.top_p"), ("--steps=0", "evaluate.sample_steps"),
+                                             ("--temperature=0", "evaluate.temperature")])
+def test_an_out_of_range_generate_option_is_the_schema_error_naming_its_param(tmp_path, option, key):
+    assert_one_line_error(invoke("generate", "--params", str(PARAMS), "--root", str(tmp_path), option), key)
 
 
 def test_mlflow_ui_binds_localhost_on_the_project_store(tmp_path):

@@ -374,7 +374,7 @@ def test_generation_metrics_falls_back_to_the_samples_for_self_bleu():
 
 
 def test_dbert_evaluate_prints_what_each_bleu_counts_and_flags_a_non_measurement():
-    from stages.evaluate import summary_lines
+    from pipeline.eval.report import summary_lines
 
     summary = {"bound.ppl_token_mean": 500.0, "bound.num_tokens": 70, "bound.num_words": 60, "bound.num_truncated": 1,
                "generation.bleu": 0.06, "generation.bleu_p4": 0.01, "generation.bleu_measured": 1.0,

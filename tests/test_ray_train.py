@@ -1,4 +1,4 @@
-"""pipeline.train.ray_driver on a real 2-CPU Ray cluster (no mocks): local mode, 2-worker DDP over
+"""pipeline.train.ray on a real 2-CPU Ray cluster (no mocks): local mode, 2-worker DDP over
 gloo, a killed worker that resumes, fail-fast placement, and `resume=True`."""
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.train import ray_driver
-from pipeline.train.ray_driver import NothingToResumeError, PlacementError, run_training
+from pipeline.train.ray import driver, faults
+from pipeline.train.ray.cluster import PlacementError, check_placement
+from pipeline.train.ray.driver import NothingToResumeError, run_training
+from pipeline.train.ray.runs import checkpoint_step, last_run
+from pipeline.train.ray.worker import WorkerConfig, train_worker, weights_checksum
 from tests.ray_fixtures import layout, ray_cluster, tiny_data, tiny_params  # noqa: F401 (fixtures)
 
 pytestmark = [
@@ -29,8 +32,8 @@ def _steps(history: list[dict]) -> list[int]:
 def _checkpoint_model(params, layout, directory):
     """The model a checkpoint holds, rebuilt the way the driver does."""
     from pipeline.data.stats import TokenStatistics
-    from pipeline.train.checkpoint import load_checkpoint
     from pipeline.model.loading import build_model
+    from pipeline.train.checkpoint import load_checkpoint
     from pipeline.train.loop import build_schedule_for
 
     model = build_model(params, build_schedule_for(params, TokenStatistics.load(layout.token_stats)))
@@ -41,8 +44,8 @@ def _checkpoint_model(params, layout, directory):
 SLOW_POLL_REPLY_S = 3.0
 
 
-def _slow_poll_reply_worker(config: dict):
-    """`ray_driver.train_worker` on a worker whose reply to the controller's poll that collects a
+def _slow_poll_reply_worker(loop_config: dict):
+    """`train_worker` on a worker whose reply to the controller's poll that collects a
     checkpoint is late (a descheduled thread on a loaded machine) while training runs on. Ray 2.60
     takes the report off the worker's queue before replying, so a kill in that window loses it:
     the injected failure at step 4 then restarted from scratch unless the hook waits for the
@@ -53,8 +56,8 @@ def _slow_poll_reply_worker(config: dict):
         results = get_train_context().execution_context.result_queue
     except (ImportError, AttributeError):  # another Ray: run as is
         results = None
-    marker = config.get("fail_marker")
-    if results is not None and marker and not Path(marker).exists():
+    plan = WorkerConfig.from_loop_config(loop_config).fault_plan
+    if results is not None and plan is not None and not plan.marker.exists():
         take = results.get_nowait
 
         def late_get_nowait():
@@ -64,7 +67,7 @@ def _slow_poll_reply_worker(config: dict):
             return report
 
         results.get_nowait = late_get_nowait
-    return ray_driver.train_worker(config)
+    return train_worker(loop_config)
 
 
 def test_local_mode_training_reaches_the_configured_steps_logs_to_mlflow_and_exports_a_model_that_generates(
@@ -98,13 +101,13 @@ def test_local_mode_training_reaches_the_configured_steps_logs_to_mlflow_and_exp
     assert _steps(seen) == [1, 2, 4]  # live progress, in order
     assert all(h["val_bound"] > 0 for h in outcome.history)
     assert outcome.precision == "fp32"
-    assert ray_driver.checkpoint_step(outcome.checkpoint_dir) == 4
+    assert checkpoint_step(outcome.checkpoint_dir) == 4
     assert outcome.checkpoint_dir.parent == layout.checkpoints.resolve()
-    assert ray_driver.last_run(layout)["run_name"] == outcome.run_name
+    assert last_run(layout)["run_name"] == outcome.run_name
 
     model, tokenizer, schedule = load_exported(outcome.export_dir)
     assert schedule.num_timesteps == params.diffusion.num_timesteps
-    assert ray_driver.weights_checksum(model) == outcome.history[-1]["weights_sha256"]
+    assert weights_checksum(model) == outcome.history[-1]["weights_sha256"]
     generation = generate(model, tokenizer, schedule, lengths=[6, 6], steps=4, seed=0)
     assert len(generation.texts) == 2
     assert all(text.strip() for text in generation.texts)
@@ -119,7 +122,7 @@ def test_two_worker_ddp_over_gloo_finishes_with_identical_models_on_both_ranks(r
     by_rank = outcome.history[-1]["weights_sha256_by_rank"]
     assert len(by_rank) == 2 and by_rank[0] == by_rank[1]  # ranks start from different seeds
     # and the checkpoint rank 0 wrote is those very weights
-    assert ray_driver.weights_checksum(_checkpoint_model(params, layout, outcome.checkpoint_dir)) == by_rank[0]
+    assert weights_checksum(_checkpoint_model(params, layout, outcome.checkpoint_dir)) == by_rank[0]
 
 
 def test_a_worker_killed_mid_run_resumes_from_its_checkpoint_and_finishes_at_the_configured_steps(
@@ -128,10 +131,10 @@ def test_a_worker_killed_mid_run_resumes_from_its_checkpoint_and_finishes_at_the
     from ray import cloudpickle
 
     marker = tmp_path / "failed-once"
-    monkeypatch.setenv(ray_driver.ENV_FAIL_AT_STEP, "4")
-    monkeypatch.setenv(ray_driver.ENV_FAIL_MARKER, str(marker))
+    monkeypatch.setenv(faults.ENV_FAIL_AT_STEP, "4")
+    monkeypatch.setenv(faults.ENV_FAIL_MARKER, str(marker))
     # the step-2 checkpoint reaches the controller late: the kill must still wait for it
-    monkeypatch.setattr(ray_driver, "train_worker", _slow_poll_reply_worker)
+    monkeypatch.setattr(driver, "train_worker", _slow_poll_reply_worker)
     params = tiny_params("train.steps=6", "train.eval_every=1", "train.checkpoint_every=2", "train.num_workers=1",
                          "train.cpus_per_worker=1", "train.max_failures=1")
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this module
@@ -148,16 +151,16 @@ def test_a_worker_killed_mid_run_resumes_from_its_checkpoint_and_finishes_at_the
     assert _steps(second) == [3, 4, 5, 6]  # restarted from the step-2 checkpoint
     assert {h["resumed_via"] for h in second} == {"ray"}  # ray.train.get_checkpoint() after the restart
     assert _steps(outcome.history)[-1] == params.train.steps
-    assert ray_driver.checkpoint_step(outcome.checkpoint_dir) == params.train.steps
+    assert checkpoint_step(outcome.checkpoint_dir) == params.train.steps
 
 
 def test_the_injected_kill_waits_until_the_controller_has_registered_the_checkpoint(tmp_path):
     snapshot = tmp_path / "checkpoint_manager_snapshot.json"
-    assert not ray_driver._await_checkpoint_registered(tmp_path, "checkpoint_0000002", timeout_s=0.2)  # no file
+    assert not faults.await_checkpoint_registered(tmp_path, "checkpoint_0000002", timeout_s=0.2)  # no file
     snapshot.write_text('{"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_00000')  # half written
-    assert not ray_driver._await_checkpoint_registered(tmp_path, "checkpoint_0000002", timeout_s=0.2)
+    assert not faults.await_checkpoint_registered(tmp_path, "checkpoint_0000002", timeout_s=0.2)
     snapshot.write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_0000020"}}))
-    assert not ray_driver._await_checkpoint_registered(tmp_path, "checkpoint_0000002", timeout_s=0.2)
+    assert not faults.await_checkpoint_registered(tmp_path, "checkpoint_0000002", timeout_s=0.2)
 
     def register_later():
         time.sleep(0.3)
@@ -166,7 +169,7 @@ def test_the_injected_kill_waits_until_the_controller_has_registered_the_checkpo
     writer = threading.Thread(target=register_later)
     writer.start()
     start = time.monotonic()
-    assert ray_driver._await_checkpoint_registered(tmp_path, "checkpoint_0000002", timeout_s=30)
+    assert faults.await_checkpoint_registered(tmp_path, "checkpoint_0000002", timeout_s=30)
     assert 0.25 < time.monotonic() - start < 10
     writer.join()
 
@@ -181,11 +184,11 @@ def test_more_workers_than_the_cluster_can_place_fail_fast_with_the_numbers(ray_
     assert "train.num_workers=4" in message and "train.cpus_per_worker=1" in message
     assert "needs 4 CPUs" in message and "has 2" in message
     assert "\n" not in message
-    assert ray_driver.last_run(layout) is None  # nothing started, nothing recorded
+    assert last_run(layout) is None  # nothing started, nothing recorded
     # one worker too big for any node is refused too
     with pytest.raises(PlacementError, match="cpus_per_worker=3"):
-        ray_driver.check_placement(1, 3.0, False)
-    ray_driver.check_placement(0, 99.0, True)  # local mode needs nothing
+        check_placement(1, 3.0, False)
+    check_placement(0, 99.0, True)  # local mode needs nothing
 
 
 def test_resume_continues_the_last_run_without_redoing_its_steps(layout):
@@ -196,11 +199,11 @@ def test_resume_continues_the_last_run_without_redoing_its_steps(layout):
     assert second.run_name == first.run_name
     assert _steps(second.history) == [6]  # steps 5 and 6 only (eval every 2): nothing from 1-4 again
     assert {h["resumed_from_step"] for h in second.history} == {4}
-    assert ray_driver.checkpoint_step(second.checkpoint_dir) == 6
+    assert checkpoint_step(second.checkpoint_dir) == 6
     assert second.history[-1]["tokens_seen"] > first.history[-1]["tokens_seen"]
 
     again = run_training(tiny_params("train.steps=6"), layout, resume=True)  # already done: trains nothing
-    assert again.history == [] and ray_driver.checkpoint_step(again.checkpoint_dir) == 6
+    assert again.history == [] and checkpoint_step(again.checkpoint_dir) == 6
 
 
 def test_resume_without_an_earlier_run_says_there_is_nothing_to_resume(layout):

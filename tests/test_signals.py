@@ -204,7 +204,7 @@ def test_a_signal_during_the_output_swap_waits_until_the_new_output_is_in_place(
 
 
 def test_an_interrupted_tune_ends_the_trial_runs_it_owns_as_killed(tmp_path):
-    """`pipeline.tune.driver._fit`: Tune's graceful SIGINT is off while it runs, and a stop ends
+    """`pipeline.tune.driver.fit_tuner`: Tune's graceful SIGINT is off while it runs, and a stop ends
     the trial runs that the dead trial actors left RUNNING."""
     import mlflow
 
@@ -225,7 +225,7 @@ def test_an_interrupted_tune_ends_the_trial_runs_it_owns_as_killed(tmp_path):
     saved = os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
     try:
         with pytest.raises(signals.Terminated):
-            driver._fit(Tuner(), False, parent.info.run_id, uri)
+            driver.fit_tuner(Tuner(), False, parent.info.run_id, uri)
         assert "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ
     finally:
         if saved is not None:
@@ -242,7 +242,8 @@ def test_ray_keeps_its_hands_off_the_stop_signals(previous_handler, monkeypatch)
     import ray
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    from pipeline.train import ray_driver
+    from pipeline.train.ray.cluster import init_ray
+    from pipeline.train.ray.driver import trainer_class
 
     def fake_init(**kwargs):  # what ray.init does to SIGTERM, without starting a cluster
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
@@ -251,12 +252,12 @@ def test_ray_keeps_its_hands_off_the_stop_signals(previous_handler, monkeypatch)
     monkeypatch.setattr(ray, "init", fake_init)
     with signals.terminate_on_signals():
         ours = signal.getsignal(signal.SIGTERM)
-        assert ray_driver.init_ray() is True
+        assert init_ray() is True
         assert signal.getsignal(signal.SIGTERM) is ours
 
     assert hasattr(DataParallelTrainer, "_register_sigint_handler")  # the hook we override still exists
-    trainer_class = ray_driver._trainer_class()
-    trainer = trainer_class.__new__(trainer_class)
+    trainer_cls = trainer_class()
+    trainer = trainer_cls.__new__(trainer_cls)
     trainer._register_sigint_handler("controller")
     assert signal.getsignal(signal.SIGINT) is previous_handler
     assert trainer.controller == "controller"

@@ -206,6 +206,7 @@ def test_a_failing_prepare_keeps_the_previous_output_and_leaves_nothing_half_wri
 def test_a_failing_schedule_check_writes_nothing(project, monkeypatch, tmp_path):
     import shutil
 
+    from pipeline.diffusion import checks
     from pipeline.diffusion.schedules import ScheduleError
 
     root = tmp_path / "copy"
@@ -216,7 +217,7 @@ def test_a_failing_schedule_check_writes_nothing(project, monkeypatch, tmp_path)
         return {"monotone": False, "endpoints_ok": True, "max_alpha_increase": 0.1, "worst_step": 7,
                 "worst_id": 1996, "alpha_0_max_error": 0.0, "alpha_T_max_error": 0.0}
 
-    monkeypatch.setattr(schedule, "check_monotone", broken)
+    monkeypatch.setattr(checks, "check_monotone", broken)
     with pytest.raises(ScheduleError, match="step 7 for id 1996"):
         schedule.run(project["params"], root)
     assert tree_digest(root / "data" / "schedule") == before
@@ -240,12 +241,14 @@ def test_the_corpus_mirror_is_resolved_from_the_main_repository(tmp_path, monkey
     repo = tmp_path / "repo"
     exp_copy = repo / ".dvc" / "tmp" / "exps" / "tmpabc123"
     exp_copy.mkdir(parents=True)
+    from pipeline.data.corpus import corpus_dir
+
     params = load_params(None, ["data.mirror_dir=../shared/data/lm1b"])
     expected = (tmp_path / "shared" / "data" / "lm1b").resolve()
-    assert prepare.corpus_dir(params, repo) == expected
-    assert prepare.corpus_dir(params, exp_copy) == expected  # `dvc exp run --temp` copy
+    assert corpus_dir(params, repo) == expected
+    assert corpus_dir(params, exp_copy) == expected  # `dvc exp run --temp` copy
     monkeypatch.setenv("DBERT_LM1B_DIR", str(tmp_path / "elsewhere"))
-    assert prepare.corpus_dir(params, repo) == (tmp_path / "elsewhere").resolve()
+    assert corpus_dir(params, repo) == (tmp_path / "elsewhere").resolve()
 
 
 @pytest.mark.slow
@@ -288,7 +291,7 @@ def test_train_and_evaluate_write_model_metrics_plots_and_log_them(project, monk
         (Path(export_dir) / "config.json").write_text("{half")
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("pipeline.train.ray_driver.run_training", failing)
+    monkeypatch.setattr("pipeline.train.ray.driver.run_training", failing)
     with pytest.raises(RuntimeError, match="boom"):
         train.run(params, root)
     assert tree_digest(root / "models", root / "outputs" / "train") == before

@@ -8,15 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.artifacts import dumps_json, write_json
 from pipeline.data.stats import (
     TokenStatistics,
-    dumps_json,
     length_histogram,
     length_log_probs,
     sample_lengths,
     summarize,
     token_counts,
-    write_json,
 )
 from pipeline.data.tokenize import TokenizedSplit, tokenize_lines
 

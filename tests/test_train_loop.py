@@ -86,3 +86,11 @@ def test_plain_mlm_objective_trains_for_the_bert_mouth_baseline(tiny_data):
     p = params("train.objective=mlm", "train.steps=3", "train.eval_every=3")
     result = train_loop(p, tiny_data)
     assert "train_mlm_ce" in result.history[-1] and "val_bound" in result.history[-1]
+
+
+def test_validation_runs_first_every_eval_every_and_last_and_checkpoints_every_checkpoint_every_and_last():
+    from pipeline.train.loop import should_checkpoint, should_eval
+
+    assert [s for s in range(1, 26) if should_eval(s, 25, 10)] == [1, 10, 20, 25]
+    assert [s for s in range(1, 26) if should_checkpoint(s, 25, 10)] == [10, 20, 25]
+    assert [s for s in range(1, 21) if should_checkpoint(s, 20, 10)] == [10, 20]

@@ -2,11 +2,11 @@
 intervals. Pure functions of the per-row results the runner collects (JSON-able dicts), so the
 committed report JSON can be re-rendered without re-running anything.
 
-A row result (`stages.ablation` writes one per (row, training seed)) holds `key`, `row`, `seed`,
-the paper's columns (`method`, `init`, `schedule`, `time`), `note`, `mlflow` (run ids), `train`
-(`seconds`, `curve` of the validation bound) and `evaluate` (the bound's mean/std over
-evaluation seeds, BLEU, Self-BLEU, entropy, and for detail rows `steps_table` and
-`quality_diversity`).
+A row result (`pipeline.ablation.results.collect_result`, one per (row, training seed)) holds
+`key`, `row`, `seed`, the paper's columns (`method`, `init`, `schedule`, `time`), `note`,
+`mlflow` (run ids), `train` (`seconds`, `curve` of the validation bound) and `evaluate` (the
+bound's mean/std over evaluation seeds, BLEU, Self-BLEU, entropy, and for detail rows
+`steps_table` and `quality_diversity`).
 """
 
 from __future__ import annotations

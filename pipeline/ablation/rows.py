@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.config import ABLATION_ROWS, Params, params_from_dict
+from pipeline.config import ABLATION_ROWS, Params, with_values
 
 
 @dataclass(frozen=True)
@@ -82,17 +82,35 @@ class RowRun:
         trained model is kept and only re-evaluated."""
         return digest(self.params.model_dump(include={"data", "model", "diffusion", "train"}))
 
+    @property
+    def mlflow_params(self) -> dict[str, Any]:
+        """What the row's MLflow run logs: its params without the ablation's and tune's own."""
+        return {k: v for k, v in self.params.flat().items() if not k.startswith(("ablation.", "tune."))}
+
+    @property
+    def tags(self) -> dict[str, str]:
+        """The row's MLflow tags: the paper's columns, the training seed, the fingerprint."""
+        spec = self.row
+        return {"ablation_row": spec.name, "training_seed": str(self.seed), "method": spec.method,
+                "init": spec.init, "schedule": spec.schedule, "time": spec.time, "fingerprint": self.fingerprint,
+                **({"note": spec.note} if spec.note else {})}
+
 
 def digest(obj: Any) -> str:
     """Short stable hash of a JSON-able object (params dumps)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
+def plan_fingerprint(base: Params) -> str:
+    """Hash of the base params an ablation ran with: the parent MLflow run is reopened only when
+    this (and the planned rows) are unchanged."""
+    return digest(base.model_dump(exclude={"tune"}))
+
+
 def row_params(base: Params, row: RowSpec, seed: int) -> Params:
     """`base` with the row's overrides, the shared budget, the training seed and the evaluation
     the ablation needs (the steps table and top-k curve only for `ablation.detail_rows`)."""
     ab = base.ablation
-    raw = base.model_dump()
     overrides: dict[str, Any] = {
         "train.steps": ab.train_steps,
         "train.seed": seed,
@@ -104,10 +122,7 @@ def row_params(base: Params, row: RowSpec, seed: int) -> Params:
                           "evaluate.table_samples": ab.detail_samples, "evaluate.qd_samples": ab.detail_samples})
     else:
         overrides.update({"evaluate.table_steps": [], "evaluate.qd_top_k": []})
-    for key, value in overrides.items():
-        group, name = key.split(".", 1)
-        raw[group][name] = value
-    return params_from_dict(raw)
+    return with_values(base, overrides)
 
 
 def plan(base: Params, only: list[str] | None = None) -> list[RowRun]:

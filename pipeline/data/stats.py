@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.artifacts import dumps_json, write_json  # noqa: F401  (canonical JSON, re-exported)
+from pipeline.artifacts import write_json
 from pipeline.data.tokenize import TokenizedSplit
 
 SIGNIFICANT_DIGITS = 6

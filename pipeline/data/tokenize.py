@@ -28,7 +28,7 @@ class TokenizedSplit:
     ids: np.ndarray  # int32 [total tokens]
     offsets: np.ndarray  # int64 [n + 1], offsets[0] == 0, offsets[-1] == len(ids)
     word_counts: np.ndarray  # int32 [n], per-word perplexity denominator
-    truncated: np.ndarray | None = None  # bool [n]; None = no line was cut
+    truncated: np.ndarray = None  # type: ignore[assignment]  # bool [n]; None: no line was cut
 
     def __post_init__(self) -> None:
         if self.truncated is None:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedTokenizerBase
 
 from pipeline.diffusion.schedules import Schedule
 
@@ -31,7 +35,7 @@ class SpecialIds:
         return tuple(sorted(set(self.never_masked) | {self.mask}))
 
     @classmethod
-    def from_tokenizer(cls, tokenizer) -> "SpecialIds":
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> SpecialIds:
         """Special tokens (but [MASK] and [UNK]) plus BERT's `[unusedN]` placeholder rows, which
         never occur in text and so must never be generated."""
         specials = set(tokenizer.all_special_ids) - {tokenizer.mask_token_id}

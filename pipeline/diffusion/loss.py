@@ -77,7 +77,7 @@ class LossOutput:
     num_masked: int
 
     @classmethod
-    def empty(cls, device, num_tokens: int) -> "LossOutput":
+    def empty(cls, device: torch.device | str, num_tokens: int) -> LossOutput:
         """A batch where nothing got masked: zero loss that still backpropagates."""
         return cls(torch.zeros((), device=device, requires_grad=True) * 0.0, 0.0, 0.0, num_tokens, 0)
 

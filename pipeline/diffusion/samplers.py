@@ -15,11 +15,15 @@ only copies per model call are the inputs up and one [N, V] float32 table down.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedTokenizerBase
 
 from pipeline.diffusion.forward import Denoiser, SpecialIds
 from pipeline.diffusion.schedules import Schedule
@@ -157,6 +161,7 @@ def ancestral_sample(
             sel_b, sel_l = masked[rows].nonzero(as_tuple=True)  # = sel, without a device -> host copy
             probs[rows[sel_b], sel_l] = p  # in place, row-major like the model's output
             stale[rows] = False
+        assert probs is not None  # every row is stale at the first step
         # Every row is at the same step: one [1, V] (or [1, 1]) reveal table serves the batch.
         t = torch.full((1,), float(t_step), dtype=torch.float64)
         s = torch.full((1,), float(s_step), dtype=torch.float64)
@@ -176,7 +181,7 @@ def ancestral_sample(
                 weights = weights * reveal[None, :]
             x[hb, hl] = draw_categorical(weights, u_token[hb, hl])
             masked[hb, hl] = False
-            stale[hb.unique()] = True
+            stale[hb] = True
         trace.append(int(masked.sum()))
         if progress is not None:
             progress(step + 1)
@@ -233,6 +238,8 @@ def gibbs_sample(
     return SampleOutput(x, attn, calls, torch.full((batch,), calls), time.perf_counter() - start, model_seconds)
 
 
-def decode(tokens: Tensor, tokenizer) -> list[str]:
+def decode(tokens: Tensor, tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """Sample ids -> text without special tokens."""
-    return tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    texts: list[str] = tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True,
+                                              clean_up_tokenization_spaces=True)
+    return texts

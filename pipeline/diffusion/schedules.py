@@ -44,6 +44,7 @@ class Schedule(ABC):
     name: str = "base"
     token_dependent: bool = False
     continuous: bool = False  # trained with the continuous-time loss (MDLM)
+    leaky: bool = False  # alpha reads the true sentence, so the bound is not a likelihood bound
 
     def __init__(self, num_timesteps: int) -> None:
         if num_timesteps < 1:
@@ -117,6 +118,11 @@ class Schedule(ABC):
 
     def describe(self) -> dict:
         return {"schedule": self.name, "num_timesteps": self.num_timesteps}
+
+    def token_spread(self) -> float | None:
+        """lambda * max_v |per-token deviation|, the quantity `max_spindle_lambda` bounds; None
+        for schedules that treat every id alike."""
+        return None
 
 
 class LinearSchedule(Schedule):
@@ -202,6 +208,9 @@ class SpindleSchedule(Schedule):
     def describe(self) -> dict:
         return {**super().describe(), "spindle_lambda": self.spindle_lambda}
 
+    def token_spread(self) -> float:
+        return self.spindle_lambda * float(self.h.abs().max()) if self.h.numel() else 0.0
+
 
 class SpindlePaperSchedule(Schedule):
     """The authors' per-sentence spindle (ablation only; its bound is LEAKY, PAPER §3).
@@ -249,6 +258,9 @@ class SpindlePaperSchedule(Schedule):
 
     def describe(self) -> dict:
         return {**super().describe(), "spindle_lambda": self.spindle_lambda, "leaky": True}
+
+    def token_spread(self) -> float:
+        return self.spindle_lambda * float((self.w - self.corpus_mean).abs().max())
 
 
 

@@ -10,7 +10,8 @@ Adding -log p(length) from the training length histogram makes it a full (uncond
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +50,8 @@ class PackedRows:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        return self.rows[index]
+        row: np.ndarray = self.rows[index]
+        return row
 
 
 def bound_per_sequence(
@@ -118,14 +120,14 @@ def perplexity_bound(
     length_log_probs: np.ndarray | None = None,
     device: torch.device | str = "cpu",
     progress: Callable[[int], None] | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """The bound for each seed, plus mean and std over seeds of each perplexity."""
     runs = []
     for seed in seeds:
         nll = bound_per_sequence(denoiser, split, schedule, special, num_steps=num_steps, seed=seed,
                                  batch_size=batch_size, device=device, progress=progress)
         runs.append({"seed": seed, **perplexity_report(nll, split, length_log_probs)})
-    summary: dict = {
+    summary: dict[str, Any] = {
         "schedule": schedule.describe(),
         "num_steps": num_steps,
         "time_grid": f"{num_steps} equal steps from T={schedule.num_timesteps} to 0",

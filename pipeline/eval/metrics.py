@@ -22,6 +22,7 @@ from bisect import bisect_left
 from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "TOKENIZATION",
@@ -60,7 +61,7 @@ def normalize_words(text: str) -> list[str]:
     return _WORD_RE.findall(text.lower())
 
 
-def _ngrams(tokens: Sequence[Hashable], n: int) -> Iterable[tuple]:
+def _ngrams(tokens: Sequence[Hashable], n: int) -> Iterable[tuple[Hashable, ...]]:
     """All n-gram tuples of ``tokens`` in order (same tuples as ``nltk.util.ngrams``)."""
     return zip(*(tokens[k:] for k in range(n)))
 
@@ -134,11 +135,11 @@ def _combine(
     return bp * math.exp(log_sum)
 
 
-def _reference_max_counts(references: Sequence[Sequence[str]], max_n: int) -> list[dict]:
+def _reference_max_counts(references: Sequence[Sequence[str]], max_n: int) -> list[dict[Any, int]]:
     """Per order, every n-gram's maximum count in any single reference."""
-    max_counts: list[dict] = []
+    max_counts: list[dict[Any, int]] = []
     for n in range(1, max_n + 1):
-        best: dict = {}
+        best: dict[Any, int] = {}
         for ref in references:
             for gram, count in Counter(_ngrams(ref, n)).items():
                 if count > best.get(gram, 0):
@@ -189,7 +190,7 @@ def _self_counts(samples: Sequence[Sequence[str]], max_n: int) -> list[_Counts]:
         raise ValueError(f"samples needs at least 2 entries for Self-BLEU, got {len(samples)}")
     _check_max_n(max_n)
     sample_counts = [[Counter(_ngrams(s, n)) for n in range(1, max_n + 1)] for s in samples]
-    top: list[dict] = [{} for _ in range(max_n)]  # gram -> [best, holder, second]
+    top: list[dict[Any, list[int]]] = [{} for _ in range(max_n)]  # gram -> [best, holder, second]
     for j, per_order in enumerate(sample_counts):
         for i, counts in enumerate(per_order):
             stats = top[i]
@@ -331,7 +332,7 @@ def self_bleu(samples: list[str], max_n: int = 4) -> float:
     return self_bleu_tokens([normalize_words(s) for s in samples], max_n)
 
 
-def _entropy(counts: Counter) -> float:
+def _entropy(counts: Counter[Any]) -> float:
     """Shannon entropy in bits (log base 2): the one unit every report and metric name uses."""
     total = sum(counts.values())
     if total == 0:
@@ -343,14 +344,14 @@ def token_entropy(sequences: Sequence[Sequence[int]]) -> float:
     """Entropy (bits) of the pooled token distribution; 0.0 when there are no tokens."""
     if not sequences:
         raise ValueError("sequences is empty")
-    counts: Counter = Counter()
+    counts: Counter[int] = Counter()
     for seq in sequences:
         counts.update(int(t) for t in seq)
     return _entropy(counts)
 
 
 def _word_entropy(tokenised: Sequence[Sequence[str]]) -> float:
-    counts: Counter = Counter()
+    counts: Counter[str] = Counter()
     for tokens in tokenised:
         counts.update(tokens)
     return _entropy(counts)
@@ -366,7 +367,7 @@ def unigram_entropy(texts: list[str]) -> float:
 def _distinct(tokenised: Sequence[Sequence[str]], n: int) -> float:
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    unique: set = set()
+    unique: set[tuple[Hashable, ...]] = set()
     total = 0
     for tokens in tokenised:
         grams = list(_ngrams(tokens, n))
@@ -396,7 +397,7 @@ BLEU_PROTOCOL = ("BLEU-4: mean over samples of nltk corpus_bleu(all references, 
                  "(PAPER §7); Self-BLEU: mean over samples of each against the other samples")
 
 
-def _bleu_fields(prefix: str, summary: BleuSummary) -> dict:
+def _bleu_fields(prefix: str, summary: BleuSummary) -> dict[str, Any]:
     """Flat fields of one BLEU summary: the headline, the pooled extra, precisions and the flag."""
     out = {prefix: summary.mean, f"{prefix}_pooled": summary.pooled,
            f"{prefix}_measured": summary.measured, f"{prefix}_samples_with_4gram_match": summary.samples_with_match}
@@ -409,7 +410,7 @@ def generation_metrics(
     references: list[str],
     self_bleu_samples: list[str] | None = None,
     max_n: int = 4,
-) -> dict:
+) -> dict[str, Any]:
     """BLEU, Self-BLEU, entropy (bits), distinct-1..4 and mean length, tokenising each text once.
 
     BLEU and Self-BLEU follow PAPER §7 (the per-sample mean; `*_pooled` is the pooled corpus

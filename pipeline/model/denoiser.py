@@ -15,6 +15,7 @@ attention).
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -70,11 +71,13 @@ class TimeMLP(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.zeros_(self.net[2].weight)
-        nn.init.zeros_(self.net[2].bias)
+        out = cast(nn.Linear, self.net[2])
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
 
     def forward(self, s: Tensor) -> Tensor:  # [B] -> [B, d]
-        return self.net(sinusoidal_embedding(s, self.hidden).to(self.net[0].weight.dtype))
+        dtype = cast(nn.Linear, self.net[0]).weight.dtype
+        return self.net(sinusoidal_embedding(s, self.hidden).to(dtype))
 
 
 class DiffusionBertForDenoising(PreTrainedModel):
@@ -157,12 +160,15 @@ class DiffusionBertForDenoising(PreTrainedModel):
         if design == "none":
             kwargs["input_ids"] = input_ids
         elif design == "embedding":
+            assert s is not None and self.time_embedding is not None
             embeds = bert.embeddings.word_embeddings(input_ids)  # [B, L, d]
             kwargs["inputs_embeds"] = embeds + self.time_embedding(s).to(embeds.dtype)[:, None, :]
         elif design == "layerwise":
+            assert s is not None and self.layer_time is not None
             kwargs["input_ids"] = input_ids
             self._layer_offsets = [mlp(s)[:, None, :] for mlp in self.layer_time]
         elif design == "prefix":
+            assert s is not None and self.prefix_table is not None
             step = (s.float() * self.config.num_timesteps).round().long().clamp(0, self.config.num_timesteps)
             words = bert.embeddings.word_embeddings(input_ids)  # [B, L, d]
             time_token = self.prefix_table(step).to(words.dtype)[:, None, :]  # [B, 1, d]

@@ -54,6 +54,6 @@ def load_exported(directory: str | Path, device: str | torch.device = "cpu"):
     if not (directory / "config.json").is_file() or not (directory / SCHEDULE_FILE).is_file():
         raise FileNotFoundError(f"{directory} is not an exported DiffusionBERT model (run `dbert train` first)")
     register_auto_classes()
-    model = DiffusionBertForDenoising.from_pretrained(directory).to(device).eval()
+    model = DiffusionBertForDenoising.from_pretrained(directory).to(device).eval()  # type: ignore[arg-type]  # transformers' wrapped .to
     tokenizer = AutoTokenizer.from_pretrained(directory)
     return model, tokenizer, load_schedule(directory)

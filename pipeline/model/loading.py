@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
@@ -150,9 +150,10 @@ def load_mlm(
             mlm = BertForMaskedLM(config)
             check_finite(mlm, f"random init with the config of {source}")
             return mlm
+        info: dict[str, Any]
         try:
             with _quiet_loading():
-                mlm, info = BertForMaskedLM.from_pretrained(source, output_loading_info=True)
+                mlm, info = BertForMaskedLM.from_pretrained(source, output_loading_info=True)  # type: ignore[misc]
         except OSError as err:
             raise ModelLoadError(f"cannot load a BERT model from {source!r}: {err}") from None
     missing = {k for k in info.get("missing_keys", ()) if k.startswith(_HEAD_PREFIX)}

@@ -5,11 +5,13 @@ all call. Orchestration (Ray, MLflow) enters only through the `report` callback 
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +29,9 @@ from pipeline.model.precision import autocast, prefer_fast_attention, resolve_pr
 from pipeline.train.checkpoint import TrainPosition, load_checkpoint, save_checkpoint
 from pipeline.train.optim import EMA, build_optimizer, build_scheduler
 
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedTokenizerBase
+
 # report(metrics, checkpoint_dir or None); called on every rank at the same steps.
 Reporter = Callable[[dict, Path | None], None]
 
@@ -36,7 +41,7 @@ class TrainData:
     train: TokenizedSplit
     validation: TokenizedSplit
     stats: TokenStatistics
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
 
     @classmethod
     def load(cls, prepared_dir: Path, stats_dir: Path, model_name: str) -> "TrainData":
@@ -86,6 +91,16 @@ def validation_bound(
     return total / max(tokens, 1)
 
 
+def should_eval(step: int, total: int, eval_every: int) -> bool:
+    """Validation runs on the first step (a baseline), every `eval_every` steps and at the end."""
+    return step == 1 or step % eval_every == 0 or step >= total
+
+
+def should_checkpoint(step: int, total: int, checkpoint_every: int) -> bool:
+    """A checkpoint every `checkpoint_every` steps and at the end (what a resumed run continues from)."""
+    return step % checkpoint_every == 0 or step >= total
+
+
 def train_loop(
     params: Params,
     data: TrainData,
@@ -104,7 +119,7 @@ def train_loop(
     special = SpecialIds.from_tokenizer(data.tokenizer)
     schedule = build_schedule_for(params, data.stats)
     torch.manual_seed(tp.seed + rank)
-    model = build_model(params, schedule).to(device)
+    model = build_model(params, schedule).to(device)  # type: ignore[arg-type]  # transformers' wrapped .to
     prefer_fast_attention(model, device)
     optimizer = build_optimizer(model, tp.lr, tp.weight_decay)
     scheduler = build_scheduler(optimizer, tp.warmup_steps, tp.steps, tp.min_lr_ratio)
@@ -165,7 +180,9 @@ def train_loop(
             if on_step is not None:
                 on_step(progress.step)
             last = progress.step >= tp.steps
-            if progress.step % tp.eval_every == 0 or progress.step % tp.checkpoint_every == 0 or last or progress.step == 1:
+            evaluate = should_eval(progress.step, tp.steps, tp.eval_every)
+            save = should_checkpoint(progress.step, tp.steps, tp.checkpoint_every)
+            if evaluate or save:  # metrics are reported at both
                 metrics = {
                     "step": progress.step,
                     "loss": window_loss / window_steps,
@@ -178,18 +195,15 @@ def train_loop(
                     "epoch": progress.epoch,
                 }
                 window_tokens, window_time, window_loss, window_steps = 0, 0.0, 0.0, 0
-                if progress.step % tp.eval_every == 0 or last or progress.step == 1:
+                if evaluate:
                     model.eval()
-                    if ema is not None:
-                        with ema.swapped(model):
-                            metrics["val_bound"] = validation_bound(forward, data.validation, schedule, special, params, device, precision)
-                    else:
+                    with ema.swapped(model) if ema is not None else contextlib.nullcontext():
                         metrics["val_bound"] = validation_bound(forward, data.validation, schedule, special, params, device, precision)
                     metrics["val_ppl"] = float(np.exp(min(metrics["val_bound"], 50.0)))
                     model.train()
                 history.append(metrics)
                 checkpoint = None
-                if (progress.step % tp.checkpoint_every == 0 or last) and report is not None:
+                if save and report is not None:
                     checkpoint = _checkpoint(model, optimizer, scheduler, progress, ema) if rank == 0 else None
                 if report is not None:
                     report(metrics, checkpoint)

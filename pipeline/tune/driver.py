@@ -12,23 +12,27 @@ mode cannot run inside a Tune trial (there `ray.train.report` raises and tells y
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import Layout, atomic_directory, write_json
 from pipeline.config import Params, params_from_dict
+from pipeline.errors import first_line
 
 METRIC = "val_bound"
 MODE = "min"
 TIME_ATTR = "step"
 TRIAL_CPU = 0.01  # what each trial's driver function holds while its workers train
 TRIAL_STAGE = "tune_trial"
+TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
 
 _log = logging.getLogger(__name__)
 
@@ -125,11 +129,8 @@ def tune_trial(config: dict, *, setup: dict) -> None:
     run_dir = storage / run_name
 
     tracking = setup.get("tracking")
+    uri = tracking["uri"] if tracking else None  # the driver's store: the cluster may predate its environment
     if tracking:
-        os.environ["MLFLOW_TRACKING_URI"] = tracking["uri"]  # the cluster predates the driver's env
-        import mlflow
-
-        mlflow.set_tracking_uri(tracking["uri"])
         from pipeline.tracking import start_stage_run
 
         run_cm = start_stage_run(
@@ -141,17 +142,16 @@ def tune_trial(config: dict, *, setup: dict) -> None:
             tags={"trial_id": trial_id, "tune_run": setup["tune_name"], "trial_name": context.get_trial_name(),
                   **{f"trial.{k}": v for k, v in config.items()}},
             root=tracking.get("root"),
+            uri=uri,
         )
     else:
-        import contextlib
-
         run_cm = contextlib.nullcontext(None)
 
     stopped: SystemExit | None = None
     with run_cm as run:
         try:
             _train_trial(params, layout, run_dir, storage, run_name, run.info.run_id if run is not None else None,
-                         tracking)
+                         uri)
         except SystemExit as stop:
             # Tune stops a trial (ASHA, or max_t reached) with sys.exit(0) inside tune.report;
             # that is an outcome, not a failure of the MLflow run. (A trial on Ray workers is
@@ -161,45 +161,43 @@ def tune_trial(config: dict, *, setup: dict) -> None:
             if run is not None:  # why, next to Tune's own verdict (see _finish_trial_runs)
                 from mlflow import MlflowClient
 
-                text = str(err).strip().splitlines()
-                MlflowClient().set_tag(run.info.run_id, "trial_exception",
-                                       f"{type(err).__name__}: {text[0] if text else ''}"[:500])
+                MlflowClient(tracking_uri=uri).set_tag(run.info.run_id, "trial_exception", first_line(err)[:500])
             raise
     if stopped is not None:
         raise stopped
 
 
 def _train_trial(params: Params, layout: Layout, run_dir: Path, storage: Path, run_name: str,
-                 run_id: str | None, tracking: dict | None) -> None:
+                 run_id: str | None, tracking_uri: str | None) -> None:
     from ray import tune
 
-    from pipeline.train import ray_driver
+    from pipeline.train.ray.cluster import check_placement, run_config_for, scaling_config_for
+    from pipeline.train.ray.runs import persist_checkpoint
+    from pipeline.train.ray.worker import WorkerConfig, train_worker, train_worker_body
 
-    worker_config = ray_driver.worker_config(params, layout, run_dir, mlflow_run_id=run_id,
-                                             tracking_uri=tracking["uri"] if tracking else None)
-    worker_config["fail_at_step"] = None  # the training test hook never fires in tune trials
+    # no fault plan: the training test hook never fires in tune trials
+    worker_config = WorkerConfig.for_run(params, layout, run_dir, mlflow_run_id=run_id, tracking_uri=tracking_uri)
     if params.train.num_workers == 0:
 
         def deliver(metrics: dict, checkpoint_dir: Path | None, last: bool) -> None:
             if checkpoint_dir is not None:
-                ray_driver._persist_checkpoint(checkpoint_dir, run_dir, int(metrics["step"]),
-                                               ray_driver.KEEP_CHECKPOINTS)
+                persist_checkpoint(checkpoint_dir, run_dir, int(metrics["step"]))
             if METRIC in metrics:
                 tune.report(_tune_metrics(metrics))
 
-        ray_driver.train_worker_body(worker_config, rank=0, world_size=1, local_rank=0, start_checkpoint=None,
-                                     deliver=deliver)
+        train_worker_body(worker_config, rank=0, world_size=1, local_rank=0, start_checkpoint=None,
+                          deliver=deliver)
         return
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    ray_driver.check_placement(params.train.num_workers, params.train.cpus_per_worker, params.train.use_gpu,
-                               reserve_cpus=TRIAL_CPU)
+    check_placement(params.train.num_workers, params.train.cpus_per_worker, params.train.use_gpu,
+                    reserve_cpus=TRIAL_CPU)
     trainer = TorchTrainer(
-        ray_driver.train_worker,
-        train_loop_config=worker_config,
-        scaling_config=ray_driver.scaling_config_for(params),
-        run_config=ray_driver.run_config_for(params, run_name, storage, [TuneReportCallback()]),
+        train_worker,
+        train_loop_config=worker_config.as_loop_config(),
+        scaling_config=scaling_config_for(params),
+        run_config=run_config_for(params, run_name, storage, [TuneReportCallback()]),
     )
     trainer.fit()
 
@@ -223,12 +221,13 @@ def run_tune(params: Params, layout: Layout, *, parent_run_id: str | None = None
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from pipeline.train import ray_driver
+    from pipeline.train.ray.cluster import check_placement, init_ray
+    from pipeline.train.ray.runs import new_run_name
 
     values = search_values(params)  # validates before Ray starts
     tp, tn = params.train, params.tune
-    started = ray_driver.init_ray()
-    ray_driver.check_placement(tp.num_workers, tp.cpus_per_worker, tp.use_gpu, reserve_cpus=TRIAL_CPU)
+    started = init_ray()
+    check_placement(tp.num_workers, tp.cpus_per_worker, tp.use_gpu, reserve_cpus=TRIAL_CPU)
 
     tracking = None
     if parent_run_id:
@@ -239,7 +238,7 @@ def run_tune(params: Params, layout: Layout, *, parent_run_id: str | None = None
         tracking = {"uri": tracking_uri(), "parent_run_id": parent_run_id,
                     "root": os.environ.get(ENV_PROJECT_ROOT) or str(project_root())}
 
-    tune_name = ray_driver.new_run_name("tune")
+    tune_name = new_run_name("tune")
     storage = layout.ray_results.resolve()
     setup = {
         "params": params.model_dump(),
@@ -261,7 +260,7 @@ def run_tune(params: Params, layout: Layout, *, parent_run_id: str | None = None
         run_config=tune.RunConfig(name=tune_name, storage_path=str(storage), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
-    grid = _fit(tuner, started, parent_run_id, tracking["uri"] if tracking else None)
+    grid = fit_tuner(tuner, started, parent_run_id, tracking["uri"] if tracking else None)
 
     table = [_row(result, values, tn.steps) for result in grid]
     if tracking:
@@ -302,7 +301,7 @@ def run_tune(params: Params, layout: Layout, *, parent_run_id: str | None = None
     return TuneOutcome(table=table, best=best, proposal_path=proposal)
 
 
-def _fit(tuner, started: bool, parent_run_id: str | None, uri: str | None):
+def fit_tuner(tuner, started: bool, parent_run_id: str | None, uri: str | None):
     """`tuner.fit()`, stoppable: Ctrl-C and SIGTERM (`pipeline.signals`) stop the whole tune.
 
     Tune's own SIGINT handler would end the experiment "gracefully" and return the partial grid,
@@ -310,22 +309,31 @@ def _fit(tuner, started: bool, parent_run_id: str | None, uri: str | None):
     On the way out the Ray connection this driver made is shut down (the trial actors die with
     it) and the trials' MLflow runs, which those actors can no longer end, are ended KILLED.
     """
-    saved = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    try:
-        return tuner.fit()
-    except KeyboardInterrupt:
-        from pipeline.train import ray_driver
+    with _tune_sigint_handler_off():
+        try:
+            return tuner.fit()
+        except KeyboardInterrupt:
+            from pipeline.train.ray.cluster import stop_ray
 
-        ray_driver.stop_ray(started)
-        if parent_run_id and uri:
-            _kill_trial_runs(parent_run_id, uri)
-        raise
+            stop_ray(started)
+            if parent_run_id and uri:
+                _kill_trial_runs(parent_run_id, uri)
+            raise
+
+
+@contextlib.contextmanager
+def _tune_sigint_handler_off() -> Iterator[None]:
+    """Set `TUNE_DISABLE_SIGINT_HANDLER=1` around `tuner.fit()` and put the old value back: Ray
+    Tune 2.60 reads this variable in the driver process and offers no argument for it."""
+    saved = os.environ.get(TUNE_SIGINT_ENV)
+    os.environ[TUNE_SIGINT_ENV] = "1"
+    try:
+        yield
     finally:
         if saved is None:
-            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+            os.environ.pop(TUNE_SIGINT_ENV, None)
         else:
-            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved
+            os.environ[TUNE_SIGINT_ENV] = saved
 
 
 def _kill_trial_runs(parent_run_id: str, uri: str) -> None:
@@ -366,7 +374,7 @@ def _row(result, values: dict[str, list], max_steps: int) -> dict:
     row["steps"] = max(steps) if steps else 0
     if result.error is not None:
         row["status"] = "error"
-        row["error"] = str(result.error).strip().splitlines()[0] if str(result.error).strip() else type(result.error).__name__
+        row["error"] = first_line(result.error, with_type=False)
     else:
         row["status"] = "completed" if row["steps"] >= max_steps else "stopped_early"
     return row
