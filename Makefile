@@ -16,7 +16,7 @@ export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv repro test test-fast ablation clean
+.PHONY: venv repro test test-unit test-fast lint format typecheck deps ablation clean
 
 venv: $(STAMP)
 
@@ -39,5 +39,31 @@ ablation: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration" tests
+
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# ruff (lint + format check), mypy (strict on the maths), dvc.yaml code deps up to date.
+# .ci/run runs it before the tests; `make format` applies ruff's fixes and formatting.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/python tools/sync_dvc_deps.py --check
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+# Rewrite dvc.yaml's code deps as each stage's import closure (after moving code).
+deps: $(STAMP)
+	$(BIN)/python tools/sync_dvc_deps.py
+
+# Everything the pipeline and the tests write into the checkout (not the venv, not DVC's cache).
+clean:
+	rm -rf outputs models data/prepared data/token_stats mlflow.db mlartifacts .pytest_cache .mypy_cache .ruff_cache

@@ -26,8 +26,8 @@ from pipeline.diffusion.forward import SpecialIds  # noqa: E402
 from pipeline.diffusion.loss import diffusion_loss  # noqa: E402
 from pipeline.diffusion.schedules import build_schedule  # noqa: E402
 from pipeline.model.loading import build_denoiser, load_tokenizer  # noqa: E402
-from pipeline.train.optim import build_optimizer  # noqa: E402
 from pipeline.model.precision import autocast  # noqa: E402
+from pipeline.train.optim import build_optimizer  # noqa: E402
 
 BATCH, MAX_LEN, T = 32, 64, 2048
 
@@ -97,7 +97,7 @@ def main() -> None:
     # Our loss runs the MLM head only at masked positions (half the tokens on average), so the
     # issue's model-FLOPs count overstates the work done; the last column counts the head at 50%.
     head = 6 * model.mlm.config.hidden_size * model.mlm.config.vocab_size
-    print(f"| row | s/step | tokens/s | vs baseline | MFU (own dtype peak) | MFU, head at 50% |\n|---|---|---|---|---|---|")
+    print("| row | s/step | tokens/s | vs baseline | MFU (own dtype peak) | MFU, head at 50% |\n|---|---|---|---|---|---|")
     base = None
     for name, fn, dtype in rows:
         seconds = timed(fn, args.steps, warmup=1)

@@ -58,7 +58,7 @@ class ModelParams(_Group):
     head_init_seed: int = 0
 
     @model_validator(mode="after")
-    def _heads_divide_hidden(self) -> "ModelParams":
+    def _heads_divide_hidden(self) -> ModelParams:
         if self.hidden_size % self.num_heads:
             raise ValueError("model.hidden_size must be divisible by model.num_heads")
         return self
@@ -159,7 +159,7 @@ class AblationParams(_Group):
     detail_samples: int = Field(64, ge=2)  # samples per steps-table row and top-k point (detail rows)
 
     @model_validator(mode="after")
-    def _seeds_unique(self) -> "AblationParams":
+    def _seeds_unique(self) -> AblationParams:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"ablation.seeds must be distinct training seeds, got {self.seeds}")
         return self
@@ -182,7 +182,7 @@ class Params(_Group):
     tracking: TrackingParams = Field(default_factory=TrackingParams)
 
     @model_validator(mode="after")
-    def _spindle_keeps_alpha_monotone(self) -> "Params":
+    def _spindle_keeps_alpha_monotone(self) -> Params:
         # Imported lazily: the bound lives with the schedules, which need torch.
         from pipeline.diffusion.schedules import max_spindle_lambda
 

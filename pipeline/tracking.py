@@ -238,7 +238,7 @@ def start_stage_run(
     parent_run_id: str | None = None,
     resume_run_id: str | None = None,
     uri: str | None = None,
-) -> Iterator["mlflow.ActiveRun"]:
+) -> Iterator[mlflow.ActiveRun]:
     """Run one stage as one MLflow run: flattened params, lineage + extra tags.
 
     The experiment is `experiment`, else `params.tracking.experiment`, else "diffusionbert".

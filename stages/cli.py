@@ -18,7 +18,7 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -37,16 +37,16 @@ app = typer.Typer(
 )
 
 ParamsOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--params", metavar="PATH", help="Params file (default: <root>/params.yaml).", dir_okay=False),
 ]
 SetOption = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", "-S", metavar="KEY=VALUE",
                  help="Override a param, e.g. train.lr=3e-4 (the syntax of `dvc exp run -S`); repeatable."),
 ]
 RootOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--root", metavar="DIR", file_okay=False,
                  help="Project checkout to read from and write to (default: the nearest directory at or above "
                  "the current one with dvc.yaml or params.yaml)."),
@@ -155,7 +155,7 @@ def evaluate_command(
     params: ParamsOption = None,
     set_: SetOption = None,
     root: RootOption = None,
-    model: Annotated[Optional[Path], typer.Option("--model", help="Export directory (default: models/final).")] = None,
+    model: Annotated[Path | None, typer.Option("--model", help="Export directory (default: models/final).")] = None,
 ) -> None:
     from pipeline.eval.report import summary_lines
 
@@ -197,7 +197,7 @@ def ablation_command(
     params: ParamsOption = None,
     set_: SetOption = None,
     root: RootOption = None,
-    rows: Annotated[Optional[list[str]], typer.Option(
+    rows: Annotated[list[str] | None, typer.Option(
         "--row", metavar="NAME", help="Run only this row (repeatable; default: ablation.rows).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete outputs/ablation first instead of resuming.")] = False,
     background: Annotated[bool, typer.Option(
@@ -255,17 +255,17 @@ def generate_command(
     params: ParamsOption = None,
     set_: SetOption = None,
     root: RootOption = None,
-    model: Annotated[Optional[Path], typer.Option("--model", help="Export directory (default: models/final).")] = None,
+    model: Annotated[Path | None, typer.Option("--model", help="Export directory (default: models/final).")] = None,
     num: Annotated[int, typer.Option("--num", "-n", help="Number of sentences.")] = 8,
-    length: Annotated[Optional[int], typer.Option(
+    length: Annotated[int | None, typer.Option(
         help="WordPieces per sentence; 0 = draw from the training length histogram (32 without one). "
         "Sets evaluate.sample_length.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Reverse steps; sets evaluate.sample_steps.")] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Top-k, 0 = off; sets evaluate.top_k.")] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus mass; sets evaluate.top_p.")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="Temperature; sets evaluate.temperature.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed; sets evaluate.sample_seed.")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the sentences to this file "
+    steps: Annotated[int | None, typer.Option(help="Reverse steps; sets evaluate.sample_steps.")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Top-k, 0 = off; sets evaluate.top_k.")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus mass; sets evaluate.top_p.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Temperature; sets evaluate.temperature.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed; sets evaluate.sample_seed.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the sentences to this file "
                                                    "instead of stdout.", dir_okay=False)] = None,
     track: Annotated[bool, typer.Option("--track", help="Record the samples as an MLflow run.")] = False,
 ) -> None:

@@ -142,7 +142,7 @@ def _only_docstring(path: Path) -> bool:
     return all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def code_deps(module: str) -> tuple[str, ...]:
     """The source files a stage's output depends on: the static import closure of `module`
     (every import, also inside functions) over pipeline/ and stages/, without empty package

@@ -84,7 +84,7 @@ class RichProgress:
         )
         self._tasks: dict[str, Any] = {}
 
-    def __enter__(self) -> "RichProgress":
+    def __enter__(self) -> RichProgress:
         self._progress.start()
         return self
 

@@ -16,9 +16,7 @@ model is logged as its artifact `model/`.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any
 
 from pipeline.artifacts import Layout, atomic_directory, read_json, write_csv_atomic, write_json
 from pipeline.config import Params
@@ -35,8 +33,6 @@ INPUTS = (
     "data/schedule/schedule.json",
 )
 OUTPUTS = ("models/final", "outputs/train/metrics.json", "outputs/train/history.csv", "outputs/train/curve.png")
-HISTORY_FIRST = ("step", "loss", "train_bound", "val_bound", "val_ppl", "lr", "grad_norm", "tokens_per_s",
-                 "tokens_seen", "epoch")
 
 
 def check_schedule(params: Params, layout: Layout) -> dict:
@@ -50,45 +46,6 @@ def check_schedule(params: Params, layout: Layout) -> dict:
     schedule = schedule_from_params(params.diffusion, information=stats.centred_information(), counts=stats.counts)
     require_passed(report, schedule)
     return report
-
-
-HISTORY_SKIP = ("checkpoint_path",)  # machine-specific paths stay out of the plotted table
-
-
-def history_table(history: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """(columns, rows): one row per report; scalar columns in a fixed order, empty where a row has
-    no value."""
-    keys = {k for row in history for k, v in row.items()
-            if k not in HISTORY_SKIP and (v is None or isinstance(v, (int, float, str)))}
-    columns = [k for k in HISTORY_FIRST if k in keys] + sorted(keys - set(HISTORY_FIRST))
-    return columns, [[_cell(row.get(k)) for k in columns] for row in history]
-
-
-def _cell(value: Any) -> Any:
-    if value is None or isinstance(value, (list, tuple, dict)):
-        return ""
-    if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else ""
-    return value
-
-
-def final_metrics(history: list[dict[str, Any]], outcome, run_id: str) -> dict[str, Any]:
-    last = history[-1] if history else {}
-    evaluated = [row for row in history if row.get("val_bound") is not None]
-    last_eval = evaluated[-1] if evaluated else {}
-    val_bound = last_eval.get("val_bound")
-    return {
-        "step": int(last.get("step", 0)),
-        "val_bound": val_bound,
-        "val_ppl": last_eval.get("val_ppl", math.exp(min(val_bound, 50.0)) if val_bound is not None else None),
-        "train_bound": last.get("train_bound"),
-        "loss": last.get("loss"),
-        "tokens_per_s": last.get("tokens_per_s"),
-        "tokens_seen": last.get("tokens_seen"),
-        "precision": outcome.precision,
-        "run_name": outcome.run_name,
-        "mlflow_run_id": run_id,
-    }
 
 
 def step_progress(progress: ProgressCallback | None, total_steps: int):
@@ -108,6 +65,7 @@ def step_progress(progress: ProgressCallback | None, total_steps: int):
 def run(params: Params, root: Path, *, resume: bool = False, progress: ProgressCallback | None = None,
         tracking_uri: str | None = None) -> dict:
     from pipeline.tracking import log_artifact, log_metrics
+    from pipeline.train.history import final_metrics, history_table
     from pipeline.train.ray.driver import run_training
     from pipeline.viz import training_curves
 
@@ -122,7 +80,7 @@ def run(params: Params, root: Path, *, resume: bool = False, progress: ProgressC
             outcome = run_training(params, layout, resume=resume, mlflow_run_id=run_id, export_dir=export_dir,
                                    progress=step_progress(progress, params.train.steps))
             history = list(outcome.history)
-            metrics = final_metrics(history, outcome, run_id)
+            metrics = final_metrics(history, outcome.precision, outcome.run_name, run_id)
             log_artifact(export_dir, "model", run_id=run_id)
             with atomic_directory(layout.train_out) as out:
                 write_json(metrics, out / "metrics.json")

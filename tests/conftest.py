@@ -5,16 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "1",
-    "DVC_NO_ANALYTICS": "1",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
+from tests.env import OFFLINE, end_active_runs, without_project_env
+
+for _key, _value in OFFLINE.items():
     os.environ.setdefault(_key, _value)
 
 import pytest  # noqa: E402
@@ -42,3 +35,12 @@ def tokenizer(minilm_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(minilm_dir)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No `tests.env.PROJECT_ENV` variable set and no active MLflow run, before and after."""
+    without_project_env(monkeypatch)
+    end_active_runs()
+    yield
+    end_active_runs()

@@ -30,6 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: `tests` is importable from the repository root
+    sys.path.insert(0, str(ROOT))
+
+from tests.env import OFFLINE  # noqa: E402
+
 SAMPLERS = "pipeline/diffusion/samplers.py"
 LOSS = "pipeline/diffusion/loss.py"
 FORWARD = "pipeline/diffusion/forward.py"
@@ -53,12 +58,7 @@ PER_SAMPLE = "tests/test_metrics.py::test_the_headline_is_the_per_sample_mean_no
 ENTROPY = "tests/test_metrics.py::test_unigram_entropy_is_exact_on_tiny_cases"
 
 ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "1",
-    "DVC_NO_ANALYTICS": "1",
-    "RAY_AUTH_MODE": "disabled",
+    **OFFLINE,
     "PYTHONDONTWRITEBYTECODE": "1",
     # the copy lives in a temporary folder: point its tests at the real LM1B sample
     "DBERT_LM1B_DIR": os.environ.get("DBERT_LM1B_DIR", str(ROOT.parent / "shared" / "data" / "lm1b")),

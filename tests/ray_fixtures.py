@@ -16,25 +16,9 @@ import pytest
 
 from pipeline.artifacts import Layout
 from pipeline.config import Params, load_params
+from tests import tiny
 
-TINY_OVERRIDES = [
-    "model.name_or_path=random",
-    "model.hidden_size=32",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.intermediate_size=64",
-    "data.max_seq_len=32",
-    "diffusion.num_timesteps=100",
-    "train.batch_size=8",
-    "train.steps=4",
-    "train.warmup_steps=1",
-    "train.eval_every=2",
-    "train.eval_batches=1",
-    "train.checkpoint_every=2",
-    "train.precision=fp32",
-    "train.num_workers=0",
-    "train.max_failures=2",
-]
+TINY_OVERRIDES = [*tiny.TINY_MODEL, *tiny.TINY_TRAIN, "train.max_failures=2"]
 TRAIN_LINES = 160
 VALIDATION_LINES = 40
 

@@ -12,9 +12,10 @@ import pytest
 from pipeline.ablation import report as rep
 from pipeline.ablation.rows import ROWS, plan, row_params
 from pipeline.config import ABLATION_ROWS, ParamsError, load_params
-from tests.test_stages import REPO, _clean_env, tiny_params, without_mlflow_env  # noqa: F401 - autouse fixture
+from tests.env import without_project_env
+from tests.test_stages import REPO, tiny_params
 
-pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("clean_env")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +215,7 @@ def ablated(tmp_path_factory, lm1b_dir):
     """A tiny ablation: four rows, the spindle/linear pair twice, in a tmp project."""
     from stages import ablation, prepare, token_stats
 
-    mp = without_mlflow_env()
+    mp = without_project_env()
     root = tmp_path_factory.mktemp("ablation")
     params = tiny_params(lm1b_dir, *TINY_ABLATION)
     prepare.run(params, root)

@@ -15,30 +15,14 @@ from typer.testing import CliRunner
 
 from stages.cli import app
 
-pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("clean_env")]
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
 COMMANDS = ("prepare", "token-stats", "schedule", "train", "evaluate", "tune", "ablation", "generate", "mlflow-ui",
             "params")
-ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID",
-       "DBERT_PROJECT_ROOT", "DBERT_LM1B_DIR", "DBERT_DEBUG")
 
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    for key in ENV:
-        monkeypatch.delenv(key, raising=False)
-    yield
-    import sys as _sys
-
-    if "mlflow" in _sys.modules:
-        import mlflow
-
-        while mlflow.active_run() is not None:
-            mlflow.end_run()
 
 
 def invoke(*args: str):
@@ -239,7 +223,7 @@ def test_python_m_stages_cli_runs_and_fails_in_one_line(tmp_path):
 def fake_tune(tmp_path, monkeypatch):
     """The real CLI and stage around a stand-in for Ray Tune (tests/test_tune.py runs the real one):
     it writes the driver's own proposal format."""
-    from pipeline.tune import driver
+    from pipeline.tune import driver, results
 
     proposed = {"model.time_design": "prefix", "train.lr": 0.0003}
 
@@ -248,7 +232,7 @@ def fake_tune(tmp_path, monkeypatch):
         row = {"trial_id": "t1", "best_val_bound": 5.0, "steps": 4, **proposed}
         path = layout.tune_out / "best_params.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(driver.proposal_yaml(proposed, row, "tune-test"))
+        path.write_text(results.proposal_yaml(proposed, row, "tune-test"))
         return driver.TuneOutcome(table=[row], best={**row, "overrides": dict(proposed)}, proposal_path=path)
 
     monkeypatch.setattr(driver, "run_tune", run_tune)

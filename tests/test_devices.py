@@ -170,7 +170,7 @@ def test_one_training_step_on_the_device(design, objective):
     assert grads.keys() == cpu_grads.keys()
     for name, grad in cpu_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7)
-    for (name, p), (_, q) in zip(model.named_parameters(), cpu_model.named_parameters()):
+    for (_, p), (_, q) in zip(model.named_parameters(), cpu_model.named_parameters()):
         torch.testing.assert_close(to_cpu(p.detach()), q.detach(), rtol=1e-5, atol=1e-6)
 
 

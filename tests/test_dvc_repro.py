@@ -19,50 +19,28 @@ import yaml
 
 from pipeline.config import load_params
 from stages.common import code_deps
+from tests import tiny
 
-pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("clean_env")]
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 PIPELINE = ("prepare", "token_stats", "schedule", "train", "evaluate")
 TINY = [
+    *tiny.TINY,
     "data.mirror_dir=../shared/data/lm1b",  # the default layout: relative to the main repository
     "data.max_sentences=120",
-    "data.max_seq_len=32",
-    "model.name_or_path=random",
-    "model.hidden_size=32",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.intermediate_size=64",
     "diffusion.num_timesteps=64",
     "train.steps=3",
-    "train.batch_size=8",
-    "train.warmup_steps=1",
     "train.eval_every=3",
-    "train.eval_batches=1",
     "train.checkpoint_every=3",
-    "train.precision=fp32",
-    "train.num_workers=0",
     "evaluate.num_sequences=8",
-    "evaluate.batch_size=8",
     "evaluate.bound_steps=2",
-    "evaluate.seeds=[0]",
     "evaluate.num_samples=2",
     "evaluate.sample_steps=4",
     "evaluate.num_references=20",
-    "evaluate.table_steps=[2,4]",
-    "evaluate.table_sequences=4",
-    "evaluate.table_samples=2",
-    "evaluate.qd_top_k=[1,0]",
-    "evaluate.qd_samples=2",
 ]
 GITIGNORE = "mlflow.db\nmlartifacts/\nmlruns/\nray_results/\n/checkpoints/\n__pycache__/\n"
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    for key in ("MLFLOW_TRACKING_URI", "DBERT_PROJECT_ROOT", "DBERT_LM1B_DIR"):
-        monkeypatch.delenv(key, raising=False)
 
 
 def dvc_yaml() -> dict:

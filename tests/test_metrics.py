@@ -184,7 +184,7 @@ def test_the_headline_is_the_per_sample_mean_not_the_pooled_corpus_bleu():
 
 
 def test_a_bleu_with_no_shared_four_gram_is_flagged_as_no_measurement():
-    samples = [["w%d" % (10 * i + k) for k in range(6)] for i in range(5)]  # no word shared
+    samples = [[f"w{10 * i + k}" for k in range(6)] for i in range(5)]  # no word shared
     summary = self_bleu_summary(samples)
     assert 0 <= summary.mean < 1e-70 and not summary.measured and summary.samples_with_match == 0
     assert summary.num_samples == 5 and summary.num_references == 4

@@ -18,11 +18,7 @@ from pipeline.train.ray.runs import checkpoint_step, last_run
 from pipeline.train.ray.worker import WorkerConfig, train_worker, weights_checksum
 from tests.ray_fixtures import layout, ray_cluster, tiny_data, tiny_params  # noqa: F401 (fixtures)
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated"),  # MLflow's sqlalchemy store
-    pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context"),  # Ray Data's own defaults
-]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _steps(history: list[dict]) -> list[int]:

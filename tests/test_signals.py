@@ -18,17 +18,16 @@ import pytest
 
 from pipeline import signals
 from pipeline.artifacts import atomic_directory
+from tests.env import PROJECT_ENV
 
-pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("clean_env")]
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
-ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID",
-       "DBERT_PROJECT_ROOT", "DBERT_LM1B_DIR", "DBERT_DEBUG", "DVC_EXP_NAME", "RANK")
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ENV}
+    env = {k: v for k, v in os.environ.items() if k not in PROJECT_ENV}
     env.update({"PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1",
                 "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **extra})
     return env

@@ -13,42 +13,13 @@ import yaml
 from pipeline.config import load_params
 from stages import evaluate, prepare, schedule, token_stats, train
 from stages.common import select_params
+from tests import tiny
+from tests.env import without_project_env
 
-pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("clean_env")]
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.max_sentences=200",
-    "data.max_seq_len=32",
-    "model.name_or_path=random",
-    "model.hidden_size=32",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.intermediate_size=64",
-    "diffusion.num_timesteps=100",
-    "train.steps=4",
-    "train.batch_size=8",
-    "train.warmup_steps=1",
-    "train.eval_every=2",
-    "train.eval_batches=1",
-    "train.checkpoint_every=2",
-    "train.precision=fp32",
-    "train.num_workers=0",
-    "evaluate.num_sequences=16",
-    "evaluate.batch_size=8",
-    "evaluate.bound_steps=4",
-    "evaluate.seeds=[0]",
-    "evaluate.num_samples=4",
-    "evaluate.sample_steps=8",
-    "evaluate.num_references=50",
-    "evaluate.table_steps=[2,4]",
-    "evaluate.table_sequences=4",
-    "evaluate.table_samples=2",
-    "evaluate.qd_top_k=[1,0]",
-    "evaluate.qd_samples=2",
-]
-ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID",
-       "DBERT_PROJECT_ROOT", "DBERT_LM1B_DIR", "DVC_EXP_NAME")
+TINY = [*tiny.TINY, "data.max_sentences=200"]
 
 
 def tiny_params(lm1b_dir: Path, *extra: str):
@@ -88,30 +59,10 @@ def artifact_paths(run_id: str, root: Path) -> set[str]:
     return found
 
 
-def without_mlflow_env() -> pytest.MonkeyPatch:
-    """For module fixtures: the MLflow/project variables unset until the returned patch's undo()."""
-    mp = pytest.MonkeyPatch()
-    for key in ENV:
-        mp.delenv(key, raising=False)
-    return mp
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    # MLflow exports MLFLOW_TRACKING_URI when a store is set up: keep each test on its own store.
-    for key in ENV:
-        monkeypatch.delenv(key, raising=False)
-    yield
-    import mlflow
-
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, lm1b_dir):
     """A tmp project after prepare -> token_stats -> schedule, with the MLflow runs of that round."""
-    mp = without_mlflow_env()
+    mp = without_project_env()
     root = tmp_path_factory.mktemp("stages")
     params = tiny_params(lm1b_dir)
     summaries = {

@@ -15,45 +15,16 @@ import pytest
 
 from pipeline import lineage, project, tracking
 
-# MLflow's own sqlalchemy store trips this deprecation; nothing here can change it.
-pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
+pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
-_ENV_VARS = (
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_EXPERIMENT_NAME",
-    "MLFLOW_EXPERIMENT_ID",
-    "MLFLOW_RUN_ID",
-    "DBERT_PROJECT_ROOT",
-    "DVC_EXP_NAME",
-    "DVC_EXP_BASELINE_REV",
-    "RANK",
-)
-
-
-def _end_all_runs() -> None:
-    import mlflow
-
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-
-
 @pytest.fixture
-def clean_mlflow(tmp_path, monkeypatch):
-    """No tracking env, no active run, cwd in tmp_path; undone afterwards.
-
-    Each variable is set then deleted so that monkeypatch restores it even when MLflow exports
-    it during the test (`mlflow.set_tracking_uri` writes MLFLOW_TRACKING_URI to os.environ).
-    """
+def clean_mlflow(clean_env, tmp_path, monkeypatch):
+    """`clean_env`, with the cwd in tmp_path; yields the mlflow module."""
     import mlflow
 
-    for var in _ENV_VARS:
-        monkeypatch.setenv(var, "unset-by-test")
-        monkeypatch.delenv(var)
-    _end_all_runs()
     monkeypatch.chdir(tmp_path)
     yield mlflow
-    _end_all_runs()
     mlflow.set_tracking_uri(None)
 
 
@@ -145,7 +116,7 @@ def test_a_failing_block_marks_the_run_failed_and_reraises(clean_mlflow, tmp_pat
     mlflow = clean_mlflow
     with pytest.raises(ZeroDivisionError):
         with tracking.start_stage_run("evaluate", {"evaluate": {"seeds": [0]}}, root=tmp_path) as run:
-            1 / 0
+            raise ZeroDivisionError("the stage failed")
 
     assert mlflow.active_run() is None
     runs = tracking.find_runs("diffusionbert", root=tmp_path)

@@ -10,16 +10,13 @@ from pipeline.data.sources import load_lm1b_mirror
 from pipeline.data.stats import TokenStatistics
 from pipeline.data.tokenize import tokenize_lines
 from pipeline.diffusion.forward import SpecialIds
-from pipeline.train.checkpoint import load_checkpoint
 from pipeline.model.loading import build_model
+from pipeline.train.checkpoint import load_checkpoint
 from pipeline.train.loop import TrainData, train_loop
 from pipeline.train.optim import EMA, warmup_cosine
+from tests import tiny
 
-TINY = [
-    "model.name_or_path=random", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
-    "model.intermediate_size=64", "data.max_seq_len=32", "diffusion.num_timesteps=100",
-    "train.batch_size=8", "train.eval_batches=1", "train.precision=fp32",
-]
+TINY = [*tiny.TINY_MODEL, "train.batch_size=8", "train.eval_batches=1", "train.precision=fp32"]
 
 
 @pytest.fixture(scope="module")

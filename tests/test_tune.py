@@ -8,14 +8,11 @@ import csv
 import pytest
 import yaml
 
-from pipeline.tune.driver import TuneConfigError, run_tune, search_space, search_values, trial_params
+from pipeline.tune.driver import run_tune
+from pipeline.tune.space import TuneConfigError, search_space, search_values, trial_params
 from tests.ray_fixtures import layout, ray_cluster, tiny_data, tiny_params  # noqa: F401 (fixtures)
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated"),  # MLflow's sqlalchemy store
-    pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context"),  # Ray Data's own defaults
-]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_the_search_space_grids_time_designs_and_adds_lr_and_lambda_only_when_asked():

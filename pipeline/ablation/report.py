@@ -96,7 +96,7 @@ def train_seed_stats(results: Sequence[dict], metric: str = "ppl_token") -> tupl
 def table_rows(results: Iterable[dict]) -> list[dict]:
     """One line per row: the paper's columns and our numbers (means over training seeds)."""
     lines = []
-    for name, runs in by_row(results).items():
+    for runs in by_row(results).values():
         first = runs[0]
         ev = [r["evaluate"] for r in runs]
         line = {key: first[key] for key in ("row", "method", "init", "schedule", "time", "note")}

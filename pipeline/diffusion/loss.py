@@ -8,8 +8,8 @@ zero), so the MLM head only ever runs where something is masked.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor

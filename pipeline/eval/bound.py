@@ -132,7 +132,7 @@ def perplexity_bound(
         "num_steps": num_steps,
         "time_grid": f"{num_steps} equal steps from T={schedule.num_timesteps} to 0",
         "seeds": list(seeds),
-        "leaky": bool(getattr(schedule, "leaky", False)),
+        "leaky": schedule.leaky,
         "runs": runs,
     }
     for key in [k for k in runs[0] if k.startswith("ppl_")]:

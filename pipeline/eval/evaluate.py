@@ -105,7 +105,7 @@ def evaluate_model(params: Params, layout: Layout, model_dir: str | Path, progre
         "packed": params.train.packed,
         "steps_table": steps_table,
         "quality_diversity": qd_curve,
-        "leaky": bool(getattr(schedule, "leaky", False)),
+        "leaky": schedule.leaky,
         "model_dir": str(model_dir),
         "time_design": model.config.time_design,
         "settings": {**settings, "seeds": list(ev.seeds), "num_timesteps": schedule.num_timesteps, "precision": precision,

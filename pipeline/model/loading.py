@@ -197,7 +197,7 @@ def build_denoiser(
     return model
 
 
-def build_model(params: "Params", schedule: "Schedule") -> DiffusionBertForDenoising:
+def build_model(params: Params, schedule: Schedule) -> DiffusionBertForDenoising:
     """The denoiser `params.model` describes, for `schedule` (its description goes into the config)."""
     m = params.model
     random_config = None

@@ -44,7 +44,7 @@ class TrainData:
     tokenizer: PreTrainedTokenizerBase
 
     @classmethod
-    def load(cls, prepared_dir: Path, stats_dir: Path, model_name: str) -> "TrainData":
+    def load(cls, prepared_dir: Path, stats_dir: Path, model_name: str) -> TrainData:
         return cls(
             TokenizedSplit.load(Path(prepared_dir) / "train"),
             TokenizedSplit.load(Path(prepared_dir) / "validation"),

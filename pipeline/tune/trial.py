@@ -1,0 +1,107 @@
+"""One Tune trial (it runs in a Tune actor): its params, its nested MLflow run, training on Ray
+Train workers (or in the trial's own process with `train.num_workers=0`), reports to Tune."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from pipeline.artifacts import Layout
+from pipeline.config import Params
+from pipeline.errors import first_line
+from pipeline.tune.space import METRIC, trial_params
+
+TRIAL_CPU = 0.01  # what each trial's driver function holds while its workers train
+TRIAL_STAGE = "tune_trial"
+
+
+def tune_trial(config: dict, *, setup: dict) -> None:
+    """One trial: apply its config, open its nested MLflow run, train, report to Tune."""
+    from ray import tune
+
+    params = trial_params(setup["params"], config)
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
+    layout = Layout(Path(setup["root"]))
+    storage = Path(setup["train_storage"])
+    run_name = f"trial-{trial_id}"
+    run_dir = storage / run_name
+
+    tracking = setup.get("tracking")
+    uri = tracking["uri"] if tracking else None  # the driver's store: the cluster may predate its environment
+    if tracking:
+        from pipeline.tracking import start_stage_run
+
+        run_cm = start_stage_run(
+            TRIAL_STAGE,
+            params,
+            experiment=params.tracking.experiment,
+            run_name=f"{setup['tune_name']}-{trial_id}",
+            parent_run_id=tracking["parent_run_id"],
+            tags={"trial_id": trial_id, "tune_run": setup["tune_name"], "trial_name": context.get_trial_name(),
+                  **{f"trial.{k}": v for k, v in config.items()}},
+            root=tracking.get("root"),
+            uri=uri,
+        )
+    else:
+        run_cm = contextlib.nullcontext(None)
+
+    stopped: SystemExit | None = None
+    with run_cm as run:
+        try:
+            _train_trial(params, layout, run_dir, storage, run_name, run.info.run_id if run is not None else None,
+                         uri)
+        except SystemExit as stop:
+            # Tune stops a trial (ASHA, or max_t reached) with sys.exit(0) inside tune.report;
+            # that is an outcome, not a failure of the MLflow run. (A trial on Ray workers is
+            # instead ended from outside; the driver closes its run, see _finish_trial_runs.)
+            stopped = stop
+        except Exception as err:
+            if run is not None:  # why, next to Tune's own verdict (see _finish_trial_runs)
+                from mlflow import MlflowClient
+
+                MlflowClient(tracking_uri=uri).set_tag(run.info.run_id, "trial_exception", first_line(err)[:500])
+            raise
+    if stopped is not None:
+        raise stopped
+
+
+def _train_trial(params: Params, layout: Layout, run_dir: Path, storage: Path, run_name: str,
+                 run_id: str | None, tracking_uri: str | None) -> None:
+    from ray import tune
+
+    from pipeline.train.ray.cluster import check_placement, run_config_for, scaling_config_for
+    from pipeline.train.ray.runs import persist_checkpoint
+    from pipeline.train.ray.worker import WorkerConfig, train_worker, train_worker_body
+
+    # no fault plan: the training test hook never fires in tune trials
+    worker_config = WorkerConfig.for_run(params, layout, run_dir, mlflow_run_id=run_id, tracking_uri=tracking_uri)
+    if params.train.num_workers == 0:
+
+        def deliver(metrics: dict, checkpoint_dir: Path | None, last: bool) -> None:
+            if checkpoint_dir is not None:
+                persist_checkpoint(checkpoint_dir, run_dir, int(metrics["step"]))
+            if METRIC in metrics:
+                tune.report(_tune_metrics(metrics))
+
+        train_worker_body(worker_config, rank=0, world_size=1, local_rank=0, start_checkpoint=None,
+                          deliver=deliver)
+        return
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    check_placement(params.train.num_workers, params.train.cpus_per_worker, params.train.use_gpu,
+                    reserve_cpus=TRIAL_CPU)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=worker_config.as_loop_config(),
+        scaling_config=scaling_config_for(params),
+        run_config=run_config_for(params, run_name, storage, [TuneReportCallback()]),
+    )
+    trainer.fit()
+
+
+def _tune_metrics(metrics: dict) -> dict:
+    """What Tune keeps per report: numbers and short strings (no checksums)."""
+    return {k: v for k, v in metrics.items() if k != "weights_sha256"}
+
