@@ -8,8 +8,15 @@ import torch
 import torch.nn.functional as F
 
 
-def authors_style_loss(model, x0: torch.Tensor, attention_mask: torch.Tensor, T: int, mask_id: int,
-                       generator: torch.Generator, hybrid_lambda: float = 0.01) -> torch.Tensor:
+def authors_style_loss(
+    model,
+    x0: torch.Tensor,
+    attention_mask: torch.Tensor,
+    T: int,
+    mask_id: int,
+    generator: torch.Generator,
+    hybrid_lambda: float = 0.01,
+) -> torch.Tensor:
     V = model.mlm.config.vocab_size
     t = int(torch.randint(1, T + 1, (1,), generator=generator))  # one t per batch
     alpha_t, alpha_s = 1.0 - t / T, 1.0 - (t - 1) / T

@@ -47,14 +47,27 @@ def main() -> None:
     results = {}
     for k in (1, 16):
         for cache in (False, True):
-            out = ancestral_sample(denoise, schedule, [args.length] * args.samples, special, tokenizer.cls_token_id,
-                                   tokenizer.sep_token_id, grid=time_grid(args.T, k), top_k=30, seed=0, cache=cache)
+            out = ancestral_sample(
+                denoise,
+                schedule,
+                [args.length] * args.samples,
+                special,
+                tokenizer.cls_token_id,
+                tokenizer.sep_token_id,
+                grid=time_grid(args.T, k),
+                top_k=30,
+                seed=0,
+                cache=cache,
+            )
             results[(k, cache)] = out
             base = results[(1, False)].seconds
             same = "-" if not cache else str(torch.equal(out.tokens, results[(k, False)].tokens))
-            print(f"| {'cached' if cache else 'uncached'} | {k} | {out.row_calls.float().mean():.1f} | "
-                  f"{out.seconds / args.samples:.3f} | {out.seconds / max(out.model_seconds, 1e-9):.2f}x | "
-                  f"{base / out.seconds:.2f}x | {same} |", flush=True)
+            print(
+                f"| {'cached' if cache else 'uncached'} | {k} | {out.row_calls.float().mean():.1f} | "
+                f"{out.seconds / args.samples:.3f} | {out.seconds / max(out.model_seconds, 1e-9):.2f}x | "
+                f"{base / out.seconds:.2f}x | {same} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -49,7 +49,9 @@ def main() -> None:
     both_s = timed(tokens_and_stats, 3)
     print("| work | seconds | tokens/s | ratio |\n|---|---|---|---|")
     print(f"| tokenization alone | {tok_s:.2f} | {split.num_content_tokens / tok_s:,.0f} | 1.00x |")
-    print(f"| tokenization + statistics | {both_s:.2f} | {split.num_content_tokens / both_s:,.0f} | {both_s / tok_s:.2f}x |")
+    print(
+        f"| tokenization + statistics | {both_s:.2f} | {split.num_content_tokens / both_s:,.0f} | {both_s / tok_s:.2f}x |"
+    )
 
     if args.model:
         from pipeline.model.export import load_exported
@@ -60,14 +62,17 @@ def main() -> None:
         stats = TokenStatistics.from_split(split, tokenizer.vocab_size, special.forbidden_outputs)
         schedule = build_schedule("spindle", 2048, information=torch.as_tensor(stats.centred_information()))
     test = tokenize_lines(lm1b_lines(64, shard=13), tokenizer, 64)
-    print("\n| bound evaluation (64 test sentences, 32-step chain, seed 0) | seconds | sequences/s | PPL per token |"
-          "\n|---|---|---|---|")
+    print(
+        "\n| bound evaluation (64 test sentences, 32-step chain, seed 0) | seconds | sequences/s | PPL per token |"
+        "\n|---|---|---|---|"
+    )
     for precision in ("fp32", "bf16"):
         nll = []
 
         def run(precision=precision, nll=nll):
             with torch.no_grad(), autocast("cpu", precision):
                 nll.append(bound_per_sequence(model.denoise, test, schedule, special, num_steps=32, seed=0))
+
         seconds = timed(run, 1, warmup=0)
         ppl = math.exp(float(nll[-1].sum()) / test.num_content_tokens)
         print(f"| {precision} | {seconds:.1f} | {len(test) / seconds:.2f} | {ppl:.3f} |")

@@ -59,12 +59,14 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+
         return one
 
     def ours(precision):
         def step(ids, attn, gen):
             with autocast("cpu", precision):
                 return diffusion_loss(forward, ids, attn, schedule, special, gen, 0.01).loss
+
         return step
 
     def authors(ids, attn, gen):
@@ -74,8 +76,12 @@ def main() -> None:
         out = []
         for ids, attn in padded:
             extra = width - ids.shape[1]
-            out.append((torch.nn.functional.pad(ids, (0, extra), value=special.pad),
-                        torch.nn.functional.pad(attn, (0, extra), value=False)))
+            out.append(
+                (
+                    torch.nn.functional.pad(ids, (0, extra), value=special.pad),
+                    torch.nn.functional.pad(attn, (0, extra), value=False),
+                )
+            )
         return out
 
     tokens = float(np.mean([int(a.sum()) for _, a in padded]))
@@ -85,19 +91,33 @@ def main() -> None:
         ("authors-style, fp32, padded to 64 (baseline)", run(authors, pad_to(MAX_LEN), baseline_optimizer), "fp32"),
         ("authors-style, fp32, padded to 128", run(authors, pad_to(128), baseline_optimizer), "fp32"),
         ("ours, fp32, dynamic padding, SDPA, plain AdamW", run(ours("fp32"), padded, baseline_optimizer), "fp32"),
-        ("ours, fp32, dynamic padding, eager attention, fused AdamW (default)",
-         run(ours("fp32"), padded, fused_optimizer, "eager"), "fp32"),
-        ("ours, bf16 autocast, dynamic padding, SDPA, plain AdamW", run(ours("bf16"), padded, baseline_optimizer), "bf16"),
-        ("ours, bf16 autocast, eager attention, fused AdamW (default)",
-         run(ours("bf16"), padded, fused_optimizer, "eager"), "bf16"),
+        (
+            "ours, fp32, dynamic padding, eager attention, fused AdamW (default)",
+            run(ours("fp32"), padded, fused_optimizer, "eager"),
+            "fp32",
+        ),
+        (
+            "ours, bf16 autocast, dynamic padding, SDPA, plain AdamW",
+            run(ours("bf16"), padded, baseline_optimizer),
+            "bf16",
+        ),
+        (
+            "ours, bf16 autocast, eager attention, fused AdamW (default)",
+            run(ours("bf16"), padded, fused_optimizer, "eager"),
+            "bf16",
+        ),
     ]
     print(f"machine: {machine()}")
-    print(f"matmul peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; "
-          f"{flops / 1e6:.1f} MFLOP per token; {tokens:.0f} non-pad tokens per batch of {BATCH}")
+    print(
+        f"matmul peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; "
+        f"{flops / 1e6:.1f} MFLOP per token; {tokens:.0f} non-pad tokens per batch of {BATCH}"
+    )
     # Our loss runs the MLM head only at masked positions (half the tokens on average), so the
     # issue's model-FLOPs count overstates the work done; the last column counts the head at 50%.
     head = 6 * model.mlm.config.hidden_size * model.mlm.config.vocab_size
-    print("| row | s/step | tokens/s | vs baseline | MFU (own dtype peak) | MFU, head at 50% |\n|---|---|---|---|---|---|")
+    print(
+        "| row | s/step | tokens/s | vs baseline | MFU (own dtype peak) | MFU, head at 50% |\n|---|---|---|---|---|---|"
+    )
     base = None
     for name, fn, dtype in rows:
         seconds = timed(fn, args.steps, warmup=1)
@@ -105,8 +125,10 @@ def main() -> None:
         base = base or rate
         mfu = rate * flops / peak[dtype]
         mfu_half = rate * (flops - (head / 2 if name.startswith("ours") else 0)) / peak[dtype]
-        print(f"| {name} | {seconds:.2f} | {rate:.0f} | {rate / base:.2f}x | {mfu:.0%} of {dtype} | {mfu_half:.0%} |",
-              flush=True)
+        print(
+            f"| {name} | {seconds:.2f} | {rate:.0f} | {rate / base:.2f}x | {mfu:.0%} of {dtype} | {mfu_half:.0%} |",
+            flush=True,
+        )
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

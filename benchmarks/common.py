@@ -62,4 +62,8 @@ def model_flops_per_token(model, seq_len: int) -> float:
     cfg = model.mlm.config
     embedding = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
     non_embedding = sum(p.numel() for p in model.parameters()) - embedding
-    return 6 * non_embedding + 6 * cfg.hidden_size * cfg.vocab_size + 12 * cfg.num_hidden_layers * seq_len * cfg.hidden_size
+    return (
+        6 * non_embedding
+        + 6 * cfg.hidden_size * cfg.vocab_size
+        + 12 * cfg.num_hidden_layers * seq_len * cfg.hidden_size
+    )

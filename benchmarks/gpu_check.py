@@ -74,7 +74,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def random_batch(batch: int, max_len: int, vocab: int, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+def random_batch(
+    batch: int, max_len: int, vocab: int, gen: torch.Generator, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     lengths = torch.randint(8, max_len - 1, (batch,), generator=gen)  # content lengths
     ids = torch.randint(1000, vocab, (batch, max_len), generator=gen)
     pos = torch.arange(max_len)[None, :]
@@ -104,7 +106,11 @@ def main() -> None:
     shape = (30522, 64, 2, 2, 128) if args.tiny else (30522, 768, 12, 12, 3072)
     torch.manual_seed(0)
     model = TorchBert(*shape).to(device)
-    wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None) if world > 1 else model
+    wrapped = (
+        nn.parallel.DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None)
+        if world > 1
+        else model
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     schedule = build_schedule("linear", 2048)
     special = SpecialIds(mask=103, pad=0, never_masked=(0, 101, 102))
@@ -133,9 +139,13 @@ def main() -> None:
         flops = model.flops_per_token(args.seq_len)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         print(f"device: {name} x {world}; model: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params")
-        print(f"bf16 training: {float(rate):,.0f} non-pad tokens/s over {world} device(s), last loss {out.loss.item():.3f}")
-        print(f"MFU: {float(rate) / world * flops / peak:.1%} of the measured bf16 matmul peak "
-              f"({peak / 1e12:.1f} TFLOP/s per device; {flops / 1e6:.0f} MFLOP per token)")
+        print(
+            f"bf16 training: {float(rate):,.0f} non-pad tokens/s over {world} device(s), last loss {out.loss.item():.3f}"
+        )
+        print(
+            f"MFU: {float(rate) / world * flops / peak:.1%} of the measured bf16 matmul peak "
+            f"({peak / 1e12:.1f} TFLOP/s per device; {flops / 1e6:.0f} MFLOP per token)"
+        )
     if world > 1:
         dist.destroy_process_group()
 

@@ -128,9 +128,7 @@ class EvalParams(_Group):
 class TuneParams(_Group):
     """`tune` stage (opt-in): Ray Tune over the time design and, when asked, lr and lambda."""
 
-    time_designs: list[TimeDesign] = Field(
-        default_factory=lambda: list(TIME_DESIGNS)
-    )
+    time_designs: list[TimeDesign] = Field(default_factory=lambda: list(TIME_DESIGNS))
     lrs: list[float] = Field(default_factory=list)
     spindle_lambdas: list[float] = Field(default_factory=list)
     num_samples: int = Field(1, ge=1)
@@ -140,8 +138,15 @@ class TuneParams(_Group):
 
 
 ABLATION_ROWS = (
-    "dbert_spindle_tad", "dbert_linear_tad", "d3pm_linear_tad", "dbert_linear_lte", "dbert_linear_pte",
-    "d3pm_linear_lte", "bert_mouth", "dbert_spindle_paper_tad", "dbert_spindle_tad_packed",
+    "dbert_spindle_tad",
+    "dbert_linear_tad",
+    "d3pm_linear_tad",
+    "dbert_linear_lte",
+    "dbert_linear_pte",
+    "d3pm_linear_lte",
+    "bert_mouth",
+    "dbert_spindle_paper_tad",
+    "dbert_spindle_tad_packed",
 )
 
 
@@ -152,9 +157,11 @@ class AblationParams(_Group):
     train_steps: int = Field(300, ge=1)  # the per-row training budget (optimizer steps)
     seeds: list[int] = Field(default_factory=lambda: [0, 1])  # training seeds of the repeated rows
     repeat_rows: list[Literal[ABLATION_ROWS]] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: ["dbert_spindle_tad", "dbert_linear_tad"])  # spindle vs linear, 2 seeds
+        default_factory=lambda: ["dbert_spindle_tad", "dbert_linear_tad"]
+    )  # spindle vs linear, 2 seeds
     detail_rows: list[Literal[ABLATION_ROWS]] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: ["dbert_spindle_tad"])  # also get the steps table and the top-k curve
+        default_factory=lambda: ["dbert_spindle_tad"]
+    )  # also get the steps table and the top-k curve
     table_sequences: int = Field(128, ge=1)  # test sentences per steps-table bound (detail rows)
     detail_samples: int = Field(64, ge=2)  # samples per steps-table row and top-k point (detail rows)
 

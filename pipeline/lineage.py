@@ -91,7 +91,6 @@ def _user() -> str:
         return os.environ.get("USER") or os.environ.get("USERNAME") or "unknown"
 
 
-
 def lineage_tags(
     stage: str, deps: list[Path] | list[str] | None = None, root: Path | str | None = None
 ) -> dict[str, str]:

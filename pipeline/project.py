@@ -35,7 +35,6 @@ def _git(args: list[str], cwd: Path) -> str | None:
     return text if out.returncode == 0 and text else None
 
 
-
 def git_toplevel(path: Path) -> Path | None:
     """The git work tree that holds `path`; None outside git."""
     top = _git(["rev-parse", "--show-toplevel"], path)

@@ -88,8 +88,9 @@ def _handle(signum: int, frame: FrameType | None) -> None:
         if _state.repeats >= 2:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-        print(f"{_name(signum)} again: still cleaning up; send it once more to stop at once",
-              file=sys.stderr, flush=True)
+        print(
+            f"{_name(signum)} again: still cleaning up; send it once more to stop at once", file=sys.stderr, flush=True
+        )
         return
     _state.signum = signum
     if _state.hold:

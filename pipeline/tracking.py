@@ -19,6 +19,7 @@ also exports `MLFLOW_TRACKING_URI` (MLflow does so itself), so processes started
 
 Importing this module is cheap: MLflow is imported lazily inside the functions that need it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -127,9 +128,7 @@ def quiet_mlflow_logs(level: int = logging.WARNING) -> None:
         logging.getLogger(name).setLevel(level)
 
 
-def setup_tracking(
-    experiment: str = DEFAULT_EXPERIMENT, root: Path | str | None = None, uri: str | None = None
-) -> str:
+def setup_tracking(experiment: str = DEFAULT_EXPERIMENT, root: Path | str | None = None, uri: str | None = None) -> str:
     """Point MLflow at the project store (or the store `uri` names), create `experiment` once,
     make it active; its id.
 

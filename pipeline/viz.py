@@ -157,8 +157,14 @@ def bar_plot(
     fig = _figure((6.0, 4.5))
     ax = fig.add_subplot(1, 1, 1)
     positions = list(range(len(labels)))
-    ax.bar(positions, [float(v) for v in values], yerr=None if errors is None else [float(e) for e in errors],
-           color="tab:blue", alpha=0.8, capsize=4)
+    ax.bar(
+        positions,
+        [float(v) for v in values],
+        yerr=None if errors is None else [float(e) for e in errors],
+        color="tab:blue",
+        alpha=0.8,
+        capsize=4,
+    )
     ax.set_xticks(positions)
     ax.set_xticklabels([str(label) for label in labels])
     ax.set_title(title)
@@ -179,14 +185,31 @@ def plot_spec(path: str | os.PathLike[str], spec: Mapping[str, Any]) -> Path:
         series = spec.get("series")
         if series is None and "y" in spec:
             series = {spec.get("label", "y"): spec["y"]}
-        return line_plot(path, spec["x"], series or {}, title=spec.get("title", ""), xlabel=spec.get("xlabel", ""),
-                         ylabel=spec.get("ylabel", ""), logy=bool(spec.get("logy", False)))
+        return line_plot(
+            path,
+            spec["x"],
+            series or {},
+            title=spec.get("title", ""),
+            xlabel=spec.get("xlabel", ""),
+            ylabel=spec.get("ylabel", ""),
+            logy=bool(spec.get("logy", False)),
+        )
     if kind == "quality_diversity":
-        return quality_diversity(path, spec["points"], title=spec.get("title", "quality vs diversity"),
-                                 connect=bool(spec.get("connect", True)))
+        return quality_diversity(
+            path,
+            spec["points"],
+            title=spec.get("title", "quality vs diversity"),
+            connect=bool(spec.get("connect", True)),
+        )
     if kind == "bar":
-        return bar_plot(path, spec["labels"], spec["values"], errors=spec.get("errors"),
-                        title=spec.get("title", ""), ylabel=spec.get("ylabel", ""))
+        return bar_plot(
+            path,
+            spec["labels"],
+            spec["values"],
+            errors=spec.get("errors"),
+            title=spec.get("title", ""),
+            ylabel=spec.get("ylabel", ""),
+        )
     raise ValueError(f"unknown plot kind {kind!r}; choose line, quality_diversity or bar")
 
 
@@ -237,8 +260,14 @@ def quality_diversity_groups(
         for p in points:
             fx, fy = _finite([p.get("self_bleu")], [p.get("bleu")])
             if p.get("label") is not None and fx:
-                ax.annotate(str(p["label"]), (fx[0], fy[0]), textcoords="offset points", xytext=(4, 4),
-                            fontsize="x-small", color=line[0].get_color())
+                ax.annotate(
+                    str(p["label"]),
+                    (fx[0], fy[0]),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize="x-small",
+                    color=line[0].get_color(),
+                )
     ax.set_xlabel("Self-BLEU (lower = more diverse)")
     ax.set_ylabel("BLEU-4 (higher = closer to the references)")
     ax.set_title(title)

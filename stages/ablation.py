@@ -31,8 +31,13 @@ from stages.common import code_paths, require, stage_run, tracking_root
 STAGE = "ablation"
 ROW_STAGE = "ablation_row"
 PARAMS = ("ablation", "model", "diffusion", "train", "evaluate", "data.max_seq_len", "data.source")
-INPUTS = ("data/prepared/train", "data/prepared/validation", "data/prepared/test", "data/prepared/test.txt",
-          "data/token_stats")
+INPUTS = (
+    "data/prepared/train",
+    "data/prepared/validation",
+    "data/prepared/test",
+    "data/prepared/test.txt",
+    "data/token_stats",
+)
 OUTPUTS = ("outputs/ablation/rows", "outputs/ablation/state.json", "outputs/ablation/report")
 SHARED_DATA = ("prepared", "token_stats")  # linked into each row's root; the schedule is per row
 
@@ -67,11 +72,18 @@ def run(
     same_plan = state.get("plan") == [r.key for r in runs] and state.get("params") == plan_fingerprint(params)
     uri = tracking_uri(tracking_root(layout.root))
     with stage_run(
-        STAGE, params, root, PARAMS, [*code_paths(__name__), *INPUTS], run_name="ablation",
-        resume_run_id=state.get("parent_run_id") if same_plan else None, tracking_uri=uri,
+        STAGE,
+        params,
+        root,
+        PARAMS,
+        [*code_paths(__name__), *INPUTS],
+        run_name="ablation",
+        resume_run_id=state.get("parent_run_id") if same_plan else None,
+        tracking_uri=uri,
     ) as parent:
-        state.update({"parent_run_id": parent.info.run_id, "plan": [r.key for r in runs],
-                      "params": plan_fingerprint(params)})
+        state.update(
+            {"parent_run_id": parent.info.run_id, "plan": [r.key for r in runs], "params": plan_fingerprint(params)}
+        )
         state.setdefault("rows", {})
         write_json_atomic(state, state_path)
         results = []
@@ -83,8 +95,13 @@ def run(
             log_metrics(parent_metrics(report))
             for name in sorted(p.name for p in tmp.iterdir()):
                 log_artifact(tmp / name, "report")
-    return {"stage": STAGE, "report": str(out / "report"), "mlflow_run_id": parent.info.run_id,
-            "rows": len(results), "claims": {c["claim"]: c["verdict"] for c in report["claims"]}}
+    return {
+        "stage": STAGE,
+        "report": str(out / "report"),
+        "mlflow_run_id": parent.info.run_id,
+        "rows": len(results),
+        "claims": {c["claim"]: c["verdict"] for c in report["claims"]},
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,8 +109,17 @@ def run(
 # ---------------------------------------------------------------------------------------------
 
 
-def _run_row(row_run: RowRun, layout: Layout, state: dict, state_path: Path, index: int, total: int,
-             progress: ProgressCallback | None, on_row: RowCallback | None, uri: str) -> dict:
+def _run_row(
+    row_run: RowRun,
+    layout: Layout,
+    state: dict,
+    state_path: Path,
+    index: int,
+    total: int,
+    progress: ProgressCallback | None,
+    on_row: RowCallback | None,
+    uri: str,
+) -> dict:
     from pipeline.ablation.results import collect_result, row_metrics
     from pipeline.tracking import log_metrics, start_stage_run
 
@@ -105,14 +131,23 @@ def _run_row(row_run: RowRun, layout: Layout, state: dict, state_path: Path, ind
         result = read_json(result_path)
         if record.get("parent") != parent_id:  # finished under an earlier parent: give it a child here
             trained_in = result["mlflow"].get("trained_in_row", result["mlflow"]["row"])
-            with start_stage_run(ROW_STAGE, row_run.mlflow_params, run_name=row_run.key, nested=True,
-                                 tags={**row_run.tags, "reused_from_run": trained_in}, uri=uri) as child:
+            with start_stage_run(
+                ROW_STAGE,
+                row_run.mlflow_params,
+                run_name=row_run.key,
+                nested=True,
+                tags={**row_run.tags, "reused_from_run": trained_in},
+                uri=uri,
+            ) as child:
                 log_metrics(row_metrics(result))
             # "row" is the child of the current parent; the stage runs stay under "trained_in_row".
             result["mlflow"].update({"row": child.info.run_id, "trained_in_row": trained_in})
             write_json_atomic(result, result_path)
-            state["rows"][row_run.key] = {"run_id": child.info.run_id, "parent": parent_id,
-                                          "fingerprint": row_run.fingerprint}
+            state["rows"][row_run.key] = {
+                "run_id": child.info.run_id,
+                "parent": parent_id,
+                "fingerprint": row_run.fingerprint,
+            }
             write_json_atomic(state, state_path)
         _notify(on_row, index, total, row_run.key, "reused")
         return result
@@ -128,10 +163,20 @@ def _run_row(row_run: RowRun, layout: Layout, state: dict, state_path: Path, ind
     same = record.get("parent") == parent_id and record.get("fingerprint") == row_run.fingerprint
     resume_id = record.get("run_id") if same else None
     _notify(on_row, index, total, row_run.key, "start")
-    with start_stage_run(ROW_STAGE, row_run.mlflow_params, run_name=row_run.key, nested=True,
-                         tags=row_run.tags, resume_run_id=resume_id, uri=uri) as child:
-        state["rows"][row_run.key] = {"run_id": child.info.run_id, "parent": parent_id,
-                                      "fingerprint": row_run.fingerprint}
+    with start_stage_run(
+        ROW_STAGE,
+        row_run.mlflow_params,
+        run_name=row_run.key,
+        nested=True,
+        tags=row_run.tags,
+        resume_run_id=resume_id,
+        uri=uri,
+    ) as child:
+        state["rows"][row_run.key] = {
+            "run_id": child.info.run_id,
+            "parent": parent_id,
+            "fingerprint": row_run.fingerprint,
+        }
         write_json_atomic(state, state_path)
         seconds = _train_and_evaluate(row_run.params, row_root, progress, uri)
         result = collect_result(row_run, row_root, child.info.run_id, seconds, uri)
@@ -141,8 +186,9 @@ def _run_row(row_run: RowRun, layout: Layout, state: dict, state_path: Path, ind
     return result
 
 
-def _train_and_evaluate(params: Params, row_root: Path, progress: ProgressCallback | None,
-                        uri: str) -> dict[str, float]:
+def _train_and_evaluate(
+    params: Params, row_root: Path, progress: ProgressCallback | None, uri: str
+) -> dict[str, float]:
     """The pipeline's own stages on the row's root, logging to the store `uri`; a finished training
     is not repeated, an interrupted one resumes from its checkpoint. Seconds per phase accumulate
     over resumptions."""
@@ -156,8 +202,7 @@ def _train_and_evaluate(params: Params, row_root: Path, progress: ProgressCallba
     if not ((row_layout.train_out / "metrics.json").is_file() and (row_layout.model / "config.json").is_file()):
         start = time.perf_counter()
         try:
-            train.run(params, row_root, resume=last_run(row_layout) is not None, progress=progress,
-                      tracking_uri=uri)
+            train.run(params, row_root, resume=last_run(row_layout) is not None, progress=progress, tracking_uri=uri)
         finally:
             seconds["train"] += time.perf_counter() - start
             write_json_atomic(seconds, timing_path)

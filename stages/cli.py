@@ -42,14 +42,22 @@ ParamsOption = Annotated[
 ]
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", "-S", metavar="KEY=VALUE",
-                 help="Override a param, e.g. train.lr=3e-4 (the syntax of `dvc exp run -S`); repeatable."),
+    typer.Option(
+        "--set",
+        "-S",
+        metavar="KEY=VALUE",
+        help="Override a param, e.g. train.lr=3e-4 (the syntax of `dvc exp run -S`); repeatable.",
+    ),
 ]
 RootOption = Annotated[
     Path | None,
-    typer.Option("--root", metavar="DIR", file_okay=False,
-                 help="Project checkout to read from and write to (default: the nearest directory at or above "
-                 "the current one with dvc.yaml or params.yaml)."),
+    typer.Option(
+        "--root",
+        metavar="DIR",
+        file_okay=False,
+        help="Project checkout to read from and write to (default: the nearest directory at or above "
+        "the current one with dvc.yaml or params.yaml).",
+    ),
 ]
 
 
@@ -111,46 +119,93 @@ def run_stage(
     return summary
 
 
-@app.command("prepare", help=stage_help(
-    prepare, "Read the corpus and tokenize it.",
-    "The corpus is data.source; the LM1B mirror data.mirror_dir is relative to the project root and "
-    "$DBERT_LM1B_DIR overrides it."))
+@app.command(
+    "prepare",
+    help=stage_help(
+        prepare,
+        "Read the corpus and tokenize it.",
+        "The corpus is data.source; the LM1B mirror data.mirror_dir is relative to the project root and "
+        "$DBERT_LM1B_DIR overrides it.",
+    ),
+)
 def prepare_command(params: ParamsOption = None, set_: SetOption = None, root: RootOption = None) -> None:
-    run_stage(prepare, params, set_, root,
-              echo=("output", "source", "train_sequences", "validation_sequences", "test_sequences"))
+    run_stage(
+        prepare,
+        params,
+        set_,
+        root,
+        echo=("output", "source", "train_sequences", "validation_sequences", "test_sequences"),
+    )
 
 
-@app.command("token-stats", help=stage_help(
-    token_stats, "Count tokens of the training split: information per vocabulary id and the length histogram."))
+@app.command(
+    "token-stats",
+    help=stage_help(
+        token_stats, "Count tokens of the training split: information per vocabulary id and the length histogram."
+    ),
+)
 def token_stats_command(params: ParamsOption = None, set_: SetOption = None, root: RootOption = None) -> None:
-    run_stage(token_stats, params, set_, root, bars=False,
-              echo=("output", "metrics", "sentences", "tokens", "ids_seen", "unigram_entropy_bits"))
+    run_stage(
+        token_stats,
+        params,
+        set_,
+        root,
+        bars=False,
+        echo=("output", "metrics", "sentences", "tokens", "ids_seen", "unigram_entropy_bits"),
+    )
 
 
-@app.command("schedule", help=stage_help(
-    schedule, "Build the noise schedule, check alpha_t(v) is monotone for every id at every step, and draw it.",
-    "A schedule that fails the check writes nothing."))
+@app.command(
+    "schedule",
+    help=stage_help(
+        schedule,
+        "Build the noise schedule, check alpha_t(v) is monotone for every id at every step, and draw it.",
+        "A schedule that fails the check writes nothing.",
+    ),
+)
 def schedule_command(params: ParamsOption = None, set_: SetOption = None, root: RootOption = None) -> None:
-    run_stage(schedule, params, set_, root,
-              echo=("output", "schedule", "num_timesteps", "monotone", "limit", "lambda_times_max_h"))
+    run_stage(
+        schedule,
+        params,
+        set_,
+        root,
+        echo=("output", "schedule", "num_timesteps", "monotone", "limit", "lambda_times_max_h"),
+    )
 
 
-@app.command("train", help=stage_help(
-    train, "Train the denoiser with Ray Train (train.num_workers workers; 0 = in this process).",
-    "Checkpoints go to checkpoints/ (not a DVC output); --resume continues from the latest."))
+@app.command(
+    "train",
+    help=stage_help(
+        train,
+        "Train the denoiser with Ray Train (train.num_workers workers; 0 = in this process).",
+        "Checkpoints go to checkpoints/ (not a DVC output); --resume continues from the latest.",
+    ),
+)
 def train_command(
     params: ParamsOption = None,
     set_: SetOption = None,
     root: RootOption = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the last run from its latest checkpoint.")] = False,
 ) -> None:
-    run_stage(train, params, set_, root, quiet_transformers=True, resume=resume,
-              echo=("model", "step", "val_bound", "val_ppl", "tokens_per_s", "precision", "mlflow_run_id"))
+    run_stage(
+        train,
+        params,
+        set_,
+        root,
+        quiet_transformers=True,
+        resume=resume,
+        echo=("model", "step", "val_bound", "val_ppl", "tokens_per_s", "precision", "mlflow_run_id"),
+    )
 
 
-@app.command("evaluate", help=stage_help(
-    evaluate, "Perplexity bound on the test split, BLEU / Self-BLEU of samples, plots.",
-    "--model evaluates another export directory instead of models/final."))
+@app.command(
+    "evaluate",
+    help=stage_help(
+        evaluate,
+        "Perplexity bound on the test split, BLEU / Self-BLEU of samples, plots.",
+        "--model evaluates another export directory instead of models/final.",
+    ),
+)
 def evaluate_command(
     params: ParamsOption = None,
     set_: SetOption = None,
@@ -165,43 +220,67 @@ def evaluate_command(
     echo_summary(summary, ("outputs",))
 
 
-@app.command("tune", help=stage_help(
-    tune, "Ray Tune over tune.* (time designs, and lr / lambda when listed); opt-in, not a DVC stage.",
-    "Also a parent MLflow run with one nested run per trial. Prints the proposal; never edits params.yaml "
-    "(--apply runs it as a DVC experiment in a temporary copy: compare with `dvc exp show`, adopt with "
-    "`dvc exp apply <name>`)."))
+@app.command(
+    "tune",
+    help=stage_help(
+        tune,
+        "Ray Tune over tune.* (time designs, and lr / lambda when listed); opt-in, not a DVC stage.",
+        "Also a parent MLflow run with one nested run per trial. Prints the proposal; never edits params.yaml "
+        "(--apply runs it as a DVC experiment in a temporary copy: compare with `dvc exp show`, adopt with "
+        "`dvc exp apply <name>`).",
+    ),
+)
 def tune_command(
     params: ParamsOption = None,
     set_: SetOption = None,
     root: RootOption = None,
-    apply: Annotated[bool, typer.Option("--apply", help="Run the proposal as `dvc exp run --temp -S ...` (the "
-                                        "workspace stays as it is; `dvc exp apply` adopts it).")] = False,
+    apply: Annotated[
+        bool,
+        typer.Option(
+            "--apply",
+            help="Run the proposal as `dvc exp run --temp -S ...` (the "
+            "workspace stays as it is; `dvc exp apply` adopts it).",
+        ),
+    ] = False,
 ) -> None:
     def show(summary: dict) -> None:
         typer.echo(f"# proposal ({summary['proposal_path']}):")
         typer.echo(summary["proposal_text"].rstrip("\n"))
         if not apply:
-            typer.echo("# apply it with: dbert tune --apply, or: dvc exp run --temp "
-                       + " ".join(f"-S {o}" for o in summary["overrides"]))
+            typer.echo(
+                "# apply it with: dbert tune --apply, or: dvc exp run --temp "
+                + " ".join(f"-S {o}" for o in summary["overrides"])
+            )
 
     run_stage(tune, params, set_, root, bars=False, apply=apply, on_proposal=show)
 
 
-@app.command("ablation", help=stage_help(
-    ablation, "PAPER §8's rows (D3PM, DiffusionBERT linear/spindle x time designs, BERT-Mouth, the leaky "
-    "spindle_paper, a packed row), one budget each (ablation.train_steps), and one report.",
-    "Each row is the base params plus its overrides; run `dvc repro token_stats` first. One MLflow parent run "
-    "with a child per row. Run it again to resume: finished rows are reused and an interrupted one continues "
-    "from its checkpoint."))
+@app.command(
+    "ablation",
+    help=stage_help(
+        ablation,
+        "PAPER §8's rows (D3PM, DiffusionBERT linear/spindle x time designs, BERT-Mouth, the leaky "
+        "spindle_paper, a packed row), one budget each (ablation.train_steps), and one report.",
+        "Each row is the base params plus its overrides; run `dvc repro token_stats` first. One MLflow parent run "
+        "with a child per row. Run it again to resume: finished rows are reused and an interrupted one continues "
+        "from its checkpoint.",
+    ),
+)
 def ablation_command(
     params: ParamsOption = None,
     set_: SetOption = None,
     root: RootOption = None,
-    rows: Annotated[list[str] | None, typer.Option(
-        "--row", metavar="NAME", help="Run only this row (repeatable; default: ablation.rows).")] = None,
+    rows: Annotated[
+        list[str] | None,
+        typer.Option("--row", metavar="NAME", help="Run only this row (repeatable; default: ablation.rows)."),
+    ] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete outputs/ablation first instead of resuming.")] = False,
-    background: Annotated[bool, typer.Option(
-        "--background", help="Detach: run in a new session, log to outputs/ablation/run.log, print the pid.")] = False,
+    background: Annotated[
+        bool,
+        typer.Option(
+            "--background", help="Detach: run in a new session, log to outputs/ablation/run.log, print the pid."
+        ),
+    ] = False,
 ) -> None:
     import time
 
@@ -213,16 +292,16 @@ def ablation_command(
         stamp = time.strftime("%H:%M:%S")
         typer.echo(f"[{stamp}] row {index + 1}/{total} {key}: {status}", err=True)
 
-    summary = run_stage(ablation, params, set_, root, quiet_transformers=True, only=rows, fresh=fresh,
-                        on_row=on_row)
+    summary = run_stage(ablation, params, set_, root, quiet_transformers=True, only=rows, fresh=fresh, on_row=on_row)
     typer.echo(f"report: {summary['report']}/report.md")
     typer.echo(f"mlflow_run_id: {summary['mlflow_run_id']}")
     for number, verdict in summary["claims"].items():
         typer.echo(f"claim {number}: {verdict}")
 
 
-def ablation_in_background(params: Path | None, overrides: list[str] | None, root: Path | None,
-                           rows: list[str] | None, fresh: bool) -> None:
+def ablation_in_background(
+    params: Path | None, overrides: list[str] | None, root: Path | None, rows: list[str] | None, fresh: bool
+) -> None:
     """`dbert ablation` again in a new session, logging to outputs/ablation/run.log; bad params or
     an unknown row fail here, not in the detached process."""
     import sys
@@ -239,41 +318,64 @@ def ablation_in_background(params: Path | None, overrides: list[str] | None, roo
         command += [f"--set={item}" for item in overrides or []] + [f"--row={row}" for row in rows or []]
         command += ["--fresh"] if fresh else []
         with open(out / "run.log", "ab") as log:
-            child = subprocess.Popen(command, cwd=r, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+            child = subprocess.Popen(
+                command, cwd=r, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         (out / "run.pid").write_text(f"{child.pid}\n", encoding="utf-8")
-    typer.echo(f"ablation running in the background, pid {child.pid}; follow: tail -f {out / 'run.log'}; "
-               f"stop: kill {child.pid} (run `dbert ablation` again to resume)")
+    typer.echo(
+        f"ablation running in the background, pid {child.pid}; follow: tail -f {out / 'run.log'}; "
+        f"stop: kill {child.pid} (run `dbert ablation` again to resume)"
+    )
 
 
-@app.command("generate", help=stage_help(
-    generate, "Sample sentences from an exported model and print them, one per line.",
-    "--model reads another export directory than models/final; lengths.npy only for --length 0. The sampling "
-    "options set their params for this run and are checked by the params schema like --set. --output writes "
-    "the sentences to a file (atomically) instead of stdout."))
+@app.command(
+    "generate",
+    help=stage_help(
+        generate,
+        "Sample sentences from an exported model and print them, one per line.",
+        "--model reads another export directory than models/final; lengths.npy only for --length 0. The sampling "
+        "options set their params for this run and are checked by the params schema like --set. --output writes "
+        "the sentences to a file (atomically) instead of stdout.",
+    ),
+)
 def generate_command(
     params: ParamsOption = None,
     set_: SetOption = None,
     root: RootOption = None,
     model: Annotated[Path | None, typer.Option("--model", help="Export directory (default: models/final).")] = None,
     num: Annotated[int, typer.Option("--num", "-n", help="Number of sentences.")] = 8,
-    length: Annotated[int | None, typer.Option(
-        help="WordPieces per sentence; 0 = draw from the training length histogram (32 without one). "
-        "Sets evaluate.sample_length.")] = None,
+    length: Annotated[
+        int | None,
+        typer.Option(
+            help="WordPieces per sentence; 0 = draw from the training length histogram (32 without one). "
+            "Sets evaluate.sample_length."
+        ),
+    ] = None,
     steps: Annotated[int | None, typer.Option(help="Reverse steps; sets evaluate.sample_steps.")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", help="Top-k, 0 = off; sets evaluate.top_k.")] = None,
     top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus mass; sets evaluate.top_p.")] = None,
     temperature: Annotated[float | None, typer.Option(help="Temperature; sets evaluate.temperature.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed; sets evaluate.sample_seed.")] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the sentences to this file "
-                                                   "instead of stdout.", dir_okay=False)] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write the sentences to this file instead of stdout.", dir_okay=False),
+    ] = None,
     track: Annotated[bool, typer.Option("--track", help="Record the samples as an MLflow run.")] = False,
 ) -> None:
-    given = {"length": length, "steps": steps, "top_k": top_k, "top_p": top_p, "temperature": temperature,
-             "seed": seed}
+    given = {"length": length, "steps": steps, "top_k": top_k, "top_p": top_p, "temperature": temperature, "seed": seed}
     values = {generate.OPTIONS[name]: value for name, value in given.items() if value is not None}
-    summary = run_stage(generate, params, set_, root, values=values, quiet_transformers=True, model_dir=model,
-                        num=num, output=output, track=track)
+    summary = run_stage(
+        generate,
+        params,
+        set_,
+        root,
+        values=values,
+        quiet_transformers=True,
+        model_dir=model,
+        num=num,
+        output=output,
+        track=track,
+    )
     if output is None:
         for text in summary["texts"]:
             typer.echo(text)
@@ -297,7 +399,8 @@ def mlflow_ui_command(
     set_: SetOption = None,
     root: RootOption = None,
     host: Annotated[str, typer.Option(help="Interface to bind (keep 127.0.0.1 unless you mean to share it).")] = (
-        "127.0.0.1"),
+        "127.0.0.1"
+    ),
     port: Annotated[int, typer.Option(help="Port.")] = 5000,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the command instead of running it.")] = False,
 ) -> None:

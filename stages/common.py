@@ -24,8 +24,7 @@ CODE_ROOT = Path(__file__).resolve().parents[1]  # the checkout whose code is ru
 # Plumbing that never changes what a stage writes: params are tracked as params, MLflow is not an
 # output, the CLI and these helpers only parse arguments, draw bars and rename directories, and
 # pipeline.signals only turns stop signals into exceptions.
-NOT_CODE_DEPS = frozenset({"pipeline.config", "pipeline.tracking", "pipeline.signals", "stages.common",
-                           "stages.cli"})
+NOT_CODE_DEPS = frozenset({"pipeline.config", "pipeline.tracking", "pipeline.signals", "stages.common", "stages.cli"})
 
 
 def same_path(a: Path, b: Path) -> bool:
@@ -113,7 +112,8 @@ def _module_file(name: str) -> Path | None:
 def _is_type_checking_block(node: ast.AST) -> bool:
     test = getattr(node, "test", None) if isinstance(node, ast.If) else None
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _runtime_nodes(tree: ast.AST) -> Iterator[ast.AST]:

@@ -26,11 +26,22 @@ from stages.common import code_paths, require, same_path, stage_run
 STAGE = "evaluate"
 # model.* and diffusion.num_timesteps/hybrid_lambda: `evaluate.compare_init` rebuilds the untrained
 # model to bound it too; data.source and train.packed label the report.
-PARAMS = ("evaluate", "model", "diffusion.num_timesteps", "diffusion.hybrid_lambda", "data.max_seq_len",
-          "data.source", "train.packed")
+PARAMS = (
+    "evaluate",
+    "model",
+    "diffusion.num_timesteps",
+    "diffusion.hybrid_lambda",
+    "data.max_seq_len",
+    "data.source",
+    "train.packed",
+)
 INPUTS = ("models/final", "data/prepared/test", "data/prepared/test.txt", "data/token_stats/lengths.npy")
-OUTPUTS = ("outputs/evaluate/metrics.json", "outputs/evaluate/report.json", "outputs/evaluate/samples.txt",
-           "outputs/evaluate/plots")
+OUTPUTS = (
+    "outputs/evaluate/metrics.json",
+    "outputs/evaluate/report.json",
+    "outputs/evaluate/samples.txt",
+    "outputs/evaluate/plots",
+)
 
 
 def _train_run_tag(layout: Layout, model_dir: Path) -> dict[str, str]:
@@ -45,8 +56,14 @@ def _train_run_tag(layout: Layout, model_dir: Path) -> dict[str, str]:
     return {"train_mlflow_run_id": run_id} if run_id else {}
 
 
-def run(params: Params, root: Path, *, model_dir: Path | None = None, progress: ProgressCallback | None = None,
-        tracking_uri: str | None = None) -> dict:
+def run(
+    params: Params,
+    root: Path,
+    *,
+    model_dir: Path | None = None,
+    progress: ProgressCallback | None = None,
+    tracking_uri: str | None = None,
+) -> dict:
     from pipeline.eval.evaluate import evaluate_model
     from pipeline.eval.report import draw_plots, flat_metrics
     from pipeline.tracking import log_artifact, log_metrics

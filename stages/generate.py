@@ -22,8 +22,14 @@ from stages.common import code_paths, stage_run, tick
 
 STAGE = "generate"
 # `dbert generate` option -> the param it sets for the run (the schema checks the value).
-OPTIONS = {"steps": "evaluate.sample_steps", "top_k": "evaluate.top_k", "top_p": "evaluate.top_p",
-           "temperature": "evaluate.temperature", "seed": "evaluate.sample_seed", "length": "evaluate.sample_length"}
+OPTIONS = {
+    "steps": "evaluate.sample_steps",
+    "top_k": "evaluate.top_k",
+    "top_p": "evaluate.top_p",
+    "temperature": "evaluate.temperature",
+    "seed": "evaluate.sample_seed",
+    "length": "evaluate.sample_length",
+}
 PARAMS = tuple(OPTIONS.values())
 INPUTS = ("models/final", "data/token_stats/lengths.npy")
 OUTPUTS: tuple[str, ...] = ()  # only --output, when given
@@ -66,9 +72,18 @@ def run(
     lengths, how = resolve_lengths(layout, num, settings["length"], settings["seed"])
 
     def sample() -> list[str]:
-        out = generate(model, tokenizer, schedule, lengths=lengths, steps=settings["steps"], top_k=settings["top_k"],
-                       top_p=settings["top_p"], temperature=settings["temperature"], seed=settings["seed"],
-                       progress=tick(progress, "generating", len(lengths)))
+        out = generate(
+            model,
+            tokenizer,
+            schedule,
+            lengths=lengths,
+            steps=settings["steps"],
+            top_k=settings["top_k"],
+            top_p=settings["top_p"],
+            temperature=settings["temperature"],
+            seed=settings["seed"],
+            progress=tick(progress, "generating", len(lengths)),
+        )
         return [text.replace("\n", " ") for text in out.texts]
 
     if track:
@@ -76,11 +91,18 @@ def run(
 
         with stage_run(STAGE, params, root, PARAMS, [*code_paths(__name__), model_dir]) as _run:
             texts = sample()
-            log_dict_artifact({"settings": settings, "lengths": how, "model": str(model_dir), "samples": texts},
-                              "generate.json")
+            log_dict_artifact(
+                {"settings": settings, "lengths": how, "model": str(model_dir), "samples": texts}, "generate.json"
+            )
     else:
         texts = sample()
     if output is not None:
         write_file_atomic(Path(output), "".join(t + "\n" for t in texts))
-    return {"stage": STAGE, "model": str(model_dir), "lengths": how, "settings": settings, "texts": texts,
-            "output": None if output is None else str(output)}
+    return {
+        "stage": STAGE,
+        "model": str(model_dir),
+        "lengths": how,
+        "settings": settings,
+        "texts": texts,
+        "output": None if output is None else str(output),
+    }

@@ -26,8 +26,13 @@ from stages.common import code_paths, stage_run
 STAGE = "prepare"
 PARAMS = ("data", "model.name_or_path")
 INPUTS: tuple[str, ...] = ()  # the corpus lives outside the repository: its params identify it
-OUTPUTS = ("data/prepared/train", "data/prepared/validation", "data/prepared/test", "data/prepared/test.txt",
-           "data/prepared/meta.json")
+OUTPUTS = (
+    "data/prepared/train",
+    "data/prepared/validation",
+    "data/prepared/test",
+    "data/prepared/test.txt",
+    "data/prepared/meta.json",
+)
 CHUNK = 5_000  # lines per progress update
 
 
@@ -88,5 +93,9 @@ def run(params: Params, root: Path, *, progress: ProgressCallback | None = None)
             write_json(meta, tmp / "meta.json")
             log_metrics({f"{split}.{key}": value for split, row in sizes.items() for key, value in row.items()})
             log_artifact(tmp / "meta.json")
-    return {"stage": STAGE, "output": str(layout.prepared), "source": request.source,
-            **{f"{name}_sequences": row["sequences"] for name, row in sizes.items()}}
+    return {
+        "stage": STAGE,
+        "output": str(layout.prepared),
+        "source": request.source,
+        **{f"{name}_sequences": row["sequences"] for name, row in sizes.items()},
+    }

@@ -27,8 +27,9 @@ INPUTS = ("data/token_stats/counts.npy", "data/token_stats/summary.json")
 OUTPUTS = ("data/schedule/schedule.json", "data/schedule/alpha_curves.csv", "data/schedule/alpha_curves.png")
 
 
-def run(params: Params, root: Path, *, progress: ProgressCallback | None = None,
-        tracking_uri: str | None = None) -> dict:
+def run(
+    params: Params, root: Path, *, progress: ProgressCallback | None = None, tracking_uri: str | None = None
+) -> dict:
     from pipeline.data.stats import TokenStatistics
     from pipeline.diffusion.checks import LINEAR, alpha_curves, probe_tokens, require_monotone, schedule_report
     from pipeline.diffusion.schedules import schedule_from_params
@@ -49,13 +50,26 @@ def run(params: Params, root: Path, *, progress: ProgressCallback | None = None,
         with atomic_directory(layout.schedule) as tmp:
             write_json(report, tmp / "schedule.json")
             write_csv_atomic(tmp / "alpha_curves.csv", curves.csv_header(), curves.csv_rows())
-            line_plot(tmp / "alpha_curves.png", curves.t, curves.series(), styles={LINEAR: "k--"},
-                      xlabel="t", ylabel="alpha_t(v)",
-                      title=f"{schedule.name} schedule, T={T}" + (" (leaky bound)" if report["leaky"] else ""))
-            log_metrics({"max_alpha_increase": check["max_alpha_increase"],
-                         "lambda_times_max_h": schedule.token_spread()})  # None (token-agnostic) is skipped
+            line_plot(
+                tmp / "alpha_curves.png",
+                curves.t,
+                curves.series(),
+                styles={LINEAR: "k--"},
+                xlabel="t",
+                ylabel="alpha_t(v)",
+                title=f"{schedule.name} schedule, T={T}" + (" (leaky bound)" if report["leaky"] else ""),
+            )
+            log_metrics(
+                {"max_alpha_increase": check["max_alpha_increase"], "lambda_times_max_h": schedule.token_spread()}
+            )  # None (token-agnostic) is skipped
             for name in OUTPUTS:
                 log_artifact(tmp / Path(name).name)
-    return {"stage": STAGE, "output": str(layout.schedule), "schedule": schedule.name, "num_timesteps": T,
-            "monotone": check["monotone"], "limit": report["monotonicity"]["limit"],
-            "lambda_times_max_h": report["monotonicity"]["lambda_times_max_h"]}
+    return {
+        "stage": STAGE,
+        "output": str(layout.schedule),
+        "schedule": schedule.name,
+        "num_timesteps": T,
+        "monotone": check["monotone"],
+        "limit": report["monotonicity"]["limit"],
+        "lambda_times_max_h": report["monotonicity"]["lambda_times_max_h"],
+    }

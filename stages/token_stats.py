@@ -24,8 +24,7 @@ STAGE = "token_stats"
 PARAMS: tuple[str, ...] = ()
 INPUTS = ("data/prepared/train", "data/prepared/meta.json")
 METRICS_FILE = "outputs/token_stats.json"
-OUTPUTS = ("data/token_stats/counts.npy", "data/token_stats/summary.json", "data/token_stats/lengths.npy",
-           METRICS_FILE)
+OUTPUTS = ("data/token_stats/counts.npy", "data/token_stats/summary.json", "data/token_stats/lengths.npy", METRICS_FILE)
 TOP_K = 20
 
 
@@ -42,8 +41,10 @@ def run(params: Params, root: Path, *, progress: ProgressCallback | None = None)
     train = TokenizedSplit.load(require(layout.prepared / "train", "training split", "prepare"))
     tokenizer = load_tokenizer(meta["tokenizer"])
     if int(tokenizer.vocab_size) != int(meta["vocab_size"]):
-        raise ValueError(f"tokenizer {meta['tokenizer']!r} has {tokenizer.vocab_size} ids but data/prepared was "
-                         f"tokenized with {meta['vocab_size']}; rerun `dbert prepare`")
+        raise ValueError(
+            f"tokenizer {meta['tokenizer']!r} has {tokenizer.vocab_size} ids but data/prepared was "
+            f"tokenized with {meta['vocab_size']}; rerun `dbert prepare`"
+        )
     excluded = SpecialIds.from_tokenizer(tokenizer).forbidden_outputs  # [CLS] [SEP] [PAD] [MASK] ...
     with stage_run(STAGE, params, root, PARAMS, [*code_paths(__name__), *INPUTS]) as _run:
         stats = TokenStatistics.from_split(train, int(tokenizer.vocab_size), excluded)

@@ -62,8 +62,14 @@ def step_progress(progress: ProgressCallback | None, total_steps: int):
     return on_report
 
 
-def run(params: Params, root: Path, *, resume: bool = False, progress: ProgressCallback | None = None,
-        tracking_uri: str | None = None) -> dict:
+def run(
+    params: Params,
+    root: Path,
+    *,
+    resume: bool = False,
+    progress: ProgressCallback | None = None,
+    tracking_uri: str | None = None,
+) -> dict:
     from pipeline.tracking import log_artifact, log_metrics
     from pipeline.train.history import final_metrics, history_table
     from pipeline.train.ray.driver import run_training
@@ -77,16 +83,23 @@ def run(params: Params, root: Path, *, resume: bool = False, progress: ProgressC
     with stage_run(STAGE, params, root, PARAMS, deps, tracking_uri=tracking_uri) as active:
         run_id = active.info.run_id
         with atomic_directory(layout.model) as export_dir:
-            outcome = run_training(params, layout, resume=resume, mlflow_run_id=run_id, export_dir=export_dir,
-                                   progress=step_progress(progress, params.train.steps))
+            outcome = run_training(
+                params,
+                layout,
+                resume=resume,
+                mlflow_run_id=run_id,
+                export_dir=export_dir,
+                progress=step_progress(progress, params.train.steps),
+            )
             history = list(outcome.history)
             metrics = final_metrics(history, outcome.precision, outcome.run_name, run_id)
             log_artifact(export_dir, "model", run_id=run_id)
             with atomic_directory(layout.train_out) as out:
                 write_json(metrics, out / "metrics.json")
                 write_csv_atomic(out / "history.csv", *history_table(history))
-                training_curves(out / "curve.png", history,
-                                title=f"{params.model.time_design}, {params.diffusion.schedule}")
+                training_curves(
+                    out / "curve.png", history, title=f"{params.model.time_design}, {params.diffusion.schedule}"
+                )
                 log_metrics({f"final.{k}": v for k, v in metrics.items()}, run_id=run_id)
                 for name in ("metrics.json", "history.csv", "curve.png"):
                     log_artifact(out / name, run_id=run_id)

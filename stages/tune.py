@@ -104,9 +104,16 @@ def run(
         for name in ("best_params.yaml", "trials.csv", "results.json"):  # what the driver wrote
             if (proposal_path.parent / name).is_file():
                 log_artifact(proposal_path.parent / name)
-    result = {"stage": STAGE, "proposal_path": str(proposal_path), "proposal_text": proposal_path.read_text(),
-              "proposal": proposal, "overrides": overrides, "command": apply_command(overrides), "applied": False,
-              "parent_run_id": parent.info.run_id}
+    result = {
+        "stage": STAGE,
+        "proposal_path": str(proposal_path),
+        "proposal_text": proposal_path.read_text(),
+        "proposal": proposal,
+        "overrides": overrides,
+        "command": apply_command(overrides),
+        "applied": False,
+        "parent_run_id": parent.info.run_id,
+    }
     if on_proposal is not None:
         on_proposal(result)
     if apply:
@@ -117,4 +124,3 @@ def run(
             raise ValueError(f"`dvc exp run` with the tune proposal failed (exit code {code})")
         result["applied"] = True
     return result
-

@@ -52,8 +52,14 @@ class FakeDeviceTensor(torch.Tensor):
         if isinstance(inner, FakeDeviceTensor) or inner.device.type != "cpu":
             raise TypeError(f"FakeDeviceTensor wraps a plain CPU tensor, got {type(inner).__name__} on {inner.device}")
         out = torch.Tensor._make_wrapper_subclass(
-            cls, inner.shape, strides=inner.stride(), storage_offset=inner.storage_offset(), dtype=inner.dtype,
-            layout=inner.layout, device=FAKE, requires_grad=requires_grad,
+            cls,
+            inner.shape,
+            strides=inner.stride(),
+            storage_offset=inner.storage_offset(),
+            dtype=inner.dtype,
+            layout=inner.layout,
+            device=FAKE,
+            requires_grad=requires_grad,
         )
         out.inner = inner
         return out
@@ -93,8 +99,9 @@ def _dispatch(func, args, kwargs):
     fakes = [a for a in flat if isinstance(a, FakeDeviceTensor)]
     target = kwargs.get("device")
     on_fake = bool(fakes) or _is_fake_device(target)
-    if any(isinstance(a, torch.Tensor) and not isinstance(a, FakeDeviceTensor) and a.device.type == FAKE.type
-           for a in flat):
+    if any(
+        isinstance(a, torch.Tensor) and not isinstance(a, FakeDeviceTensor) and a.device.type == FAKE.type for a in flat
+    ):
         raise DeviceMixError(f"{func}: a real (data-less) meta tensor; create it inside on_fake_device()")
     if not on_fake:
         return func(*args, **kwargs)

@@ -53,7 +53,9 @@ LAST_STEP = "tests/test_samplers.py::test_spindle_sampler_reveals_every_mask_on_
 TOKENIZE = "pipeline/data/tokenize.py"
 METRICS = "pipeline/eval/metrics.py"
 DEVICE_LOSS = "tests/test_devices.py::test_diffusion_loss_on_the_device_equals_the_cpu_loss"
-WORD_COUNTS = "tests/test_data.py::test_a_line_over_max_seq_len_is_cut_at_a_word_boundary_and_counts_only_the_words_kept"
+WORD_COUNTS = (
+    "tests/test_data.py::test_a_line_over_max_seq_len_is_cut_at_a_word_boundary_and_counts_only_the_words_kept"
+)
 PER_SAMPLE = "tests/test_metrics.py::test_the_headline_is_the_per_sample_mean_not_the_pooled_corpus_bleu"
 ENTROPY = "tests/test_metrics.py::test_unigram_entropy_is_exact_on_tiny_cases"
 
@@ -86,55 +88,134 @@ class Mutation:
 
 
 MUTATIONS = [
-    Mutation("1", "cached sampler: no cache refresh after a reveal",
-             (Edit(SAMPLERS, "stale[hb.unique()] = True", "pass  # MUTANT: the cache is never refreshed", line=True),),
-             (CACHE, CHAIN)),
-    Mutation("2a", "spindle sampler: token drawn proportionally to p, not p a",
-             (Edit(SAMPLERS, "weights = weights * reveal", "weights = weights  # MUTANT: no a(v) weighting", line=True),),
-             (CHAIN, REVEALS)),
-    Mutation("2b", "spindle sampler: reveal chance mean(a) instead of sum_v p(v) a(v)",
-             (Edit(SAMPLERS, "chance = reveal_chance(", "chance = reveal.mean().expand(len(b_idx))  # MUTANT", line=True),),
-             (CHAIN, REVEALS)),
-    Mutation("3", "sampler: nothing revealed until s = 0 (one-step generation)",
-             (Edit(SAMPLERS, "if hit.any():", "if s_step == 0 and hit.any():  # MUTANT", line=True),),
-             (CHAIN, REVEALS)),
-    Mutation("4a", "sequence_bound: a skipping step t -> s as k one-step KLs (k = t - s)",
-             (Edit(LOSS, "reveal = schedule.reveal_probability(t, s, context)",
-                   "reveal = schedule.reveal_probability(t, t - 1, context)  # MUTANT", line=True),
-              Edit(LOSS, "kl = position_kl(", "kl = (t_step - s_step) * position_kl(")),
-             (BOUND,)),
-    Mutation("4b", "sequence_bound: the one-step chain's KLs whatever the grid",
-             (Edit(LOSS, "zip(grid[:-1], grid[1:])", "zip(range(T, 0, -1), range(T - 1, -1, -1))"),),
-             (BOUND,)),
-    Mutation("5", "stratified times: every row shares one t",
-             (Edit(FORWARD, "return (u + strata) / batch", "return (u + strata[:1].expand(batch)) / batch"),),
-             tuple(STRATA)),
-    Mutation("6", "spindle sampler: float32 reveal chance on the last step",
-             (Edit(SAMPLERS, "if s_step == 0:", "if False:  # MUTANT", line=True),
-              Edit(SAMPLERS, "chance = reveal_chance(",
-                   "chance = (probs @ reveal.to(probs.dtype))[b_idx, l_idx].double()  # MUTANT", line=True)),
-             (LAST_STEP,)),
-    Mutation("7", "stratified times: no permutation of the strata",
-             (Edit(FORWARD, "strata = torch.randperm(", "strata = torch.arange(batch, dtype=torch.float64)  # MUTANT", line=True),),
-             tuple(STRATA)),
-    Mutation("7b", "stratified times: no permutation, same random stream (randperm drawn, unused)",
-             (Edit(FORWARD, "strata = torch.randperm(", "strata = torch.arange(batch, dtype=torch.float64) + 0 * torch.randperm("),),
-             tuple(STRATA)),
+    Mutation(
+        "1",
+        "cached sampler: no cache refresh after a reveal",
+        (Edit(SAMPLERS, "stale[hb] = True", "pass  # MUTANT: the cache is never refreshed", line=True),),
+        (CACHE, CHAIN),
+    ),
+    Mutation(
+        "2a",
+        "spindle sampler: token drawn proportionally to p, not p a",
+        (Edit(SAMPLERS, "weights = weights * reveal", "weights = weights  # MUTANT: no a(v) weighting", line=True),),
+        (CHAIN, REVEALS),
+    ),
+    Mutation(
+        "2b",
+        "spindle sampler: reveal chance mean(a) instead of sum_v p(v) a(v)",
+        (Edit(SAMPLERS, "chance = reveal_chance(", "chance = reveal.mean().expand(len(b_idx))  # MUTANT", line=True),),
+        (CHAIN, REVEALS),
+    ),
+    Mutation(
+        "3",
+        "sampler: nothing revealed until s = 0 (one-step generation)",
+        (Edit(SAMPLERS, "if hit.any():", "if s_step == 0 and hit.any():  # MUTANT", line=True),),
+        (CHAIN, REVEALS),
+    ),
+    Mutation(
+        "4a",
+        "sequence_bound: a skipping step t -> s as k one-step KLs (k = t - s)",
+        (
+            Edit(
+                LOSS,
+                "reveal = schedule.reveal_probability(t, s, context)",
+                "reveal = schedule.reveal_probability(t, t - 1, context)  # MUTANT",
+                line=True,
+            ),
+            Edit(LOSS, "kl = position_kl(", "kl = (t_step - s_step) * position_kl("),
+        ),
+        (BOUND,),
+    ),
+    Mutation(
+        "4b",
+        "sequence_bound: the one-step chain's KLs whatever the grid",
+        (Edit(LOSS, "zip(grid[:-1], grid[1:])", "zip(range(T, 0, -1), range(T - 1, -1, -1))"),),
+        (BOUND,),
+    ),
+    Mutation(
+        "5",
+        "stratified times: every row shares one t",
+        (Edit(FORWARD, "return (u + strata) / batch", "return (u + strata[:1].expand(batch)) / batch"),),
+        tuple(STRATA),
+    ),
+    Mutation(
+        "6",
+        "spindle sampler: float32 reveal chance on the last step",
+        (
+            Edit(SAMPLERS, "if s_step == 0:", "if False:  # MUTANT", line=True),
+            Edit(
+                SAMPLERS,
+                "chance = reveal_chance(",
+                "chance = (probs @ reveal.to(probs.dtype))[b_idx, l_idx].double()  # MUTANT",
+                line=True,
+            ),
+        ),
+        (LAST_STEP,),
+    ),
+    Mutation(
+        "7",
+        "stratified times: no permutation of the strata",
+        (
+            Edit(
+                FORWARD,
+                "strata = torch.randperm(",
+                "strata = torch.arange(batch, dtype=torch.float64)  # MUTANT",
+                line=True,
+            ),
+        ),
+        tuple(STRATA),
+    ),
+    Mutation(
+        "7b",
+        "stratified times: no permutation, same random stream (randperm drawn, unused)",
+        (
+            Edit(
+                FORWARD,
+                "strata = torch.randperm(",
+                "strata = torch.arange(batch, dtype=torch.float64) + 0 * torch.randperm(",
+            ),
+        ),
+        tuple(STRATA),
+    ),
     # The defects of issue 9 themselves, put back (d<N> = defect N).
-    Mutation("d1", "q_sample draws its uniforms on the CPU next to device data (every GPU run crashed)",
-             (Edit(FORWARD, "u = torch.rand(x0.shape", "u = torch.rand(x0.shape, generator=generator, dtype=torch.float64)  # MUTANT",
-                   line=True),),
-             (DEVICE_LOSS,)),
-    Mutation("d3", "a line cut at max_seq_len keeps the word count of the whole raw line",
-             (Edit(TOKENIZE, "encoded[i], words[i], cut[i] = _cut_at_word_boundary(", "pass  # MUTANT: hard cut, whole-line words",
-                   line=True),),
-             (WORD_COUNTS,)),
-    Mutation("d4", "BLEU headline = one corpus BLEU of pooled counts, not the per-sample mean",
-             (Edit(METRICS, "mean=sum(scores) / len(scores),", "mean=_pooled(stats, max_n),  # MUTANT", line=True),),
-             (PER_SAMPLE,)),
-    Mutation("d5", "entropy in nats labelled bits",
-             (Edit(METRICS, "math.log2(c / total)", "math.log(c / total)"),),
-             (ENTROPY,)),
+    Mutation(
+        "d1",
+        "q_sample draws its uniforms on the CPU next to device data (every GPU run crashed)",
+        (
+            Edit(
+                FORWARD,
+                "u = torch.rand(x0.shape",
+                "u = torch.rand(x0.shape, generator=generator, dtype=torch.float64)  # MUTANT",
+                line=True,
+            ),
+        ),
+        (DEVICE_LOSS,),
+    ),
+    Mutation(
+        "d3",
+        "a line cut at max_seq_len keeps the word count of the whole raw line",
+        (
+            Edit(
+                TOKENIZE,
+                "encoded[i], words[i], cut[i] = _cut_at_word_boundary(",
+                "pass  # MUTANT: hard cut, whole-line words",
+                line=True,
+            ),
+        ),
+        (WORD_COUNTS,),
+    ),
+    Mutation(
+        "d4",
+        "BLEU headline = one corpus BLEU of pooled counts, not the per-sample mean",
+        (Edit(METRICS, "mean=sum(scores) / len(scores),", "mean=_pooled(stats, max_n),  # MUTANT", line=True),),
+        (PER_SAMPLE,),
+    ),
+    Mutation(
+        "d5",
+        "entropy in nats labelled bits",
+        (Edit(METRICS, "math.log2(c / total)", "math.log(c / total)"),),
+        (ENTROPY,),
+    ),
 ]
 
 
@@ -174,7 +255,18 @@ def python() -> str:
 
 def run_pytest(dest: Path, tests: list[str], first_failure: bool = False) -> tuple[int, str, float]:
     env = {**os.environ, **ENV, "PYTHONPATH": str(dest)}
-    cmd = [python(), "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-rfE", *(["-x"] if first_failure else []), *tests]
+    cmd = [
+        python(),
+        "-m",
+        "pytest",
+        "-q",
+        "-s",
+        "-p",
+        "no:cacheprovider",
+        "-rfE",
+        *(["-x"] if first_failure else []),
+        *tests,
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=dest, env=env, capture_output=True, text=True)
     return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - start
@@ -197,8 +289,12 @@ def selection(mutation: Mutation, whole_files: bool) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("keys", nargs="*", help="mutations to run (default: all): " + ", ".join(m.key for m in MUTATIONS))
-    parser.add_argument("--show", action="store_true", help="print pytest's output for every run (and run every selected test)")
+    parser.add_argument(
+        "keys", nargs="*", help="mutations to run (default: all): " + ", ".join(m.key for m in MUTATIONS)
+    )
+    parser.add_argument(
+        "--show", action="store_true", help="print pytest's output for every run (and run every selected test)"
+    )
     parser.add_argument("--all", action="store_true", help="run the whole test files, not just the named tests")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.keys or m.key in args.keys]
@@ -244,9 +340,12 @@ def main(argv: list[str] | None = None) -> int:
             if not caught:
                 missed.append(mutation.key)
             shutil.rmtree(dest, ignore_errors=True)
-    print(f"{len(chosen) - len(missed) - len(broken)} of {len(chosen)} mutations caught "
-          f"in {time.perf_counter() - start:.0f} s" + (f"; NOT caught: {', '.join(missed)}" if missed else "")
-          + (f"; not applicable: {', '.join(broken)}" if broken else ""))
+    print(
+        f"{len(chosen) - len(missed) - len(broken)} of {len(chosen)} mutations caught "
+        f"in {time.perf_counter() - start:.0f} s"
+        + (f"; NOT caught: {', '.join(missed)}" if missed else "")
+        + (f"; not applicable: {', '.join(broken)}" if broken else "")
+    )
     return 1 if missed or broken else 0
 
 

@@ -29,9 +29,15 @@ def test_every_paper_row_is_a_valid_configuration_that_changes_only_its_columns(
         params = row_params(base, ROWS[name], seed=0)
         flat, base_flat = params.flat(), base.flat()
         changed = {k for k in flat if flat[k] != base_flat[k]}
-        allowed = set(ROWS[name].overrides) | {"train.steps", "evaluate.compare_init", "evaluate.table_steps",
-                                                 "evaluate.qd_top_k", "evaluate.table_sequences",
-                                                 "evaluate.table_samples", "evaluate.qd_samples"}
+        allowed = set(ROWS[name].overrides) | {
+            "train.steps",
+            "evaluate.compare_init",
+            "evaluate.table_steps",
+            "evaluate.qd_top_k",
+            "evaluate.table_sequences",
+            "evaluate.table_samples",
+            "evaluate.qd_samples",
+        }
         assert changed <= allowed, (name, changed - allowed)
         assert params.train.steps == base.ablation.train_steps
 
@@ -57,7 +63,7 @@ def test_plan_repeats_the_spindle_linear_pair_with_the_second_training_seed():
     runs = plan(load_params(None))
     keys = [r.key for r in runs]
     assert keys[: len(ABLATION_ROWS)] == list(load_params(None).ablation.rows)
-    assert keys[len(ABLATION_ROWS):] == ["dbert_spindle_tad.seed1", "dbert_linear_tad.seed1"]
+    assert keys[len(ABLATION_ROWS) :] == ["dbert_spindle_tad.seed1", "dbert_linear_tad.seed1"]
     assert [r.params.train.seed for r in runs[-2:]] == [1, 1]
     assert len({r.fingerprint for r in runs}) == len(runs)
 
@@ -105,8 +111,9 @@ def test_paired_interval_cancels_noise_shared_by_seed():
     a = [{"seed": 0, "ppl_token": 565.5}, {"seed": 1, "ppl_token": 534.1}, {"seed": 2, "ppl_token": 519.4}]
     b = [{"seed": 0, "ppl_token": 560.5}, {"seed": 1, "ppl_token": 529.3}, {"seed": 2, "ppl_token": 514.2}]
     paired = rep.paired_interval(a, b)
-    unpaired = rep.difference_interval(rep.mean_std([r["ppl_token"] for r in a]) + (3,),
-                                       rep.mean_std([r["ppl_token"] for r in b]) + (3,))
+    unpaired = rep.difference_interval(
+        rep.mean_std([r["ppl_token"] for r in a]) + (3,), rep.mean_std([r["ppl_token"] for r in b]) + (3,)
+    )
     assert paired["difference"] == pytest.approx(unpaired["difference"])
     assert rep.verdict_lower(unpaired) == rep.UNSURE and paired["low"] > 0  # a is reliably worse
     assert paired["high"] - paired["low"] < (unpaired["high"] - unpaired["low"]) / 10
@@ -117,9 +124,11 @@ def test_a_gap_smaller_than_two_trainings_of_one_row_stays_undecided():
         result["evaluate"]["runs"] = [{"seed": s, "ppl_token": v} for s, v in enumerate(values)]
         return result
 
-    results = [with_runs(fake("dbert_linear_tad", 0, 101.0), [111.0, 101.0, 91.0]),
-               with_runs(fake("dbert_linear_pte", 0, 98.0), [108.0, 98.0, 88.0]),
-               with_runs(fake("dbert_linear_tad", 1, 105.0), [115.0, 105.0, 95.0])]
+    results = [
+        with_runs(fake("dbert_linear_tad", 0, 101.0), [111.0, 101.0, 91.0]),
+        with_runs(fake("dbert_linear_pte", 0, 98.0), [108.0, 98.0, 88.0]),
+        with_runs(fake("dbert_linear_tad", 1, 105.0), [115.0, 105.0, 95.0]),
+    ]
     comparison = rep.check_claims(results)[2]["comparisons"][0]
     assert comparison["eval_only_verdict"] == rep.FAILS and comparison["training_seed_spread"] == 4.0
     assert comparison["verdict"] == rep.UNSURE
@@ -128,22 +137,43 @@ def test_a_gap_smaller_than_two_trainings_of_one_row_stays_undecided():
 def fake(row: str, seed: int, ppl: float, std: float = 0.5, curve=(9.0, 8.0, 7.0), table=None) -> dict:
     spec = ROWS[row]
     return {
-        "key": row if seed == 0 else f"{row}.seed{seed}", "row": row, "seed": seed, "method": spec.method,
-        "init": spec.init, "schedule": spec.schedule, "time": spec.time, "note": spec.note,
+        "key": row if seed == 0 else f"{row}.seed{seed}",
+        "row": row,
+        "seed": seed,
+        "method": spec.method,
+        "init": spec.init,
+        "schedule": spec.schedule,
+        "time": spec.time,
+        "note": spec.note,
         "mlflow": {"row": f"run-{row}-{seed}"},
         "train": {"seconds": 60.0, "curve": {"step": [50, 100, 150], "val_bound": list(curve)}},
-        "evaluate": {"ppl_token_mean": ppl, "ppl_token_std": std, "ppl_word_mean": 2 * ppl, "ppl_word_std": 2 * std,
-                     "seeds": [0, 1, 2], "bleu": 0.2, "self_bleu": 0.3, "unigram_entropy_bits": 7.0, "format": "padded",
-                     "leaky": spec.schedule == "spindle_paper", "seconds": 30.0, "steps_table": table or []},
+        "evaluate": {
+            "ppl_token_mean": ppl,
+            "ppl_token_std": std,
+            "ppl_word_mean": 2 * ppl,
+            "ppl_word_std": 2 * std,
+            "seeds": [0, 1, 2],
+            "bleu": 0.2,
+            "self_bleu": 0.3,
+            "unigram_entropy_bits": 7.0,
+            "format": "padded",
+            "leaky": spec.schedule == "spindle_paper",
+            "seconds": 30.0,
+            "steps_table": table or [],
+        },
     }
 
 
 def test_claims_hold_fail_or_stay_open_as_the_numbers_say():
     results = [
-        fake("dbert_linear_tad", 0, 100.0, curve=(10.0, 7.0, 6.0)), fake("d3pm_linear_tad", 0, 300.0),
-        fake("dbert_linear_lte", 0, 100.3), fake("d3pm_linear_lte", 0, 290.0, curve=(9.5, 7.4, 7.3)),
+        fake("dbert_linear_tad", 0, 100.0, curve=(10.0, 7.0, 6.0)),
+        fake("d3pm_linear_tad", 0, 300.0),
+        fake("dbert_linear_lte", 0, 100.3),
+        fake("d3pm_linear_lte", 0, 290.0, curve=(9.5, 7.4, 7.3)),
         fake("dbert_linear_pte", 0, 80.0),
-        fake("dbert_spindle_tad", 0, 90.0), fake("dbert_spindle_tad", 1, 91.0), fake("dbert_linear_tad", 1, 99.0),
+        fake("dbert_spindle_tad", 0, 90.0),
+        fake("dbert_spindle_tad", 1, 91.0),
+        fake("dbert_linear_tad", 1, 99.0),
     ]
     claims = {c["claim"]: c for c in rep.check_claims(results)}
     first = claims[1]["comparisons"]
@@ -161,8 +191,15 @@ def test_claims_hold_fail_or_stay_open_as_the_numbers_say():
 
 def test_steps_claim_needs_rising_time_and_a_bound_that_does_not_get_worse():
     def row(steps, ppl, secs):
-        return {"steps": steps, "ppl_token": ppl, "ppl_token_std": 0.1, "seconds_per_sample": secs,
-                "seeds": [0, 1, 2], "bleu": 0.1, "self_bleu": 0.2}
+        return {
+            "steps": steps,
+            "ppl_token": ppl,
+            "ppl_token_std": 0.1,
+            "seconds_per_sample": secs,
+            "seeds": [0, 1, 2],
+            "bleu": 0.1,
+            "self_bleu": 0.2,
+        }
 
     smooth = [row(2, 300.0, 0.1), row(8, 120.0, 0.2), row(64, 90.0, 0.9)]
     bumpy = [row(2, 300.0, 0.1), row(8, 120.0, 0.2), row(64, 150.0, 0.9)]
@@ -171,8 +208,11 @@ def test_steps_claim_needs_rising_time_and_a_bound_that_does_not_get_worse():
 
 
 def test_markdown_table_flags_leaky_and_packed_rows_and_shows_both_training_seeds():
-    results = [fake("dbert_spindle_tad", 0, 90.0), fake("dbert_spindle_tad", 1, 91.0),
-               fake("dbert_spindle_paper_tad", 0, 40.0)]
+    results = [
+        fake("dbert_spindle_tad", 0, 90.0),
+        fake("dbert_spindle_tad", 1, 91.0),
+        fake("dbert_spindle_paper_tad", 0, 40.0),
+    ]
     results[0]["evaluate"]["format"] = results[1]["evaluate"]["format"] = "padded"
     text = rep.markdown_table(rep.table_rows(results), label="LM1B-sample")
     assert "LM1B-sample numbers" in text
@@ -206,8 +246,12 @@ def test_packed_rows_count_content_tokens_and_share_words_across_cut_sentences()
 # ---------------------------------------------------------------------------------------------
 
 
-TINY_ABLATION = ["ablation.rows=[dbert_spindle_tad,dbert_linear_tad,d3pm_linear_tad,dbert_spindle_tad_packed]",
-                 "ablation.train_steps=4", "ablation.table_sequences=4", "evaluate.seeds=[0,1]"]
+TINY_ABLATION = [
+    "ablation.rows=[dbert_spindle_tad,dbert_linear_tad,d3pm_linear_tad,dbert_spindle_tad_packed]",
+    "ablation.train_steps=4",
+    "ablation.table_sequences=4",
+    "evaluate.seeds=[0,1]",
+]
 
 
 @pytest.fixture(scope="module")
@@ -242,8 +286,13 @@ def test_ablation_writes_a_report_with_every_row_and_plots(ablated):
     out = ablated["root"] / "outputs/ablation/report"
     report = read_json(out / "report.json")
     assert [r["key"] for r in report["rows"]] == [
-        "dbert_spindle_tad", "dbert_linear_tad", "d3pm_linear_tad", "dbert_spindle_tad_packed",
-        "dbert_spindle_tad.seed1", "dbert_linear_tad.seed1"]
+        "dbert_spindle_tad",
+        "dbert_linear_tad",
+        "d3pm_linear_tad",
+        "dbert_spindle_tad_packed",
+        "dbert_spindle_tad.seed1",
+        "dbert_linear_tad.seed1",
+    ]
     assert report["label"] == "LM1B-sample" and report["budget"]["train_steps"] == 4
     assert [c["claim"] for c in report["claims"]] == [1, 2, 3, 4]
     for name in ("report.md", "curves.png", "quality_diversity.png"):
@@ -269,8 +318,15 @@ def test_mlflow_holds_one_parent_a_child_per_row_and_the_stages_under_each(ablat
     assert by_id[parent_id].data.tags["stage"] == "ablation"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
     assert sorted(r.info.run_name for r in children) == sorted(
-        ["dbert_spindle_tad", "dbert_linear_tad", "d3pm_linear_tad", "dbert_spindle_tad_packed",
-         "dbert_spindle_tad.seed1", "dbert_linear_tad.seed1"])
+        [
+            "dbert_spindle_tad",
+            "dbert_linear_tad",
+            "d3pm_linear_tad",
+            "dbert_spindle_tad_packed",
+            "dbert_spindle_tad.seed1",
+            "dbert_linear_tad.seed1",
+        ]
+    )
     report = read_json(ablated["root"] / "outputs/ablation/report/report.json")
     for row in report["rows"]:
         child = by_id[row["mlflow"]["row"]]
@@ -300,7 +356,8 @@ def test_a_second_run_reuses_finished_rows_and_an_interrupted_row_gives_the_same
     assert dict(seen)["dbert_spindle_tad"] == "reused" and dict(seen)["dbert_linear_tad"] == "done"
     _, runs_after = _runs(root)
     new = {r.data.tags.get("stage") for r in runs_after} and [
-        r for r in runs_after if r.info.run_id not in {x.info.run_id for x in runs_before}]
+        r for r in runs_after if r.info.run_id not in {x.info.run_id for x in runs_before}
+    ]
     assert sorted(r.data.tags["stage"] for r in new) == ["evaluate", "schedule"]  # no retraining
     after = read_json(root / "outputs/ablation/report/report.json")
     old_row = next(r for r in before["rows"] if r["key"] == "dbert_linear_tad")
@@ -343,4 +400,6 @@ def test_changing_only_the_evaluation_re_evaluates_without_retraining(ablated):
     parents = {r["key"]: client.get_run(r["mlflow"]["row"]).data.tags["mlflow.parentRunId"] for r in report["rows"]}
     assert set(parents.values()) == {report["mlflow_parent_run_id"]}
     reused = next(r for r in report["rows"] if r["key"] == "dbert_linear_tad")
-    assert client.get_run(reused["mlflow"]["train"]).data.tags["mlflow.parentRunId"] == reused["mlflow"]["trained_in_row"]
+    assert (
+        client.get_run(reused["mlflow"]["train"]).data.tags["mlflow.parentRunId"] == reused["mlflow"]["trained_in_row"]
+    )

@@ -19,8 +19,18 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("clean_env")]
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
-COMMANDS = ("prepare", "token-stats", "schedule", "train", "evaluate", "tune", "ablation", "generate", "mlflow-ui",
-            "params")
+COMMANDS = (
+    "prepare",
+    "token-stats",
+    "schedule",
+    "train",
+    "evaluate",
+    "tune",
+    "ablation",
+    "generate",
+    "mlflow-ui",
+    "params",
+)
 
 runner = CliRunner()
 
@@ -64,8 +74,17 @@ def test_stage_specific_options_are_documented():
     for option in ("--row", "--fresh", "--background"):
         assert option in ablation_help
     generate_help = invoke("generate", "--help").stdout
-    for option in ("--model", "--num", "--length", "--steps", "--top-k", "--top-p", "--temperature", "--seed",
-                   "--output"):
+    for option in (
+        "--model",
+        "--num",
+        "--length",
+        "--steps",
+        "--top-k",
+        "--top-p",
+        "--temperature",
+        "--seed",
+        "--output",
+    ):
         assert option in generate_help
     ui_help = invoke("mlflow-ui", "--help").stdout
     assert "--host" in ui_help and "127.0.0.1" in ui_help and "--port" in ui_help
@@ -101,8 +120,12 @@ def test_params_prints_the_resolved_params_as_yaml():
 
 @pytest.mark.parametrize(
     ("override", "fragment"),
-    [("train.lrr=1", "train.lrr"), ("train.lr=-1", "train.lr"), ("trainlr", "key=value"),
-     ("diffusion.spindle_lambda=0.9", "diffusion.spindle_lambda")],
+    [
+        ("train.lrr=1", "train.lrr"),
+        ("train.lr=-1", "train.lr"),
+        ("trainlr", "key=value"),
+        ("diffusion.spindle_lambda=0.9", "diffusion.spindle_lambda"),
+    ],
 )
 def test_an_invalid_set_is_one_line_naming_the_key(override, fragment):
     assert_one_line_error(invoke("params", "--params", str(PARAMS), "--set", override), fragment)
@@ -114,8 +137,9 @@ def test_a_missing_params_file_is_one_line(tmp_path):
 
 def test_a_missing_corpus_is_one_line_naming_the_path_and_writes_nothing(tmp_path):
     missing = tmp_path / "no" / "lm1b"
-    result = invoke("prepare", "--params", str(PARAMS), "--root", str(tmp_path / "project"),
-                    "--set", f"data.mirror_dir={missing}")
+    result = invoke(
+        "prepare", "--params", str(PARAMS), "--root", str(tmp_path / "project"), "--set", f"data.mirror_dir={missing}"
+    )
     assert_one_line_error(result, str(missing))
     assert not (tmp_path / "project" / "data" / "prepared").exists()
     assert not (tmp_path / "project" / "data").exists()
@@ -141,15 +165,39 @@ def tiny_model(tmp_path_factory) -> Path:
 
     tokenizer = load_tokenizer("random")
     config = random_bert_config(tokenizer.vocab_size, 32, 2, 2, 64, max_positions=64)
-    model = build_denoiser("random", time_design="none", num_timesteps=50, random_config=config, seed=0,
-                           diffusion={"schedule": "linear", "num_timesteps": 50})
-    return export_model(model.eval(), tokenizer, build_schedule("linear", 50),
-                        tmp_path_factory.mktemp("model") / "export")
+    model = build_denoiser(
+        "random",
+        time_design="none",
+        num_timesteps=50,
+        random_config=config,
+        seed=0,
+        diffusion={"schedule": "linear", "num_timesteps": 50},
+    )
+    return export_model(
+        model.eval(), tokenizer, build_schedule("linear", 50), tmp_path_factory.mktemp("model") / "export"
+    )
 
 
 def test_generate_prints_readable_lines(tmp_path, tiny_model):
-    args = ("generate", "--params", str(PARAMS), "--root", str(tmp_path), "--model", str(tiny_model),
-            "--num", "3", "--length", "6", "--steps", "4", "--top-k", "20", "--seed", "1")
+    args = (
+        "generate",
+        "--params",
+        str(PARAMS),
+        "--root",
+        str(tmp_path),
+        "--model",
+        str(tiny_model),
+        "--num",
+        "3",
+        "--length",
+        "6",
+        "--steps",
+        "4",
+        "--top-k",
+        "20",
+        "--seed",
+        "1",
+    )
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
@@ -177,22 +225,41 @@ def test_generate_draws_lengths_from_the_histogram_when_there_is_one(tmp_path, t
     hist = np.zeros(5, dtype=np.int64)
     hist[4] = 10  # every training sentence has 4 content tokens
     np.save(tmp_path / "data" / "token_stats" / "lengths.npy", hist)
-    result = invoke("generate", "--params", str(PARAMS), "--root", str(tmp_path), "--model", str(tiny_model),
-                    "--num", "2", "--length", "0", "--steps", "4")
+    result = invoke(
+        "generate",
+        "--params",
+        str(PARAMS),
+        "--root",
+        str(tmp_path),
+        "--model",
+        str(tiny_model),
+        "--num",
+        "2",
+        "--length",
+        "0",
+        "--steps",
+        "4",
+    )
     assert result.exit_code == 0, result.output
     assert len(result.stdout.splitlines()) == 2
 
 
 def test_generate_from_a_missing_model_is_one_line(tmp_path):
     missing = tmp_path / "no-model"
-    assert_one_line_error(invoke("generate", "--params", str(PARAMS), "--root", str(tmp_path),
-                                 "--model", str(missing)), str(missing))
-    assert_one_line_error(invoke("generate", "--params", str(PARAMS), "--root", str(tmp_path), "--num", "0"),
-                          "--num")
+    assert_one_line_error(
+        invoke("generate", "--params", str(PARAMS), "--root", str(tmp_path), "--model", str(missing)), str(missing)
+    )
+    assert_one_line_error(invoke("generate", "--params", str(PARAMS), "--root", str(tmp_path), "--num", "0"), "--num")
 
 
-@pytest.mark.parametrize(("option", "key"), [("--top-p=1.5", "evaluate.top_p"), ("--steps=0", "evaluate.sample_steps"),
-                                             ("--temperature=0", "evaluate.temperature")])
+@pytest.mark.parametrize(
+    ("option", "key"),
+    [
+        ("--top-p=1.5", "evaluate.top_p"),
+        ("--steps=0", "evaluate.sample_steps"),
+        ("--temperature=0", "evaluate.temperature"),
+    ],
+)
 def test_an_out_of_range_generate_option_is_the_schema_error_naming_its_param(tmp_path, option, key):
     assert_one_line_error(invoke("generate", "--params", str(PARAMS), "--root", str(tmp_path), option), key)
 
@@ -207,13 +274,24 @@ def test_mlflow_ui_binds_localhost_on_the_project_store(tmp_path):
 def test_python_m_stages_cli_runs_and_fails_in_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("DBERT_DEBUG", None)
-    ok = subprocess.run([sys.executable, "-m", "stages.cli", "params", "--params", str(PARAMS)], cwd=tmp_path,
-                        env=env, capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        [sys.executable, "-m", "stages.cli", "params", "--params", str(PARAMS)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "diffusion:" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "stages.cli", "params", "--params", str(PARAMS), "--set",
-                          "model.time_design=sideways"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "stages.cli", "params", "--params", str(PARAMS), "--set", "model.time_design=sideways"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 1
     assert bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: ")
     assert "model.time_design" in bad.stderr
@@ -257,8 +335,17 @@ def test_tune_prints_the_proposal_and_apply_runs_it_as_a_dvc_experiment(tmp_path
     result = invoke(*common, "--apply")
     assert result.exit_code == 0, result.output
     command, cwd = calls[0]
-    assert command[1:] == ["-m", "dvc", "exp", "run", "--temp", "-S", "model.time_design=prefix",
-                           "-S", "train.lr=0.0003"]
+    assert command[1:] == [
+        "-m",
+        "dvc",
+        "exp",
+        "run",
+        "--temp",
+        "-S",
+        "model.time_design=prefix",
+        "-S",
+        "train.lr=0.0003",
+    ]
     assert Path(cwd) == tmp_path
     assert PARAMS.read_bytes() == params_before  # never edits params.yaml
 

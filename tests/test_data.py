@@ -52,9 +52,7 @@ def _tiny_split(lengths: list[int]) -> TokenizedSplit:
     """Sequences [CLS] 1000+k ... [SEP] with the given total lengths."""
     seqs = [np.array([CLS, *range(1000, 1000 + n - 2), SEP], dtype=np.int32) for n in lengths]
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64)
-    return TokenizedSplit(
-        ids=np.concatenate(seqs), offsets=offsets, word_counts=np.array(lengths, dtype=np.int32) - 2
-    )
+    return TokenizedSplit(ids=np.concatenate(seqs), offsets=offsets, word_counts=np.array(lengths, dtype=np.int32) - 2)
 
 
 # ---------------------------------------------------------------- sources
@@ -184,9 +182,7 @@ def test_hub_datasets_split_by_row_and_cap_like_local_sources(monkeypatch):
     from pipeline.data import sources
 
     rows = {"train": [f"train {i}" for i in range(200)] + ["  "], "test": ["t1", "t2", "t3"]}
-    fake = datasets.DatasetDict(
-        {name: datasets.Dataset.from_dict({"sentence": lines}) for name, lines in rows.items()}
-    )
+    fake = datasets.DatasetDict({name: datasets.Dataset.from_dict({"sentence": lines}) for name, lines in rows.items()})
     monkeypatch.setattr(sources, "_load_hub", lambda name, config, revision: fake)
     splits = load_corpus("hub", name="fake", text_column="sentence", validation_fraction=0.1, seed=4)
     local_train, local_val = split_train_validation(rows["train"], 0.1, seed=4)
@@ -364,9 +360,7 @@ def test_ranks_get_disjoint_equally_long_shares(test_shard_split):
 
 
 def test_packed_batches_are_full_rows_without_padding(test_shard_split):
-    batches = list(
-        iterate_batches(test_shard_split, 16, seed=0, epoch=0, pad_id=PAD, packed=True, seq_len=128)
-    )
+    batches = list(iterate_batches(test_shard_split, 16, seed=0, epoch=0, pad_id=PAD, packed=True, seq_len=128))
     assert len(batches) == num_batches(test_shard_split, 16, packed=True, seq_len=128)
     assert all(b["input_ids"].shape[1] == 128 and b["attention_mask"].all() for b in batches)
     total_rows = sum(b["input_ids"].shape[0] for b in batches)

@@ -32,12 +32,14 @@ from tests.test_train_loop import tiny_data  # noqa: F401  (fixture)
 from tests.toy import CLS, SEP, SPECIAL, toy_schedule
 
 T = 64
-IDS = torch.tensor([
-    [CLS, 4, 5, 6, 4, 5, SEP, 0],
-    [CLS, 6, 6, 4, SEP, 0, 0, 0],
-    [CLS, 5, 4, 6, 5, 4, 6, SEP],
-    [CLS, 4, SEP, 0, 0, 0, 0, 0],
-])
+IDS = torch.tensor(
+    [
+        [CLS, 4, 5, 6, 4, 5, SEP, 0],
+        [CLS, 6, 6, 4, SEP, 0, 0, 0],
+        [CLS, 5, 4, 6, 5, 4, 6, SEP],
+        [CLS, 4, SEP, 0, 0, 0, 0, 0],
+    ]
+)
 ATTN = IDS != 0
 
 
@@ -125,8 +127,15 @@ def test_diffusion_loss_on_the_device_equals_the_cpu_loss(schedule_name):
     model = tiny_bert()  # the same weights; a fresh copy, as want's graph holds the CPU ones
     with on_fake_device():
         model.to(FAKE)
-        got = diffusion_loss(on_device(model.denoise), IDS.to(FAKE), ATTN.to(FAKE), schedule, SPECIAL,
-                             torch.Generator().manual_seed(1), 0.01)
+        got = diffusion_loss(
+            on_device(model.denoise),
+            IDS.to(FAKE),
+            ATTN.to(FAKE),
+            schedule,
+            SPECIAL,
+            torch.Generator().manual_seed(1),
+            0.01,
+        )
         assert isinstance(got.loss, FakeDeviceTensor)
         assert got.num_masked == want.num_masked > 0
         torch.testing.assert_close(got.loss.cpu(), want.loss, rtol=1e-6, atol=1e-6)
@@ -179,8 +188,14 @@ def test_train_loop_on_the_device_with_ema_packing_checkpoint_and_resume(tiny_da
     the same path), EMA, validation bound, a checkpoint written from the device and resumed onto it."""
     from tests.test_train_loop import params
 
-    p = params("train.steps=2", "train.eval_every=1", "train.checkpoint_every=1", "train.ema_decay=0.9",
-               "train.warmup_steps=1", "train.packed=true")
+    p = params(
+        "train.steps=2",
+        "train.eval_every=1",
+        "train.checkpoint_every=1",
+        "train.ema_decay=0.9",
+        "train.warmup_steps=1",
+        "train.packed=true",
+    )
     saved = []
     cpu = train_loop(p, tiny_data)
     with on_fake_device():
@@ -216,8 +231,15 @@ def test_sequence_bound_on_the_device_equals_the_cpu_bound(schedule_name):
     want = sequence_bound(model.denoise, IDS, ATTN, schedule, SPECIAL, grid, torch.Generator().manual_seed(2))
     with on_fake_device():
         model.to(FAKE)
-        got = sequence_bound(on_device(model.denoise), IDS.to(FAKE), ATTN.to(FAKE), schedule, SPECIAL, grid,
-                             torch.Generator().manual_seed(2))
+        got = sequence_bound(
+            on_device(model.denoise),
+            IDS.to(FAKE),
+            ATTN.to(FAKE),
+            schedule,
+            SPECIAL,
+            grid,
+            torch.Generator().manual_seed(2),
+        )
     assert type(got) is torch.Tensor and got.dtype == torch.float64  # a plain CPU tensor
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
@@ -229,8 +251,9 @@ def test_bound_per_sequence_on_the_device_equals_the_cpu_bound():
     want = bound_per_sequence(model.denoise, split, schedule, SPECIAL, num_steps=8, seed=4, batch_size=3)
     with on_fake_device():
         model.to(FAKE)
-        got = bound_per_sequence(on_device(model.denoise), split, schedule, SPECIAL, num_steps=8, seed=4,
-                                 batch_size=3, device=FAKE)
+        got = bound_per_sequence(
+            on_device(model.denoise), split, schedule, SPECIAL, num_steps=8, seed=4, batch_size=3, device=FAKE
+        )
     assert isinstance(got, np.ndarray)
     np.testing.assert_allclose(got, want, rtol=1e-6)
 

@@ -312,8 +312,10 @@ def test_sequence_bound_gives_the_same_number_twice_for_the_same_seed():
     schedule = toy_schedule("linear", 6)
     denoiser = BayesDenoiser(schedule)
     x0 = torch.stack([sequence(p) for p in PAIRS])
-    runs = [sequence_bound(denoiser, x0, x0 != 0, schedule, SPECIAL, grid_for_steps(6, 3), torch.Generator().manual_seed(9))
-            for _ in range(2)]
+    runs = [
+        sequence_bound(denoiser, x0, x0 != 0, schedule, SPECIAL, grid_for_steps(6, 3), torch.Generator().manual_seed(9))
+        for _ in range(2)
+    ]
     assert torch.equal(runs[0], runs[1])
 
 

@@ -97,8 +97,11 @@ def test_outputs_metrics_and_plots_are_declared_as_documented():
 
 
 def run(repo: Path, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "DBERT_", "DVC_EXP", "GIT_")) and k != "VIRTUAL_ENV"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "DBERT_", "DVC_EXP", "GIT_")) and k != "VIRTUAL_ENV"
+    }
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # what `make repro` does
     env["MLFLOW_DISABLE_TELEMETRY"] = "1"
     done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
@@ -154,9 +157,17 @@ def status_after(repo: Path, override: str) -> set[str]:
 def test_repro_runs_each_stage_once_and_params_reach_exactly_their_stages(repo):
     first = run(repo, "dvc", "repro")
     assert ran(first) == set(PIPELINE), first.stdout
-    for path in ("data/prepared/meta.json", "data/token_stats/counts.npy", "data/schedule/alpha_curves.png",
-                 "models/final/model.safetensors", "outputs/train/metrics.json", "outputs/train/history.csv",
-                 "outputs/evaluate/metrics.json", "outputs/evaluate/samples.txt", "outputs/evaluate/plots/bound.png"):
+    for path in (
+        "data/prepared/meta.json",
+        "data/token_stats/counts.npy",
+        "data/schedule/alpha_curves.png",
+        "models/final/model.safetensors",
+        "outputs/train/metrics.json",
+        "outputs/train/history.csv",
+        "outputs/evaluate/metrics.json",
+        "outputs/evaluate/samples.txt",
+        "outputs/evaluate/plots/bound.png",
+    ):
         assert (repo / path).exists(), path
     assert (repo / "mlflow.db").is_file()
 

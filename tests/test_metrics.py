@@ -73,7 +73,7 @@ HYPOTHESES = [
     "it didn't work that way.",
     "analysts were expecting earnings per share of 24 cents for the first quarter.",
     "there was no immediate word how much the plan might cost.",
-    "\" that's just not me, \" he said.",
+    '" that\'s just not me, " he said.',
     "what advice do experts have for them?",
     "the roman empire collapsed in the 5th century.",
     "greg joined the council in early 2008 as cfo.",
@@ -102,8 +102,9 @@ def nltk_bleu(hyps: list[list[str]], refs: list[list[str]], max_n: int = 4) -> f
 
 
 def nltk_self_sentence_bleus(samples: list[list[str]], max_n: int = 4) -> list[float]:
-    return [corpus_bleu([samples[:i] + samples[i + 1 :]], [s], weights=(1 / max_n,) * max_n)
-            for i, s in enumerate(samples)]
+    return [
+        corpus_bleu([samples[:i] + samples[i + 1 :]], [s], weights=(1 / max_n,) * max_n) for i, s in enumerate(samples)
+    ]
 
 
 def nltk_self_bleu(samples: list[list[str]], max_n: int = 4) -> float:
@@ -278,8 +279,12 @@ def test_self_bleu_of_identical_samples_is_one():
 
 
 def test_self_bleu_with_a_unique_length_uses_the_nearest_other_length_like_nltk():
-    samples = [["a", "b", "c", "d"], ["a", "b", "c", "d", "e", "f"], ["a", "b", "c", "d", "e", "f"],
-               ["b", "c", "d", "e", "f", "g", "h", "i", "j"]]
+    samples = [
+        ["a", "b", "c", "d"],
+        ["a", "b", "c", "d", "e", "f"],
+        ["a", "b", "c", "d", "e", "f"],
+        ["b", "c", "d", "e", "f", "g", "h", "i", "j"],
+    ]
     assert abs(self_bleu_tokens(samples) - nltk_self_bleu(samples)) < 1e-12
 
 
@@ -376,11 +381,21 @@ def test_generation_metrics_falls_back_to_the_samples_for_self_bleu():
 def test_dbert_evaluate_prints_what_each_bleu_counts_and_flags_a_non_measurement():
     from pipeline.eval.report import summary_lines
 
-    summary = {"bound.ppl_token_mean": 500.0, "bound.num_tokens": 70, "bound.num_words": 60, "bound.num_truncated": 1,
-               "generation.bleu": 0.06, "generation.bleu_p4": 0.01, "generation.bleu_measured": 1.0,
-               "generation.self_bleu": 1e-78, "generation.self_bleu_p4": 0.0, "generation.self_bleu_measured": 0.0,
-               "generation.num_samples": 128, "generation.num_references": 6119,
-               "generation.num_self_bleu_samples": 128}
+    summary = {
+        "bound.ppl_token_mean": 500.0,
+        "bound.num_tokens": 70,
+        "bound.num_words": 60,
+        "bound.num_truncated": 1,
+        "generation.bleu": 0.06,
+        "generation.bleu_p4": 0.01,
+        "generation.bleu_measured": 1.0,
+        "generation.self_bleu": 1e-78,
+        "generation.self_bleu_p4": 0.0,
+        "generation.self_bleu_measured": 0.0,
+        "generation.num_samples": 128,
+        "generation.num_references": 6119,
+        "generation.num_self_bleu_samples": 128,
+    }
     text = "\n".join(summary_lines(summary))
     assert "70 content WordPieces, 60 words (1 test lines cut" in text
     assert "generation.bleu: 0.0600 (mean of 128 per-sample BLEU-4, each against 6119 test lines" in text

@@ -16,7 +16,9 @@ DESIGNS = ["none", "prefix", "layerwise", "embedding"]
 
 
 def tiny_config(vocab: int = 50, positions: int = 32):
-    return random_bert_config(vocab, hidden_size=24, num_layers=2, num_heads=2, intermediate_size=48, max_positions=positions)
+    return random_bert_config(
+        vocab, hidden_size=24, num_layers=2, num_heads=2, intermediate_size=48, max_positions=positions
+    )
 
 
 def tiny(design: str, T: int = 100) -> DiffusionBertForDenoising:

@@ -274,8 +274,10 @@ def test_sequence_bound_on_a_skipping_grid_is_the_bound_of_that_chain(steps):
         nll = _exact_model_nll(denoiser, schedule, pair, grid)
         worst_z = max(worst_z, abs(mean - exact) / stderr)
         worst_gap = min(worst_gap, (mean - nll) / stderr)
-    print(f"bound grid={grid}: worst |z| vs exact = {worst_z:.2f} (limit 5), "
-          f"smallest (mean - model NLL) / stderr = {worst_gap:.2f} (limit -5)")
+    print(
+        f"bound grid={grid}: worst |z| vs exact = {worst_z:.2f} (limit 5), "
+        f"smallest (mean - model NLL) / stderr = {worst_gap:.2f} (limit -5)"
+    )
     # Margin: 9 comparisons at |z| < 5 fail by chance with probability < 1e-5; the correct
     # sequence_bound's worst |z| is 2.2 ([6, 3, 0]) and 1.4 ([6, 4, 2, 0]) on this seed; k one-step
     # KLs give 28.7 / 12.2, the one-step chain's KLs 35.2 / 18.1 (and means 10..34 stderr below

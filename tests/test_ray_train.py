@@ -81,8 +81,9 @@ def test_local_mode_training_reaches_the_configured_steps_logs_to_mlflow_and_exp
     seen: list[dict] = []
     try:
         with tracking.start_stage_run("train", params, root=layout.root) as run:
-            outcome = run_training(params, layout, export_dir=layout.model, progress=seen.append,
-                                   mlflow_run_id=run.info.run_id)
+            outcome = run_training(
+                params, layout, export_dir=layout.model, progress=seen.append, mlflow_run_id=run.info.run_id
+            )
         client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri())
         logged = client.get_metric_history(run.info.run_id, "val_bound")
         assert client.get_run(run.info.run_id).info.status == "FINISHED"  # the worker never ended it
@@ -131,8 +132,14 @@ def test_a_worker_killed_mid_run_resumes_from_its_checkpoint_and_finishes_at_the
     monkeypatch.setenv(faults.ENV_FAIL_MARKER, str(marker))
     # the step-2 checkpoint reaches the controller late: the kill must still wait for it
     monkeypatch.setattr(driver, "train_worker", _slow_poll_reply_worker)
-    params = tiny_params("train.steps=6", "train.eval_every=1", "train.checkpoint_every=2", "train.num_workers=1",
-                         "train.cpus_per_worker=1", "train.max_failures=1")
+    params = tiny_params(
+        "train.steps=6",
+        "train.eval_every=1",
+        "train.checkpoint_every=2",
+        "train.num_workers=1",
+        "train.cpus_per_worker=1",
+        "train.max_failures=1",
+    )
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import this module
     try:
         outcome = run_training(params, layout)

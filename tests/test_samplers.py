@@ -14,7 +14,9 @@ LENGTHS = [3, 1, 5, 4]
 
 
 def tiny_bert(time_design: str = "none", T: int = 64):
-    config = random_bert_config(VOCAB, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_positions=16)
+    config = random_bert_config(
+        VOCAB, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_positions=16
+    )
     return build_denoiser("random", time_design=time_design, num_timesteps=T, random_config=config, seed=0).eval()
 
 
@@ -24,8 +26,9 @@ def run_sampler(kind: str, denoiser, schedule_name: str = "spindle", seed: int =
     if kind == "gibbs":
         return gibbs_sample(denoiser, LENGTHS, SPECIAL, CLS, SEP, sweeps=2, seed=seed, **kw)
     grid = {"ancestral": time_grid(T, 1), "cached": time_grid(T, 1), "skipping": time_grid(T, 16)}[kind]
-    return ancestral_sample(denoiser, schedule, LENGTHS, SPECIAL, CLS, SEP, grid=grid, seed=seed,
-                            cache=(kind == "cached"), **kw)
+    return ancestral_sample(
+        denoiser, schedule, LENGTHS, SPECIAL, CLS, SEP, grid=grid, seed=seed, cache=(kind == "cached"), **kw
+    )
 
 
 SAMPLERS = ["ancestral", "cached", "skipping", "gibbs"]
@@ -43,11 +46,15 @@ class TestEverySamplerContract:
 
     def test_the_same_seed_gives_the_same_tokens(self, kind):
         model = tiny_bert()
-        assert torch.equal(run_sampler(kind, model.denoise, seed=3).tokens, run_sampler(kind, model.denoise, seed=3).tokens)
+        assert torch.equal(
+            run_sampler(kind, model.denoise, seed=3).tokens, run_sampler(kind, model.denoise, seed=3).tokens
+        )
 
     def test_a_different_seed_gives_different_tokens(self, kind):
         model = tiny_bert()
-        assert not torch.equal(run_sampler(kind, model.denoise, seed=1).tokens, run_sampler(kind, model.denoise, seed=2).tokens)
+        assert not torch.equal(
+            run_sampler(kind, model.denoise, seed=1).tokens, run_sampler(kind, model.denoise, seed=2).tokens
+        )
 
     def test_top_k_of_one_always_picks_the_most_likely_token(self, kind):
         probs = torch.tensor([0, 0, 0, 0, 0.2, 0.5, 0.3])
@@ -79,8 +86,9 @@ def test_cached_sampler_returns_the_uncached_tokens_with_at_most_length_calls_pe
 def test_linear_sampler_with_a_fixed_denoiser_draws_tokens_from_its_distribution():
     probs = torch.tensor([0, 0, 0, 0, 0.2, 0.5, 0.3], dtype=torch.float64)
     schedule = toy_schedule("linear", 32)
-    out = ancestral_sample(ConstantDenoiser(probs), schedule, [8] * 500, SPECIAL, CLS, SEP,
-                           grid=grid_for_steps(32, 8), seed=0)
+    out = ancestral_sample(
+        ConstantDenoiser(probs), schedule, [8] * 500, SPECIAL, CLS, SEP, grid=grid_for_steps(32, 8), seed=0
+    )
     content = out.tokens[:, 1:9].reshape(-1)
     freq = torch.bincount(content, minlength=VOCAB).double() / content.numel()
     assert torch.allclose(freq, probs, atol=0.02)
@@ -88,8 +96,16 @@ def test_linear_sampler_with_a_fixed_denoiser_draws_tokens_from_its_distribution
 
 def test_every_step_of_the_chain_reveals_masks_and_the_last_reveals_all():
     schedule = toy_schedule("linear", 16)
-    out = ancestral_sample(ConstantDenoiser(torch.tensor([0, 0, 0, 0, 1.0, 1.0, 1.0])), schedule, [10] * 20,
-                           SPECIAL, CLS, SEP, grid=time_grid(16, 1), seed=0)
+    out = ancestral_sample(
+        ConstantDenoiser(torch.tensor([0, 0, 0, 0, 1.0, 1.0, 1.0])),
+        schedule,
+        [10] * 20,
+        SPECIAL,
+        CLS,
+        SEP,
+        grid=time_grid(16, 1),
+        seed=0,
+    )
     assert out.trace[-1] == 0 and out.trace == sorted(out.trace, reverse=True)
 
 

@@ -28,8 +28,16 @@ PARAMS = REPO / "params.yaml"
 
 def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in PROJECT_ENV}
-    env.update({"PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1",
-                "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **extra})
+    env.update(
+        {
+            "PYTHONPATH": str(REPO),
+            "MLFLOW_DISABLE_TELEMETRY": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            **extra,
+        }
+    )
     return env
 
 
@@ -42,8 +50,14 @@ def _signals_default_in_child() -> None:
 
 
 def spawn(command: list[str], **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_signals_default_in_child, **kwargs)
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_signals_default_in_child,
+        **kwargs,
+    )
 
 
 def signal_when_ready(proc: subprocess.Popen, ready: Path, signum: int, timeout: float = 240) -> tuple[str, str]:
@@ -179,8 +193,9 @@ def test_handlers_that_other_code_installs_inside_keep_handlers_are_replaced_by_
     assert signal.getsignal(signal.SIGTERM) is like_ray_init
 
 
-def test_a_signal_during_the_output_swap_waits_until_the_new_output_is_in_place(previous_handler, tmp_path,
-                                                                                 monkeypatch):
+def test_a_signal_during_the_output_swap_waits_until_the_new_output_is_in_place(
+    previous_handler, tmp_path, monkeypatch
+):
     target = tmp_path / "out"
     target.mkdir()
     (target / "old.txt").write_text("old")
@@ -300,7 +315,10 @@ def test_a_killed_process_ends_its_nested_runs_killed_and_keeps_the_old_output(t
     parent_id, row_id, stage_id = json.loads(ready.read_text())
     runs = mlflow_runs(root / "mlflow.db")
     assert {run_id: run.info.status for run_id, run in runs.items()} == {
-        parent_id: "KILLED", row_id: "KILLED", stage_id: "KILLED"}
+        parent_id: "KILLED",
+        row_id: "KILLED",
+        stage_id: "KILLED",
+    }
     assert runs[row_id].data.tags["mlflow.parentRunId"] == parent_id
     assert runs[stage_id].data.tags["mlflow.parentRunId"] == row_id
     assert all(run.info.end_time for run in runs.values())
@@ -346,9 +364,27 @@ def test_dbert_prepare_stopped_by_a_signal_exits_128_plus_it_with_one_line(tmp_p
     (root / "data" / "prepared").mkdir(parents=True)
     (root / "data" / "prepared" / "meta.json").write_text("previous\n")
     ready = tmp_path / "ready"
-    command = [sys.executable, "-c", PAUSED_CLI, str(ready), "prepare", "--params", str(PARAMS), "--root", str(root),
-               "-S", "data.source=text_files", "-S", f"data.train_files=[{corpus}]", "-S",
-               f"data.test_files=[{corpus}]", "-S", "model.name_or_path=random", "-S", "data.max_seq_len=16"]
+    command = [
+        sys.executable,
+        "-c",
+        PAUSED_CLI,
+        str(ready),
+        "prepare",
+        "--params",
+        str(PARAMS),
+        "--root",
+        str(root),
+        "-S",
+        "data.source=text_files",
+        "-S",
+        f"data.train_files=[{corpus}]",
+        "-S",
+        f"data.test_files=[{corpus}]",
+        "-S",
+        "model.name_or_path=random",
+        "-S",
+        "data.max_seq_len=16",
+    ]
     proc = spawn(command, cwd=root, env=child_env(DBERT_PROJECT_ROOT=str(root)))
     out, err = signal_when_ready(proc, ready, signum)
 

@@ -70,8 +70,13 @@ def project(tmp_path_factory, lm1b_dir):
         "token_stats": token_stats.run(params, root),
         "schedule": schedule.run(params, root),
     }
-    state = {"root": root, "params": params, "summaries": summaries, "runs": runs_by_stage(root),
-             "digest": tree_digest(root / "data", root / "outputs" / "token_stats.json")}
+    state = {
+        "root": root,
+        "params": params,
+        "summaries": summaries,
+        "runs": runs_by_stage(root),
+        "digest": tree_digest(root / "data", root / "outputs" / "token_stats.json"),
+    }
     mp.undo()
     yield state
 
@@ -120,7 +125,10 @@ def test_each_stage_logs_one_mlflow_run_with_its_params_and_artifacts(project):
     assert artifact_paths(runs["prepare"][0]["run_id"], root) == {"meta.json"}
     assert artifact_paths(runs["token_stats"][0]["run_id"], root) == {"summary.json", "token_stats.json"}
     assert artifact_paths(runs["schedule"][0]["run_id"], root) == {
-        "schedule.json", "alpha_curves.csv", "alpha_curves.png"}
+        "schedule.json",
+        "alpha_curves.csv",
+        "alpha_curves.png",
+    }
 
 
 def test_a_failing_prepare_keeps_the_previous_output_and_leaves_nothing_half_written(tmp_path, monkeypatch):
@@ -165,8 +173,15 @@ def test_a_failing_schedule_check_writes_nothing(project, monkeypatch, tmp_path)
     before = tree_digest(root / "data" / "schedule")
 
     def broken(sched, progress=None):
-        return {"monotone": False, "endpoints_ok": True, "max_alpha_increase": 0.1, "worst_step": 7,
-                "worst_id": 1996, "alpha_0_max_error": 0.0, "alpha_T_max_error": 0.0}
+        return {
+            "monotone": False,
+            "endpoints_ok": True,
+            "max_alpha_increase": 0.1,
+            "worst_step": 7,
+            "worst_id": 1996,
+            "alpha_0_max_error": 0.0,
+            "alpha_T_max_error": 0.0,
+        }
 
     monkeypatch.setattr(checks, "check_monotone", broken)
     with pytest.raises(ScheduleError, match="step 7 for id 1996"):

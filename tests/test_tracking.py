@@ -18,6 +18,8 @@ from pipeline import lineage, project, tracking
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
+
+
 @pytest.fixture
 def clean_mlflow(clean_env, tmp_path, monkeypatch):
     """`clean_env`, with the cwd in tmp_path; yields the mlflow module."""
@@ -53,9 +55,7 @@ def git_repo(tmp_path) -> Path:
     return repo
 
 
-def test_a_stage_run_records_flattened_params_lineage_tags_metrics_and_an_artifact(
-    clean_mlflow, git_repo, monkeypatch
-):
+def test_a_stage_run_records_flattened_params_lineage_tags_metrics_and_an_artifact(clean_mlflow, git_repo, monkeypatch):
     from pipeline.config import load_params
 
     mlflow = clean_mlflow

@@ -22,8 +22,11 @@ def test_the_search_space_grids_time_designs_and_adds_lr_and_lambda_only_when_as
     assert search_space(params)["model.time_design"] == {"grid_search": ["none", "prefix"]}
 
     more = tiny_params("tune.time_designs=[none]", "tune.lrs=[1e-4, 3e-4]", "tune.spindle_lambdas=[0.1, 0.3]")
-    assert search_values(more) == {"model.time_design": ["none"], "train.lr": [1e-4, 3e-4],
-                                   "diffusion.spindle_lambda": [0.1, 0.3]}
+    assert search_values(more) == {
+        "model.time_design": ["none"],
+        "train.lr": [1e-4, 3e-4],
+        "diffusion.spindle_lambda": [0.1, 0.3],
+    }
 
     trial = trial_params(more, {"model.time_design": "none", "train.lr": 3e-4, "diffusion.spindle_lambda": 0.1})
     assert (trial.train.lr, trial.diffusion.spindle_lambda) == (3e-4, 0.1)
@@ -36,9 +39,7 @@ def test_a_spindle_lambda_that_breaks_monotonicity_is_refused_naming_the_limit()
         search_values(params)
 
 
-def test_a_two_trial_tune_writes_the_table_the_proposal_and_nested_mlflow_runs(
-    ray_cluster, layout, monkeypatch
-):
+def test_a_two_trial_tune_writes_the_table_the_proposal_and_nested_mlflow_runs(ray_cluster, layout, monkeypatch):
     import mlflow
 
     from pipeline import tracking
@@ -46,8 +47,12 @@ def test_a_two_trial_tune_writes_the_table_the_proposal_and_nested_mlflow_runs(
     monkeypatch.setenv("DBERT_PROJECT_ROOT", str(layout.root))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{layout.root / 'mlflow.db'}")
     params = tiny_params(
-        "tune.time_designs=[none, layerwise]", "tune.steps=4", "tune.grace_period=2", "tune.max_concurrent=2",
-        "train.num_workers=1", "train.cpus_per_worker=0.5",
+        "tune.time_designs=[none, layerwise]",
+        "tune.steps=4",
+        "tune.grace_period=2",
+        "tune.max_concurrent=2",
+        "train.num_workers=1",
+        "train.cpus_per_worker=0.5",
     )
     params_yaml_before = (layout.root / "params.yaml").exists()
     try:
@@ -77,8 +82,9 @@ def test_a_two_trial_tune_writes_the_table_the_proposal_and_nested_mlflow_runs(
 
         # nested MLflow runs: one per trial, under the parent, with the trial's params and metrics
         client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri())
-        children = client.search_runs([parent.info.experiment_id],
-                                      filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+        children = client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
+        )
         assert len(children) == 2
         assert {c.data.tags["trial_id"] for c in children} == {r["trial_id"] for r in outcome.table}
         for child in children:

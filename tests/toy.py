@@ -44,8 +44,13 @@ def centred_information() -> torch.Tensor:
 
 def toy_schedule(name: str, T: int, spindle_lambda: float | None = None):
     lam = min(max_spindle_lambda(T), 1.0) if spindle_lambda is None else spindle_lambda
-    return build_schedule(name, T, information=centred_information(), counts=unigram_counts(),
-                          spindle_lambda=min(lam, 0.3) if name == "spindle_paper" else lam)
+    return build_schedule(
+        name,
+        T,
+        information=centred_information(),
+        counts=unigram_counts(),
+        spindle_lambda=min(lam, 0.3) if name == "spindle_paper" else lam,
+    )
 
 
 def sequence(pair) -> torch.Tensor:

@@ -50,8 +50,14 @@ def paired_interval(a_runs: Sequence[dict], b_runs: Sequence[dict], metric: str 
     diffs = [r[metric] - b_by_seed[r["seed"]] for r in a_runs if r["seed"] in b_by_seed]
     mean, std = mean_std(diffs)
     half = t_quantile(len(diffs) - 1) * std / math.sqrt(len(diffs)) if len(diffs) > 1 else math.inf
-    return {"difference": mean, "low": mean - half, "high": mean + half, "n_a": len(diffs), "n_b": len(diffs),
-            "paired": True}
+    return {
+        "difference": mean,
+        "low": mean - half,
+        "high": mean + half,
+        "n_a": len(diffs),
+        "n_b": len(diffs),
+        "paired": True,
+    }
 
 
 def verdict_lower(interval: dict[str, float]) -> str:
@@ -131,8 +137,10 @@ def _bleu_cell(line: dict, metric: str) -> str:
 
 
 def markdown_table(lines: Sequence[dict], *, label: str) -> str:
-    header = ("| Row | Method | Init | Schedule | Time | PPL/word | PPL/token | BLEU | Self-BLEU | Entropy (bits) "
-              "| Train min |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    header = (
+        "| Row | Method | Init | Schedule | Time | PPL/word | PPL/token | BLEU | Self-BLEU | Entropy (bits) "
+        "| Train min |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
     body = []
     for line in lines:
         flags = " (LEAKY)" if line["leaky"] else ""
@@ -143,12 +151,14 @@ def markdown_table(lines: Sequence[dict], *, label: str) -> str:
             f"{_bleu_cell(line, 'self_bleu')} | {line['unigram_entropy_bits']:.2f} | {line['train_minutes']:.1f} |"
         )
     notes = [f"- `{line['row']}`: {line['note']}" for line in lines if line.get("note")]
-    caption = (f"{label} numbers. PPL: the bound on the test split, mean ± std over evaluation seeds (one "
-               "trained model), or one value per training seed (`a / b`) for rows trained twice; per token = "
-               "content WordPieces, per word = whitespace words of the scored text (a line cut at max_seq_len "
-               "counts only its kept words). BLEU-4: mean over samples of each sample's nltk corpus_bleu "
-               "against the whole test split, no smoothing (PAPER §7); Self-BLEU: mean over a disjoint sample "
-               "set of each sample against the others. Entropy: unigram entropy of the samples' words, in bits.")
+    caption = (
+        f"{label} numbers. PPL: the bound on the test split, mean ± std over evaluation seeds (one "
+        "trained model), or one value per training seed (`a / b`) for rows trained twice; per token = "
+        "content WordPieces, per word = whitespace words of the scored text (a line cut at max_seq_len "
+        "counts only its kept words). BLEU-4: mean over samples of each sample's nltk corpus_bleu "
+        "against the whole test split, no smoothing (PAPER §7); Self-BLEU: mean over a disjoint sample "
+        "set of each sample against the others. Entropy: unigram entropy of the samples' words, in bits."
+    )
     return caption + "\n\n" + header + "\n".join(body) + ("\n\n" + "\n".join(notes) if notes else "") + "\n"
 
 
@@ -164,8 +174,10 @@ def _pair(rows: dict[str, list[dict]], a: str, b: str) -> tuple[list[dict], list
 def training_spread(rows: dict[str, list[dict]], metric: str = "ppl_token") -> float | None:
     """The largest gap between two training seeds of one row (None without repeated rows): how
     far apart two trainings of the *same* configuration land."""
-    gaps = [max(v) - min(v) for v in ([r["evaluate"][f"{metric}_mean"] for r in runs]
-                                      for runs in rows.values() if len(runs) > 1)]
+    gaps = [
+        max(v) - min(v)
+        for v in ([r["evaluate"][f"{metric}_mean"] for r in runs] for runs in rows.values() if len(runs) > 1)
+    ]
     return max(gaps) if gaps else None
 
 
@@ -178,8 +190,14 @@ def _eval_comparison(a: dict, b: dict, spread: float | None = None) -> dict:
         interval = paired_interval(ea["runs"], eb["runs"])
     else:
         interval = {**difference_interval(eval_stats(a), eval_stats(b)), "paired": False}
-    out = {"a": a["key"], "b": b["key"], "covers": "evaluation seeds only", **interval,
-           "verdict": verdict_lower(interval), "training_seed_spread": spread}
+    out = {
+        "a": a["key"],
+        "b": b["key"],
+        "covers": "evaluation seeds only",
+        **interval,
+        "verdict": verdict_lower(interval),
+        "training_seed_spread": spread,
+    }
     if spread is not None and out["verdict"] != UNSURE and abs(interval["difference"]) < spread:
         out["eval_only_verdict"] = out["verdict"]
         out["verdict"] = UNSURE
@@ -214,12 +232,14 @@ def claim_bert_init(rows: dict[str, list[dict]]) -> dict:
         comparison["bert_lower_at_every_eval_step"] = bool(shared) and all(ca[s] < cb[s] for s in shared)
         random_final = cb[shared[-1]] if shared else None
         comparison["first_step_bert_reaches_random_final"] = next(
-            (s for s in shared if random_final is not None and ca[s] <= random_final), None)
+            (s for s in shared if random_final is not None and ca[s] <= random_final), None
+        )
         if comparison["verdict"] == HOLDS and not comparison["bert_lower_at_every_eval_step"]:
             comparison["verdict"] = UNSURE  # lower at the end but not faster all the way
         comparisons.append(comparison)
-    return _claim(1, "BERT initialisation converges faster and lower than random initialisation (same steps)",
-                  comparisons)
+    return _claim(
+        1, "BERT initialisation converges faster and lower than random initialisation (same steps)", comparisons
+    )
 
 
 def claim_spindle(rows: dict[str, list[dict]]) -> dict:
@@ -229,15 +249,26 @@ def claim_spindle(rows: dict[str, list[dict]]) -> dict:
     if pair is not None:
         spindle, linear = pair
         by_seed = {r["seed"]: r for r in linear}
-        comparisons = [_eval_comparison(s, by_seed[s["seed"]], training_spread(rows)) for s in spindle
-                       if s["seed"] in by_seed]
+        comparisons = [
+            _eval_comparison(s, by_seed[s["seed"]], training_spread(rows)) for s in spindle if s["seed"] in by_seed
+        ]
         if len(spindle) > 1 and len(linear) > 1:
             interval = difference_interval(train_seed_stats(spindle), train_seed_stats(linear))
-            comparisons.append({"a": "dbert_spindle_tad (all seeds)", "b": "dbert_linear_tad (all seeds)",
-                                "covers": "training seeds (each model's mean over evaluation seeds)",
-                                **interval, "verdict": verdict_lower(interval)})
-    return _claim(2, "Spindle beats the linear schedule (same model and budget), exact leak-free bound", comparisons,
-                  decisive=lambda c: c["covers"].startswith("training"))
+            comparisons.append(
+                {
+                    "a": "dbert_spindle_tad (all seeds)",
+                    "b": "dbert_linear_tad (all seeds)",
+                    "covers": "training seeds (each model's mean over evaluation seeds)",
+                    **interval,
+                    "verdict": verdict_lower(interval),
+                }
+            )
+    return _claim(
+        2,
+        "Spindle beats the linear schedule (same model and budget), exact leak-free bound",
+        comparisons,
+        decisive=lambda c: c["covers"].startswith("training"),
+    )
 
 
 def claim_tad(rows: dict[str, list[dict]]) -> dict:
@@ -251,8 +282,10 @@ def claim_tad(rows: dict[str, list[dict]]) -> dict:
         # "as good as or better": only a significantly worse TAD breaks it (and not by less than
         # two trainings of one configuration differ).
         if comparison["verdict"] == FAILS or comparison.get("eval_only_verdict") == FAILS:
-            decisive = comparison["training_seed_spread"] is None or comparison["difference"] >= comparison[
-                "training_seed_spread"]
+            decisive = (
+                comparison["training_seed_spread"] is None
+                or comparison["difference"] >= comparison["training_seed_spread"]
+            )
             comparison["verdict"] = FAILS if decisive else UNSURE
         comparisons.append(comparison)
     return _claim(3, "For the BERT-initialised model, TAD is as good as or better than LTE/PTE", comparisons)
@@ -269,24 +302,38 @@ def claim_steps(rows: dict[str, list[dict]]) -> dict:
         seconds = [r["seconds_per_sample"] for r in table]
         steps_pairs = []
         for lo, hi in zip(table, table[1:]):
-            interval = difference_interval((hi["ppl_token"], hi.get("ppl_token_std", 0.0), n),
-                                           (lo["ppl_token"], lo.get("ppl_token_std", 0.0), n))
-            steps_pairs.append({"from": lo["steps"], "to": hi["steps"], **interval,
-                                "verdict": verdict_lower(interval)})
+            interval = difference_interval(
+                (hi["ppl_token"], hi.get("ppl_token_std", 0.0), n), (lo["ppl_token"], lo.get("ppl_token_std", 0.0), n)
+            )
+            steps_pairs.append({"from": lo["steps"], "to": hi["steps"], **interval, "verdict": verdict_lower(interval)})
         faster = all(a < b for a, b in zip(seconds, seconds[1:]))
         any_worse = any(p["verdict"] == FAILS for p in steps_pairs)
-        ends = difference_interval((table[-1]["ppl_token"], table[-1].get("ppl_token_std", 0.0), n),
-                                   (table[0]["ppl_token"], table[0].get("ppl_token_std", 0.0), n))
-        verdict = HOLDS if faster and not any_worse and verdict_lower(ends) == HOLDS else (
-            FAILS if any_worse or not faster else UNSURE)
-        comparisons.append({
-            "a": runs[0]["key"], "b": "its own fewer-step chains", "covers": "evaluation seeds only",
-            "steps": [r["steps"] for r in table], "ppl_token": [r["ppl_token"] for r in table],
-            "ppl_token_std": [r.get("ppl_token_std") for r in table], "seconds_per_sample": seconds,
-            "bleu": [r.get("bleu") for r in table], "self_bleu": [r.get("self_bleu") for r in table],
-            "time_increases_with_steps": faster, "consecutive": steps_pairs, "most_vs_fewest": ends,
-            "verdict": verdict,
-        })
+        ends = difference_interval(
+            (table[-1]["ppl_token"], table[-1].get("ppl_token_std", 0.0), n),
+            (table[0]["ppl_token"], table[0].get("ppl_token_std", 0.0), n),
+        )
+        verdict = (
+            HOLDS
+            if faster and not any_worse and verdict_lower(ends) == HOLDS
+            else (FAILS if any_worse or not faster else UNSURE)
+        )
+        comparisons.append(
+            {
+                "a": runs[0]["key"],
+                "b": "its own fewer-step chains",
+                "covers": "evaluation seeds only",
+                "steps": [r["steps"] for r in table],
+                "ppl_token": [r["ppl_token"] for r in table],
+                "ppl_token_std": [r.get("ppl_token_std") for r in table],
+                "seconds_per_sample": seconds,
+                "bleu": [r.get("bleu") for r in table],
+                "self_bleu": [r.get("self_bleu") for r in table],
+                "time_increases_with_steps": faster,
+                "consecutive": steps_pairs,
+                "most_vs_fewest": ends,
+                "verdict": verdict,
+            }
+        )
     return _claim(4, "Fewer sampling steps trade quality for speed smoothly", comparisons)
 
 
@@ -316,21 +363,29 @@ def markdown_claims(claims: Sequence[dict]) -> str:
         out.append(f"{claim['claim']}. **{claim['text']}: {claim['verdict']}.**")
         for c in claim["comparisons"]:
             if "consecutive" in c:
-                cells = ", ".join(f"{s}: {p:.1f}±{(sd or 0):.1f} ({t:.2f} s)" for s, p, sd, t in
-                                  zip(c["steps"], c["ppl_token"], c["ppl_token_std"], c["seconds_per_sample"]))
-                out.append(f"   - `{c['a']}` steps → PPL/token ± eval-seed std (s/sample): {cells}; "
-                           f"most minus fewest steps {_fmt_interval(c['most_vs_fewest'])}; "
-                           f"time rises with steps: {c['time_increases_with_steps']} → {c['verdict']}")
+                cells = ", ".join(
+                    f"{s}: {p:.1f}±{(sd or 0):.1f} ({t:.2f} s)"
+                    for s, p, sd, t in zip(c["steps"], c["ppl_token"], c["ppl_token_std"], c["seconds_per_sample"])
+                )
+                out.append(
+                    f"   - `{c['a']}` steps → PPL/token ± eval-seed std (s/sample): {cells}; "
+                    f"most minus fewest steps {_fmt_interval(c['most_vs_fewest'])}; "
+                    f"time rises with steps: {c['time_increases_with_steps']} → {c['verdict']}"
+                )
                 continue
             how = f"paired over {c['n_a']} evaluation seeds" if c.get("paired") else f"n={c['n_a']}+{c['n_b']}"
             line = f"   - `{c['a']}` − `{c['b']}` PPL/token: {_fmt_interval(c)} (95%, {c['covers']}, {how}) → {c['verdict']}"
             if c.get("eval_only_verdict"):
-                line += (f" (against evaluation noise alone: {c['eval_only_verdict']}, but the gap is smaller than "
-                         f"the {c['training_seed_spread']:.1f} between two training seeds of one row)")
+                line += (
+                    f" (against evaluation noise alone: {c['eval_only_verdict']}, but the gap is smaller than "
+                    f"the {c['training_seed_spread']:.1f} between two training seeds of one row)"
+                )
             if "bert_lower_at_every_eval_step" in c:
-                line += (f"; validation bound (nats/token) at the start {c['start_val_bound_bert']:.2f} vs "
-                         f"{c['start_val_bound_random']:.2f}, then lower at every later eval step: "
-                         f"{c['bert_lower_at_every_eval_step']}; "
-                         f"BERT reaches random's final validation bound at step {c['first_step_bert_reaches_random_final']}")
+                line += (
+                    f"; validation bound (nats/token) at the start {c['start_val_bound_bert']:.2f} vs "
+                    f"{c['start_val_bound_random']:.2f}, then lower at every later eval step: "
+                    f"{c['bert_lower_at_every_eval_step']}; "
+                    f"BERT reaches random's final validation bound at step {c['first_step_bert_reaches_random_final']}"
+                )
             out.append(line)
     return "\n".join(out) + "\n"

@@ -30,30 +30,91 @@ class RowSpec:
     note: str = ""
 
 
-ROWS: dict[str, RowSpec] = {spec.name: spec for spec in (
-    RowSpec("d3pm_linear_lte", "D3PM", "random", "linear", "LTE",
-            {"model.random_init": True, "model.time_design": "layerwise", "diffusion.schedule": "linear"}),
-    RowSpec("d3pm_linear_tad", "D3PM", "random", "linear", "TAD",
-            {"model.random_init": True, "model.time_design": "none", "diffusion.schedule": "linear"}),
-    RowSpec("bert_mouth", "BERT-Mouth", "BERT", "-", "-",
-            {"train.objective": "mlm", "evaluate.sampler": "gibbs", "model.time_design": "none",
-             "diffusion.schedule": "linear"},
-            note="plain MLM fine-tune of the same encoder and budget, Gibbs sampling; bound on the linear chain"),
-    RowSpec("dbert_linear_lte", "DiffusionBERT", "BERT", "linear", "LTE",
-            {"model.time_design": "layerwise", "diffusion.schedule": "linear"}),
-    RowSpec("dbert_linear_pte", "DiffusionBERT", "BERT", "linear", "PTE",
-            {"model.time_design": "prefix", "diffusion.schedule": "linear"}),
-    RowSpec("dbert_linear_tad", "DiffusionBERT", "BERT", "linear", "TAD",
-            {"model.time_design": "none", "diffusion.schedule": "linear"}),
-    RowSpec("dbert_spindle_tad", "DiffusionBERT", "BERT", "spindle", "TAD",
-            {"model.time_design": "none", "diffusion.schedule": "spindle"}),
-    RowSpec("dbert_spindle_paper_tad", "DiffusionBERT", "BERT", "spindle_paper", "TAD",
+ROWS: dict[str, RowSpec] = {
+    spec.name: spec
+    for spec in (
+        RowSpec(
+            "d3pm_linear_lte",
+            "D3PM",
+            "random",
+            "linear",
+            "LTE",
+            {"model.random_init": True, "model.time_design": "layerwise", "diffusion.schedule": "linear"},
+        ),
+        RowSpec(
+            "d3pm_linear_tad",
+            "D3PM",
+            "random",
+            "linear",
+            "TAD",
+            {"model.random_init": True, "model.time_design": "none", "diffusion.schedule": "linear"},
+        ),
+        RowSpec(
+            "bert_mouth",
+            "BERT-Mouth",
+            "BERT",
+            "-",
+            "-",
+            {
+                "train.objective": "mlm",
+                "evaluate.sampler": "gibbs",
+                "model.time_design": "none",
+                "diffusion.schedule": "linear",
+            },
+            note="plain MLM fine-tune of the same encoder and budget, Gibbs sampling; bound on the linear chain",
+        ),
+        RowSpec(
+            "dbert_linear_lte",
+            "DiffusionBERT",
+            "BERT",
+            "linear",
+            "LTE",
+            {"model.time_design": "layerwise", "diffusion.schedule": "linear"},
+        ),
+        RowSpec(
+            "dbert_linear_pte",
+            "DiffusionBERT",
+            "BERT",
+            "linear",
+            "PTE",
+            {"model.time_design": "prefix", "diffusion.schedule": "linear"},
+        ),
+        RowSpec(
+            "dbert_linear_tad",
+            "DiffusionBERT",
+            "BERT",
+            "linear",
+            "TAD",
+            {"model.time_design": "none", "diffusion.schedule": "linear"},
+        ),
+        RowSpec(
+            "dbert_spindle_tad",
+            "DiffusionBERT",
+            "BERT",
+            "spindle",
+            "TAD",
+            {"model.time_design": "none", "diffusion.schedule": "spindle"},
+        ),
+        RowSpec(
+            "dbert_spindle_paper_tad",
+            "DiffusionBERT",
+            "BERT",
+            "spindle_paper",
+            "TAD",
             {"model.time_design": "none", "diffusion.schedule": "spindle_paper"},
-            note="LEAKY: the authors' per-sentence spindle; its bound is not a valid likelihood bound"),
-    RowSpec("dbert_spindle_tad_packed", "DiffusionBERT", "BERT", "spindle", "TAD",
+            note="LEAKY: the authors' per-sentence spindle; its bound is not a valid likelihood bound",
+        ),
+        RowSpec(
+            "dbert_spindle_tad_packed",
+            "DiffusionBERT",
+            "BERT",
+            "spindle",
+            "TAD",
             {"model.time_design": "none", "diffusion.schedule": "spindle", "train.packed": True},
-            note="PACKED: trained and scored on 64-WordPiece rows cut across sentences; not comparable"),
-)}
+            note="PACKED: trained and scored on 64-WordPiece rows cut across sentences; not comparable",
+        ),
+    )
+}
 assert set(ROWS) == set(ABLATION_ROWS), "pipeline.config.ABLATION_ROWS and ROWS must name the same rows"
 
 
@@ -91,9 +152,16 @@ class RowRun:
     def tags(self) -> dict[str, str]:
         """The row's MLflow tags: the paper's columns, the training seed, the fingerprint."""
         spec = self.row
-        return {"ablation_row": spec.name, "training_seed": str(self.seed), "method": spec.method,
-                "init": spec.init, "schedule": spec.schedule, "time": spec.time, "fingerprint": self.fingerprint,
-                **({"note": spec.note} if spec.note else {})}
+        return {
+            "ablation_row": spec.name,
+            "training_seed": str(self.seed),
+            "method": spec.method,
+            "init": spec.init,
+            "schedule": spec.schedule,
+            "time": spec.time,
+            "fingerprint": self.fingerprint,
+            **({"note": spec.note} if spec.note else {}),
+        }
 
 
 def digest(obj: Any) -> str:
@@ -118,8 +186,13 @@ def row_params(base: Params, row: RowSpec, seed: int) -> Params:
         **row.overrides,
     }
     if row.name in ab.detail_rows and seed == ab.seeds[0]:
-        overrides.update({"evaluate.table_sequences": ab.table_sequences,
-                          "evaluate.table_samples": ab.detail_samples, "evaluate.qd_samples": ab.detail_samples})
+        overrides.update(
+            {
+                "evaluate.table_sequences": ab.table_sequences,
+                "evaluate.table_samples": ab.detail_samples,
+                "evaluate.qd_samples": ab.detail_samples,
+            }
+        )
     else:
         overrides.update({"evaluate.table_steps": [], "evaluate.qd_top_k": []})
     return with_values(base, overrides)

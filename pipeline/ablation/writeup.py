@@ -27,15 +27,28 @@ def build_report(params: Params, results: list[dict], parent_run_id: str) -> dic
         "mlflow_parent_run_id": parent_run_id,
         "git_commit": git_commit(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "budget": {"train_steps": ab.train_steps, "batch_size": params.train.batch_size, "lr": params.train.lr,
-                   "precision": params.train.precision, "model": params.model.name_or_path,
-                   "max_seq_len": params.data.max_seq_len, "training_seeds": ab.seeds,
-                   "repeat_rows": ab.repeat_rows,
-                   "evaluation": {**evaluation_settings(params), "seeds": ev.seeds, "split": "test",
-                                  "sample_steps": ev.sample_steps, "top_k": ev.top_k,
-                                  "detail_rows": ab.detail_rows, "table_steps": ev.table_steps,
-                                  "table_sequences": ab.table_sequences, "detail_samples": ab.detail_samples,
-                                  "qd_top_k": ev.qd_top_k}},
+        "budget": {
+            "train_steps": ab.train_steps,
+            "batch_size": params.train.batch_size,
+            "lr": params.train.lr,
+            "precision": params.train.precision,
+            "model": params.model.name_or_path,
+            "max_seq_len": params.data.max_seq_len,
+            "training_seeds": ab.seeds,
+            "repeat_rows": ab.repeat_rows,
+            "evaluation": {
+                **evaluation_settings(params),
+                "seeds": ev.seeds,
+                "split": "test",
+                "sample_steps": ev.sample_steps,
+                "top_k": ev.top_k,
+                "detail_rows": ab.detail_rows,
+                "table_steps": ev.table_steps,
+                "table_sequences": ab.table_sequences,
+                "detail_samples": ab.detail_samples,
+                "qd_top_k": ev.qd_top_k,
+            },
+        },
         "table": table_rows(results),
         "claims": check_claims(results),
         "rows": results,
@@ -55,34 +68,63 @@ def write_report(report: dict, directory: Path) -> None:
     """report.json, report.md and the two plots (validation curves, quality vs diversity)."""
     write_json(report, directory / "report.json")
     curves = {r["key"]: (r["train"]["curve"]["step"], r["train"]["curve"]["val_bound"]) for r in report["rows"]}
-    curves_plot(directory / "curves.png", curves, xlabel="optimizer step", ylabel="validation bound (nats/token)",
-                title=f"{report['label']}: validation bound per row ({report['budget']['train_steps']} steps each)")
+    curves_plot(
+        directory / "curves.png",
+        curves,
+        xlabel="optimizer step",
+        ylabel="validation bound (nats/token)",
+        title=f"{report['label']}: validation bound per row ({report['budget']['train_steps']} steps each)",
+    )
     groups: dict[str, list[dict]] = {
         f"rows (top-k {report['budget']['evaluation']['top_k']})": [
             {"bleu": r["evaluate"]["bleu"], "self_bleu": r["evaluate"]["self_bleu"], "label": r["key"]}
-            for r in report["rows"]]}
+            for r in report["rows"]
+        ]
+    }
     for r in report["rows"]:
         if r["evaluate"]["quality_diversity"]:
             groups[f"{r['key']}: top-k sweep"] = [
                 {"bleu": p["bleu"], "self_bleu": p["self_bleu"], "label": f"k={p['top_k'] or 'all'}"}
-                for p in r["evaluate"]["quality_diversity"]]
-    quality_diversity_groups(directory / "quality_diversity.png", groups, joined=[g for g in groups if "sweep" in g],
-                             title=f"{report['label']}: quality vs diversity (per-sample BLEU-4)")
+                for p in r["evaluate"]["quality_diversity"]
+            ]
+    quality_diversity_groups(
+        directory / "quality_diversity.png",
+        groups,
+        joined=[g for g in groups if "sweep" in g],
+        title=f"{report['label']}: quality vs diversity (per-sample BLEU-4)",
+    )
     write_file_atomic(directory / "report.md", markdown(report))
 
 
 def markdown(report: dict) -> str:
     """report.md: budget, table, the claims with their intervals, the plots, the MLflow run ids."""
     budget = report["budget"]
-    text = [f"# Ablation ({report['label']})", "",
-            f"Command: `{report['command']}`; MLflow parent run `{report['mlflow_parent_run_id']}`; "
-            f"commit `{report['git_commit']}`.", "",
-            f"Budget per row: {budget['train_steps']} optimizer steps, batch "
-            f"{budget['batch_size']}, lr {budget['lr']}, model `{budget['model']}`.", "",
-            markdown_table(report["table"], label=report["label"]), "## The claims of PAPER §8", "",
-            markdown_claims(report["claims"]), "![curves](curves.png)", "",
-            "![quality-diversity](quality_diversity.png)", "", "## MLflow runs", "",
-            "| Row | row run | train run | evaluate run |", "|---|---|---|---|",
-            *[f"| `{r['key']}` | `{r['mlflow']['row']}` | `{r['mlflow'].get('train', '-')}` | "
-              f"`{r['mlflow'].get('evaluate', '-')}` |" for r in report["rows"]], ""]
+    text = [
+        f"# Ablation ({report['label']})",
+        "",
+        f"Command: `{report['command']}`; MLflow parent run `{report['mlflow_parent_run_id']}`; "
+        f"commit `{report['git_commit']}`.",
+        "",
+        f"Budget per row: {budget['train_steps']} optimizer steps, batch "
+        f"{budget['batch_size']}, lr {budget['lr']}, model `{budget['model']}`.",
+        "",
+        markdown_table(report["table"], label=report["label"]),
+        "## The claims of PAPER §8",
+        "",
+        markdown_claims(report["claims"]),
+        "![curves](curves.png)",
+        "",
+        "![quality-diversity](quality_diversity.png)",
+        "",
+        "## MLflow runs",
+        "",
+        "| Row | row run | train run | evaluate run |",
+        "|---|---|---|---|",
+        *[
+            f"| `{r['key']}` | `{r['mlflow']['row']}` | `{r['mlflow'].get('train', '-')}` | "
+            f"`{r['mlflow'].get('evaluate', '-')}` |"
+            for r in report["rows"]
+        ],
+        "",
+    ]
     return "\n".join(text)

@@ -92,8 +92,10 @@ def require_passed(report: dict, schedule: Schedule) -> None:
     else ScheduleError (train never trains on a schedule nobody checked)."""
     wanted = schedule.describe()
     if report.get("schedule") != wanted:
-        raise ScheduleError(f"data/schedule/schedule.json describes {report.get('schedule')} but the params give "
-                            f"{wanted}; run `dbert schedule` first")
+        raise ScheduleError(
+            f"data/schedule/schedule.json describes {report.get('schedule')} but the params give "
+            f"{wanted}; run `dbert schedule` first"
+        )
     check = report.get("monotonicity", {})
     if not (check.get("monotone") and check.get("endpoints_ok")):
         raise ScheduleError(f"the schedule {wanted} failed its monotonicity check; see data/schedule/schedule.json")
@@ -104,8 +106,9 @@ def probe_tokens(summary: dict, h: np.ndarray) -> list[dict]:
     rows = []
     for role in ("least_informative", "most_informative"):
         for row in summary.get(role, [])[:TOKENS_PER_SIDE]:
-            rows.append({"role": role, "id": int(row["id"]), "token": str(row["token"]),
-                         "h": _round(float(h[row["id"]]))})
+            rows.append(
+                {"role": role, "id": int(row["id"]), "token": str(row["token"]), "h": _round(float(h[row["id"]]))}
+            )
     return rows
 
 
@@ -146,8 +149,9 @@ def alpha_curves(schedule: Schedule, tokens: list[dict]) -> AlphaCurves:
         names = [f"{schedule.name}[{row['token']}]" for row in tokens]
     else:
         names = [schedule.name]
-    return AlphaCurves(t=grid, linear=[1.0 - t / T for t in grid],
-                       curves={name: list(alphas[:, i]) for i, name in enumerate(names)})
+    return AlphaCurves(
+        t=grid, linear=[1.0 - t / T for t in grid], curves={name: list(alphas[:, i]) for i, name in enumerate(names)}
+    )
 
 
 def _per_token(schedule: Schedule, tokens: list[dict], columns: int) -> bool:
@@ -163,8 +167,10 @@ def schedule_report(schedule: Schedule, check: dict, tokens: list[dict]) -> dict
     probe_t = sorted({round(T * f) for f in PROBE_FRACTIONS})
     probe = alpha_columns(schedule, probe_t, [row["id"] for row in tokens])
     per_token = _per_token(schedule, tokens, probe.shape[1])
-    tokens = [{**row, "alpha": {str(t): _round(float(a)) for t, a in zip(probe_t, probe[:, i if per_token else 0])}}
-              for i, row in enumerate(tokens)]
+    tokens = [
+        {**row, "alpha": {str(t): _round(float(a)) for t, a in zip(probe_t, probe[:, i if per_token else 0])}}
+        for i, row in enumerate(tokens)
+    ]
     spread = schedule.token_spread()
     return {
         "schedule": schedule.describe(),

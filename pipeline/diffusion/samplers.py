@@ -40,7 +40,9 @@ class SampleOutput:
     trace: list[int] = field(default_factory=list)  # masked positions left after each step
 
 
-def initial_canvas(lengths: Sequence[int] | Tensor, special: SpecialIds, cls_id: int, sep_id: int) -> tuple[Tensor, Tensor]:
+def initial_canvas(
+    lengths: Sequence[int] | Tensor, special: SpecialIds, cls_id: int, sep_id: int
+) -> tuple[Tensor, Tensor]:
     """[CLS] [MASK]*n [SEP] [PAD]... for each content length n: (ids [B, L], attention [B, L])."""
     lengths = torch.as_tensor(lengths, dtype=torch.long)
     if (lengths < 1).any():
@@ -240,6 +242,7 @@ def gibbs_sample(
 
 def decode(tokens: Tensor, tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """Sample ids -> text without special tokens."""
-    texts: list[str] = tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True,
-                                              clean_up_tokenization_spaces=True)
+    texts: list[str] = tokenizer.batch_decode(
+        tokens.tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=True
+    )
     return texts

@@ -75,9 +75,7 @@ class Schedule(ABC):
         s = self._fraction(t, context)
         return self._dalpha(s, context)
 
-    def reveal_probability(
-        self, t: Tensor, s: Tensor, context: tuple[Tensor, Tensor] | None = None
-    ) -> Tensor:
+    def reveal_probability(self, t: Tensor, s: Tensor, context: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """a(v) = (alpha_s(v) - alpha_t(v)) / (1 - alpha_t(v)): chance a masked v is revealed
         when stepping from t to s < t. [B, V] or [B, 1], float64. Where alpha_t(v) = 1 no token
         v can be masked, so a = 1 there (keeps 0/0 out of the bound)."""
@@ -261,8 +259,6 @@ class SpindlePaperSchedule(Schedule):
 
     def token_spread(self) -> float:
         return self.spindle_lambda * float((self.w - self.corpus_mean).abs().max())
-
-
 
 
 def build_schedule(

@@ -124,8 +124,17 @@ def perplexity_bound(
     """The bound for each seed, plus mean and std over seeds of each perplexity."""
     runs = []
     for seed in seeds:
-        nll = bound_per_sequence(denoiser, split, schedule, special, num_steps=num_steps, seed=seed,
-                                 batch_size=batch_size, device=device, progress=progress)
+        nll = bound_per_sequence(
+            denoiser,
+            split,
+            schedule,
+            special,
+            num_steps=num_steps,
+            seed=seed,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+        )
         runs.append({"seed": seed, **perplexity_report(nll, split, length_log_probs)})
     summary: dict[str, Any] = {
         "schedule": schedule.describe(),

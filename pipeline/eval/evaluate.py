@@ -42,7 +42,9 @@ def corpus_label(params: Params) -> str:
     return "LM1B-sample" if params.data.source == "lm1b_mirror" else params.data.source
 
 
-def evaluate_model(params: Params, layout: Layout, model_dir: str | Path, progress: ProgressCallback | None = None) -> dict:
+def evaluate_model(
+    params: Params, layout: Layout, model_dir: str | Path, progress: ProgressCallback | None = None
+) -> dict:
     """Bound (per token and per word, over `evaluate.seeds`) and generation metrics."""
     ev = params.evaluate
     settings = evaluation_settings(params)
@@ -65,8 +67,14 @@ def evaluate_model(params: Params, layout: Layout, model_dir: str | Path, progre
     start = time.perf_counter()
     with torch.no_grad():
         bound = perplexity_bound(
-            denoise, scored, schedule, special, num_steps=settings["bound_steps"], seeds=tuple(ev.seeds),
-            batch_size=ev.batch_size, length_log_probs=length_lp,
+            denoise,
+            scored,
+            schedule,
+            special,
+            num_steps=settings["bound_steps"],
+            seeds=tuple(ev.seeds),
+            batch_size=ev.batch_size,
+            length_log_probs=length_lp,
             progress=tick("bound", len(scored) * len(ev.seeds)),
         )
     bound["seconds"] = time.perf_counter() - start
@@ -81,23 +89,46 @@ def evaluate_model(params: Params, layout: Layout, model_dir: str | Path, progre
     lengths = fixed_or_sampled_lengths(2 * n, ev.sample_length, histogram, ev.sample_seed)
     start = time.perf_counter()
     gen = generate(
-        model, tokenizer, schedule, lengths=lengths, steps=ev.sample_steps, top_k=ev.top_k, top_p=ev.top_p,
-        temperature=ev.temperature, seed=ev.sample_seed, batch_size=ev.batch_size, denoiser=denoise,
-        sampler=ev.sampler, gibbs_sweeps=ev.gibbs_sweeps, progress=tick("generate", 2 * n),
+        model,
+        tokenizer,
+        schedule,
+        lengths=lengths,
+        steps=ev.sample_steps,
+        top_k=ev.top_k,
+        top_p=ev.top_p,
+        temperature=ev.temperature,
+        seed=ev.sample_seed,
+        batch_size=ev.batch_size,
+        denoiser=denoise,
+        sampler=ev.sampler,
+        gibbs_sweeps=ev.gibbs_sweeps,
+        progress=tick("generate", 2 * n),
     )
     samples, self_bleu_set = gen.texts[:n], gen.texts[n:]
     quality = generation_metrics(samples, references, self_bleu_samples=self_bleu_set)
-    quality.update({
-        "references": "the whole test split" if len(references) == len(test_lines) else
-                      f"the first {len(references)} test lines",
-        "model_calls_per_sample": gen.row_calls / max(len(lengths), 1),
-        "seconds_per_sample": gen.seconds / max(len(lengths), 1),
-        "sample_steps": ev.sample_steps,
-        "lengths": "fixed" if ev.sample_length > 0 else "sampled from the training length histogram",
-        "bleu_tokenization": TOKENIZATION,
-    })
-    extra = dict(model=model, tokenizer=tokenizer, schedule=schedule, special=special, denoise=denoise,
-                 test=test, histogram=histogram, references=references, params=params)
+    quality.update(
+        {
+            "references": "the whole test split"
+            if len(references) == len(test_lines)
+            else f"the first {len(references)} test lines",
+            "model_calls_per_sample": gen.row_calls / max(len(lengths), 1),
+            "seconds_per_sample": gen.seconds / max(len(lengths), 1),
+            "sample_steps": ev.sample_steps,
+            "lengths": "fixed" if ev.sample_length > 0 else "sampled from the training length histogram",
+            "bleu_tokenization": TOKENIZATION,
+        }
+    )
+    extra = dict(
+        model=model,
+        tokenizer=tokenizer,
+        schedule=schedule,
+        special=special,
+        denoise=denoise,
+        test=test,
+        histogram=histogram,
+        references=references,
+        params=params,
+    )
     steps_table = steps_quality_table(**extra, progress=tick("steps table", len(ev.table_steps)))
     qd_curve = quality_diversity_curve(**extra, progress=tick("quality-diversity", len(ev.qd_top_k)))
     return {
@@ -108,8 +139,14 @@ def evaluate_model(params: Params, layout: Layout, model_dir: str | Path, progre
         "leaky": schedule.leaky,
         "model_dir": str(model_dir),
         "time_design": model.config.time_design,
-        "settings": {**settings, "seeds": list(ev.seeds), "num_timesteps": schedule.num_timesteps, "precision": precision,
-                     "full": ev.full, "split": "test"},
+        "settings": {
+            **settings,
+            "seeds": list(ev.seeds),
+            "num_timesteps": schedule.num_timesteps,
+            "precision": precision,
+            "full": ev.full,
+            "split": "test",
+        },
         "bound": bound,
         "generation": quality,
         "samples": samples,
@@ -138,32 +175,73 @@ def _initial_model_bound(params: Params, schedule, test, special, settings: dict
 
     initial = build_model(params, schedule).eval()
     with torch.no_grad():
-        report = perplexity_bound(_with_precision(initial.denoise, precision), test, schedule, special, num_steps=settings["bound_steps"],
-                                  seeds=(params.evaluate.seeds[0],), batch_size=params.evaluate.batch_size,
-                                  length_log_probs=length_lp)
+        report = perplexity_bound(
+            _with_precision(initial.denoise, precision),
+            test,
+            schedule,
+            special,
+            num_steps=settings["bound_steps"],
+            seeds=(params.evaluate.seeds[0],),
+            batch_size=params.evaluate.batch_size,
+            length_log_probs=length_lp,
+        )
     return report["runs"][0]
 
 
-def _samples_quality(model, tokenizer, schedule, denoise, histogram, references, params: Params, *, n: int,
-                     steps: int, top_k: int, seed: int) -> dict:
+def _samples_quality(
+    model,
+    tokenizer,
+    schedule,
+    denoise,
+    histogram,
+    references,
+    params: Params,
+    *,
+    n: int,
+    steps: int,
+    top_k: int,
+    seed: int,
+) -> dict:
     """BLEU / Self-BLEU of two disjoint sets of n samples, and their cost."""
     ev = params.evaluate
     lengths = fixed_or_sampled_lengths(2 * n, ev.sample_length, histogram, seed)
-    gen = generate(model, tokenizer, schedule, lengths=lengths, steps=steps, top_k=top_k, top_p=ev.top_p,
-                   temperature=ev.temperature, seed=seed, batch_size=ev.batch_size, denoiser=denoise,
-                   sampler=ev.sampler, gibbs_sweeps=ev.gibbs_sweeps)
+    gen = generate(
+        model,
+        tokenizer,
+        schedule,
+        lengths=lengths,
+        steps=steps,
+        top_k=top_k,
+        top_p=ev.top_p,
+        temperature=ev.temperature,
+        seed=seed,
+        batch_size=ev.batch_size,
+        denoiser=denoise,
+        sampler=ev.sampler,
+        gibbs_sweeps=ev.gibbs_sweeps,
+    )
     quality = generation_metrics(gen.texts[:n], references, self_bleu_samples=gen.texts[n:])
-    kept = ("bleu", "bleu_measured", "bleu_p4", "self_bleu", "self_bleu_measured", "self_bleu_p4", "unigram_entropy_bits",
-            "num_references")
+    kept = (
+        "bleu",
+        "bleu_measured",
+        "bleu_p4",
+        "self_bleu",
+        "self_bleu_measured",
+        "self_bleu_p4",
+        "unigram_entropy_bits",
+        "num_references",
+    )
     return {
         **{k: quality[k] for k in kept},
-        "model_calls_per_sample": gen.row_calls / len(lengths), "seconds_per_sample": gen.seconds / len(lengths),
+        "model_calls_per_sample": gen.row_calls / len(lengths),
+        "seconds_per_sample": gen.seconds / len(lengths),
         "num_samples": n,
     }
 
 
-def steps_quality_table(*, model, tokenizer, schedule, special, denoise, test, histogram, references, params: Params,
-                        progress=None) -> list[dict]:
+def steps_quality_table(
+    *, model, tokenizer, schedule, special, denoise, test, histogram, references, params: Params, progress=None
+) -> list[dict]:
     """PAPER Table 3 at this scale: for each number of reverse steps, the bound of that step
     chain (first `table_sequences` test sentences, mean and std over `evaluate.seeds`) and the
     quality, calls and time of samples drawn with the same steps."""
@@ -172,29 +250,63 @@ def steps_quality_table(*, model, tokenizer, schedule, special, denoise, test, h
     rows = []
     for steps in ev.table_steps:
         with torch.no_grad():
-            bound = perplexity_bound(denoise, subset, schedule, special, num_steps=steps, seeds=tuple(ev.seeds),
-                                     batch_size=ev.batch_size)
-        row = {"steps": min(steps, schedule.num_timesteps), "ppl_token": bound["ppl_token_mean"],
-               "ppl_token_std": bound["ppl_token_std"], "ppl_word": bound["ppl_word_mean"],
-               "ppl_word_std": bound["ppl_word_std"], "seeds": list(ev.seeds), "bound_sequences": len(subset)}
-        row.update(_samples_quality(model, tokenizer, schedule, denoise, histogram, references, params,
-                                    n=ev.table_samples, steps=steps, top_k=ev.top_k, seed=ev.sample_seed + 1))
+            bound = perplexity_bound(
+                denoise, subset, schedule, special, num_steps=steps, seeds=tuple(ev.seeds), batch_size=ev.batch_size
+            )
+        row = {
+            "steps": min(steps, schedule.num_timesteps),
+            "ppl_token": bound["ppl_token_mean"],
+            "ppl_token_std": bound["ppl_token_std"],
+            "ppl_word": bound["ppl_word_mean"],
+            "ppl_word_std": bound["ppl_word_std"],
+            "seeds": list(ev.seeds),
+            "bound_sequences": len(subset),
+        }
+        row.update(
+            _samples_quality(
+                model,
+                tokenizer,
+                schedule,
+                denoise,
+                histogram,
+                references,
+                params,
+                n=ev.table_samples,
+                steps=steps,
+                top_k=ev.top_k,
+                seed=ev.sample_seed + 1,
+            )
+        )
         rows.append(row)
         if progress is not None:
             progress(1)
     return rows
 
 
-def quality_diversity_curve(*, model, tokenizer, schedule, special, denoise, test, histogram, references,
-                            params: Params, progress=None) -> list[dict]:
+def quality_diversity_curve(
+    *, model, tokenizer, schedule, special, denoise, test, histogram, references, params: Params, progress=None
+) -> list[dict]:
     """BLEU (quality) against Self-BLEU (diversity) as top-k varies, at `sample_steps` steps."""
     del special, test
     ev = params.evaluate
     points = []
     for top_k in ev.qd_top_k:
         point = {"top_k": top_k}
-        point.update(_samples_quality(model, tokenizer, schedule, denoise, histogram, references, params,
-                                      n=ev.qd_samples, steps=ev.sample_steps, top_k=top_k, seed=ev.sample_seed + 2))
+        point.update(
+            _samples_quality(
+                model,
+                tokenizer,
+                schedule,
+                denoise,
+                histogram,
+                references,
+                params,
+                n=ev.qd_samples,
+                steps=ev.sample_steps,
+                top_k=top_k,
+                seed=ev.sample_seed + 2,
+            )
+        )
         points.append(point)
         if progress is not None:
             progress(1)
@@ -212,8 +324,13 @@ def summary_metrics(report: dict) -> dict:
     out["bound.num_words"] = b["runs"][0]["num_words"]
     out["bound.num_tokens"] = b["runs"][0]["num_tokens"]
     # flags as 0/1 so MLflow can chart them; a BLEU with no shared 4-gram is no measurement
-    out.update({f"generation.{k}": float(v) if isinstance(v, bool) else v for k, v in g.items()
-                if isinstance(v, (int, float)) and (not isinstance(v, bool) or k.endswith("_measured"))})
+    out.update(
+        {
+            f"generation.{k}": float(v) if isinstance(v, bool) else v
+            for k, v in g.items()
+            if isinstance(v, (int, float)) and (not isinstance(v, bool) or k.endswith("_measured"))
+        }
+    )
     return out
 
 

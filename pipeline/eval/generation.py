@@ -59,13 +59,33 @@ def generate(
         chunk_seed = seed * 1_000_003 + start
         if sampler == "ancestral":
             out: SampleOutput = ancestral_sample(
-                denoise, schedule, chunk, special, tokenizer.cls_token_id, tokenizer.sep_token_id, grid=grid,
-                top_k=top_k, top_p=top_p, temperature=temperature, seed=chunk_seed, cache=use_cache, device=device,
+                denoise,
+                schedule,
+                chunk,
+                special,
+                tokenizer.cls_token_id,
+                tokenizer.sep_token_id,
+                grid=grid,
+                top_k=top_k,
+                top_p=top_p,
+                temperature=temperature,
+                seed=chunk_seed,
+                cache=use_cache,
+                device=device,
             )
         elif sampler == "gibbs":
             out = gibbs_sample(
-                denoise, chunk, special, tokenizer.cls_token_id, tokenizer.sep_token_id, sweeps=gibbs_sweeps,
-                top_k=top_k, top_p=top_p, temperature=temperature, seed=chunk_seed, device=device,
+                denoise,
+                chunk,
+                special,
+                tokenizer.cls_token_id,
+                tokenizer.sep_token_id,
+                sweeps=gibbs_sweeps,
+                top_k=top_k,
+                top_p=top_p,
+                temperature=temperature,
+                seed=chunk_seed,
+                device=device,
             )
         else:
             raise ValueError(f"unknown sampler {sampler!r}; choose ancestral or gibbs")

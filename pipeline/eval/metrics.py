@@ -127,10 +127,7 @@ def _combine(
     else:
         bp = math.exp(1 - ref_lengths / hyp_lengths)
     weight = 1 / max_n
-    precisions = [
-        num / den if num != 0 else sys.float_info.min
-        for num, den in zip(numerators, denominators)
-    ]
+    precisions = [num / den if num != 0 else sys.float_info.min for num, den in zip(numerators, denominators)]
     log_sum = math.fsum(weight * math.log(p) for p in precisions if p > 0)
     return bp * math.exp(log_sum)
 
@@ -158,8 +155,9 @@ class _Counts:
     ref_length: int
 
 
-def _reference_counts(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]],
-                      max_n: int) -> list[_Counts]:
+def _reference_counts(
+    hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]], max_n: int
+) -> list[_Counts]:
     """Per hypothesis, the statistics nltk's corpus_bleu collects against the whole reference set."""
     if not hypotheses:
         raise ValueError("hypotheses is empty")
@@ -269,8 +267,9 @@ def _summary(stats: list[_Counts], max_n: int, num_references: int) -> BleuSumma
     )
 
 
-def bleu_summary(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]],
-                 max_n: int = 4) -> BleuSummary:
+def bleu_summary(
+    hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]], max_n: int = 4
+) -> BleuSummary:
     """BLEU of tokenised hypotheses against the whole reference set: per-sample mean, pooled, precisions."""
     return _summary(_reference_counts(hypotheses, references, max_n), max_n, len(references))
 
@@ -280,8 +279,9 @@ def self_bleu_summary(samples: Sequence[Sequence[str]], max_n: int = 4) -> BleuS
     return _summary(_self_counts(samples, max_n), max_n, len(samples) - 1)
 
 
-def sentence_bleus(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]],
-                   max_n: int = 4) -> list[float]:
+def sentence_bleus(
+    hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]], max_n: int = 4
+) -> list[float]:
     """Per hypothesis: ``corpus_bleu([references], [hypothesis])`` (nltk, no smoothing)."""
     return _per_sample(_reference_counts(hypotheses, references, max_n), max_n)
 
@@ -291,8 +291,7 @@ def self_sentence_bleus(samples: Sequence[Sequence[str]], max_n: int = 4) -> lis
     return _per_sample(_self_counts(samples, max_n), max_n)
 
 
-def bleu_tokens(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]],
-                max_n: int = 4) -> float:
+def bleu_tokens(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]], max_n: int = 4) -> float:
     """The paper's BLEU: the mean over hypotheses of each one's BLEU against all references."""
     return bleu_summary(hypotheses, references, max_n).mean
 
@@ -302,8 +301,9 @@ def self_bleu_tokens(samples: Sequence[Sequence[str]], max_n: int = 4) -> float:
     return self_bleu_summary(samples, max_n).mean
 
 
-def pooled_bleu_tokens(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]],
-                       max_n: int = 4) -> float:
+def pooled_bleu_tokens(
+    hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]], max_n: int = 4
+) -> float:
     """One corpus BLEU of all hypotheses at once: equals
     ``corpus_bleu([references] * len(hypotheses), hypotheses)``. Not the paper's protocol."""
     return _pooled(_reference_counts(hypotheses, references, max_n), max_n)
@@ -320,9 +320,7 @@ def bleu(hypotheses: list[str], references: list[str], max_n: int = 4) -> float:
         raise ValueError("hypotheses is empty")
     if not references:
         raise ValueError("references is empty")
-    return bleu_tokens(
-        [normalize_words(h) for h in hypotheses], [normalize_words(r) for r in references], max_n
-    )
+    return bleu_tokens([normalize_words(h) for h in hypotheses], [normalize_words(r) for r in references], max_n)
 
 
 def self_bleu(samples: list[str], max_n: int = 4) -> float:
@@ -393,14 +391,20 @@ def perplexity(total_nll: float, count: int) -> float:
         return math.inf
 
 
-BLEU_PROTOCOL = ("BLEU-4: mean over samples of nltk corpus_bleu(all references, one sample), no smoothing "
-                 "(PAPER §7); Self-BLEU: mean over samples of each against the other samples")
+BLEU_PROTOCOL = (
+    "BLEU-4: mean over samples of nltk corpus_bleu(all references, one sample), no smoothing "
+    "(PAPER §7); Self-BLEU: mean over samples of each against the other samples"
+)
 
 
 def _bleu_fields(prefix: str, summary: BleuSummary) -> dict[str, Any]:
     """Flat fields of one BLEU summary: the headline, the pooled extra, precisions and the flag."""
-    out = {prefix: summary.mean, f"{prefix}_pooled": summary.pooled,
-           f"{prefix}_measured": summary.measured, f"{prefix}_samples_with_4gram_match": summary.samples_with_match}
+    out = {
+        prefix: summary.mean,
+        f"{prefix}_pooled": summary.pooled,
+        f"{prefix}_measured": summary.measured,
+        f"{prefix}_samples_with_4gram_match": summary.samples_with_match,
+    }
     out.update({f"{prefix}_p{i + 1}": p for i, p in enumerate(summary.precisions)})
     return out
 
@@ -427,9 +431,7 @@ def generation_metrics(
         raise ValueError("self_bleu_samples is empty (pass None to reuse samples)")
     hyp_tokens = [normalize_words(s) for s in samples]
     ref_tokens = [normalize_words(r) for r in references]
-    sb_tokens = hyp_tokens if self_bleu_samples is None else [
-        normalize_words(s) for s in self_bleu_samples
-    ]
+    sb_tokens = hyp_tokens if self_bleu_samples is None else [normalize_words(s) for s in self_bleu_samples]
     return {
         **_bleu_fields("bleu", bleu_summary(hyp_tokens, ref_tokens, max_n)),
         **_bleu_fields("self_bleu", self_bleu_summary(sb_tokens, max_n)),

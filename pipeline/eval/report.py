@@ -27,10 +27,14 @@ def flat_metrics(report: dict) -> dict[str, Any]:
 def summary_lines(summary: dict[str, Any]) -> list[str]:
     """What `dbert evaluate` prints: the bounds with their denominators, and BLEU / Self-BLEU with
     the sample counts and 4-gram precision they rest on (flagged when no sample shares a 4-gram)."""
-    lines = [f"{key}: {summary[key]}" for key in sorted(summary) if key.startswith(("bound.ppl_token", "bound.ppl_word"))]
+    lines = [
+        f"{key}: {summary[key]}" for key in sorted(summary) if key.startswith(("bound.ppl_token", "bound.ppl_word"))
+    ]
     if "bound.num_tokens" in summary:
-        lines.append(f"bound counted: {summary['bound.num_tokens']} content WordPieces, {summary['bound.num_words']} words "
-                     f"({summary.get('bound.num_truncated', 0)} test lines cut at data.max_seq_len)")
+        lines.append(
+            f"bound counted: {summary['bound.num_tokens']} content WordPieces, {summary['bound.num_words']} words "
+            f"({summary.get('bound.num_truncated', 0)} test lines cut at data.max_seq_len)"
+        )
     for metric in ("bleu", "self_bleu"):
         key = f"generation.{metric}"
         if key not in summary:
@@ -41,8 +45,10 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         else:
             n = int(summary.get("generation.num_self_bleu_samples", 0))
             against = f"the other {n - 1} samples"
-        detail = (f"mean of {n} per-sample BLEU-4, each against {against}; pooled 4-gram precision "
-                  f"{summary.get(f'{key}_p4', float('nan')):.4f}")
+        detail = (
+            f"mean of {n} per-sample BLEU-4, each against {against}; pooled 4-gram precision "
+            f"{summary.get(f'{key}_p4', float('nan')):.4f}"
+        )
         if not summary.get(f"{key}_measured", 1.0):
             detail += "; NOT A MEASUREMENT: no sample shares a 4-gram with its references"
         lines.append(f"{key}: {summary[key]:.4f} ({detail})")
@@ -85,25 +91,41 @@ def _bound_plot(report: dict, directory: Path) -> list[str]:
         labels.append("untrained")
         values.append(initial["ppl_token"])
         errors.append(0.0)
-    bar_plot(directory / "bound.png", labels, values, errors=errors, ylabel="PPL bound per token",
-             title=f"{report.get('label', '')} test bound, {bound.get('num_steps', '?')}-step chain"
-             + (" (LEAKY)" if report.get("leaky") else "")
-             + (" (packed rows: not comparable with padded)" if bound.get("format") == "packed" else ""))
+    bar_plot(
+        directory / "bound.png",
+        labels,
+        values,
+        errors=errors,
+        ylabel="PPL bound per token",
+        title=f"{report.get('label', '')} test bound, {bound.get('num_steps', '?')}-step chain"
+        + (" (LEAKY)" if report.get("leaky") else "")
+        + (" (packed rows: not comparable with padded)" if bound.get("format") == "packed" else ""),
+    )
     return ["bound.png"]
 
 
 def _quality_plot(report: dict, directory: Path) -> list[str]:
     generation = report.get("generation", {})
-    points = [{"bleu": p.get("bleu"), "self_bleu": p.get("self_bleu"),
-               "label": f"top-k {p['top_k']}" if p.get("top_k") else "no top-k"}
-              for p in report.get("quality_diversity") or []]
+    points = [
+        {
+            "bleu": p.get("bleu"),
+            "self_bleu": p.get("self_bleu"),
+            "label": f"top-k {p['top_k']}" if p.get("top_k") else "no top-k",
+        }
+        for p in report.get("quality_diversity") or []
+    ]
     if not points and "bleu" in generation and "self_bleu" in generation:
-        points = [{"bleu": generation["bleu"], "self_bleu": generation["self_bleu"],
-                   "label": report.get("time_design")}]
+        points = [
+            {"bleu": generation["bleu"], "self_bleu": generation["self_bleu"], "label": report.get("time_design")}
+        ]
     if not points:
         return []
-    quality_diversity(directory / "quality_diversity.png", points, connect=len(points) > 1,
-                      title=f"{report.get('label', '')} samples: quality vs diversity")
+    quality_diversity(
+        directory / "quality_diversity.png",
+        points,
+        connect=len(points) > 1,
+        title=f"{report.get('label', '')} samples: quality vs diversity",
+    )
     return ["quality_diversity.png"]
 
 
@@ -112,11 +134,23 @@ def _steps_plots(report: dict, directory: Path) -> list[str]:
     if not table:
         return []
     steps = [row["steps"] for row in table]
-    line_plot(directory / "steps_bound.png", steps, {"PPL bound per token": [r.get("ppl_token") for r in table]},
-              xlabel="reverse steps", ylabel="PPL bound per token", logy=True, logx=True,
-              title=f"{report.get('label', '')}: bound of the k-step chain")
-    line_plot(directory / "steps_quality.png", steps,
-              {"BLEU": [r.get("bleu") for r in table], "Self-BLEU": [r.get("self_bleu") for r in table]},
-              xlabel="reverse steps", ylabel="BLEU-4", logx=True,
-              title=f"{report.get('label', '')}: sample quality vs steps")
+    line_plot(
+        directory / "steps_bound.png",
+        steps,
+        {"PPL bound per token": [r.get("ppl_token") for r in table]},
+        xlabel="reverse steps",
+        ylabel="PPL bound per token",
+        logy=True,
+        logx=True,
+        title=f"{report.get('label', '')}: bound of the k-step chain",
+    )
+    line_plot(
+        directory / "steps_quality.png",
+        steps,
+        {"BLEU": [r.get("bleu") for r in table], "Self-BLEU": [r.get("self_bleu") for r in table]},
+        xlabel="reverse steps",
+        ylabel="BLEU-4",
+        logx=True,
+        title=f"{report.get('label', '')}: sample quality vs steps",
+    )
     return ["steps_bound.png", "steps_quality.png"]

@@ -147,9 +147,7 @@ class DiffusionBertForDenoising(PreTrainedModel):
         """
         batch, length = input_ids.shape
         if length > self.max_positions:
-            raise ValueError(
-                f"sequence length {length} exceeds the model's {self.max_positions} position embeddings"
-            )
+            raise ValueError(f"sequence length {length} exceeds the model's {self.max_positions} position embeddings")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         design = self.config.time_design

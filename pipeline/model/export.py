@@ -17,8 +17,14 @@ INFORMATION_FILE = "schedule_information.npy"
 COUNTS_FILE = "schedule_counts.npy"
 
 
-def export_model(model: DiffusionBertForDenoising, tokenizer, schedule: Schedule, directory: str | Path,
-                 information: np.ndarray | None = None, counts: np.ndarray | None = None) -> Path:
+def export_model(
+    model: DiffusionBertForDenoising,
+    tokenizer,
+    schedule: Schedule,
+    directory: str | Path,
+    information: np.ndarray | None = None,
+    counts: np.ndarray | None = None,
+) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)

@@ -109,8 +109,9 @@ def check_finite(model: torch.nn.Module, source: str) -> None:
         raise ModelLoadError(f"model from {source} has non-finite parameters after loading: {', '.join(bad[:5])}")
 
 
-def random_bert_config(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
-                       intermediate_size: int, max_positions: int = 512) -> BertConfig:
+def random_bert_config(
+    vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int, max_positions: int = 512
+) -> BertConfig:
     return BertConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -203,7 +204,11 @@ def build_model(params: Params, schedule: Schedule) -> DiffusionBertForDenoising
     random_config = None
     if m.name_or_path == "random":
         random_config = random_bert_config(
-            load_tokenizer("random").vocab_size, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size,
+            load_tokenizer("random").vocab_size,
+            m.hidden_size,
+            m.num_layers,
+            m.num_heads,
+            m.intermediate_size,
             max_positions=max(512, params.data.max_seq_len),
         )
     return build_denoiser(

@@ -6,16 +6,30 @@ from __future__ import annotations
 import math
 from typing import Any
 
-HISTORY_FIRST = ("step", "loss", "train_bound", "val_bound", "val_ppl", "lr", "grad_norm", "tokens_per_s",
-                 "tokens_seen", "epoch")
+HISTORY_FIRST = (
+    "step",
+    "loss",
+    "train_bound",
+    "val_bound",
+    "val_ppl",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "tokens_seen",
+    "epoch",
+)
 HISTORY_SKIP = ("checkpoint_path",)  # machine-specific paths stay out of the plotted table
 
 
 def history_table(history: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     """(columns, rows): one row per report; scalar columns in a fixed order, empty where a row has
     no value."""
-    keys = {k for row in history for k, v in row.items()
-            if k not in HISTORY_SKIP and (v is None or isinstance(v, (int, float, str)))}
+    keys = {
+        k
+        for row in history
+        for k, v in row.items()
+        if k not in HISTORY_SKIP and (v is None or isinstance(v, (int, float, str)))
+    }
     columns = [k for k in HISTORY_FIRST if k in keys] + sorted(keys - set(HISTORY_FIRST))
     return columns, [[_cell(row.get(k)) for k in columns] for row in history]
 

@@ -77,15 +77,23 @@ def validation_bound(
 ) -> float:
     """Per-token bound estimate (nats) on the first `eval_batches` validation batches, fixed seed."""
     total, tokens = 0.0, 0
-    batches = iterate_batches(split, params.train.batch_size, seed=12345, epoch=0, pad_id=special.pad,
-                              packed=params.train.packed, seq_len=params.data.max_seq_len)
+    batches = iterate_batches(
+        split,
+        params.train.batch_size,
+        seed=12345,
+        epoch=0,
+        pad_id=special.pad,
+        packed=params.train.packed,
+        seq_len=params.data.max_seq_len,
+    )
     for index, batch in enumerate(batches):
         if index >= params.train.eval_batches:
             break
         gen = torch.Generator().manual_seed(777 + index)
         with autocast(device, precision):
-            out = diffusion_loss(forward, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                 schedule, special, gen)
+            out = diffusion_loss(
+                forward, batch["input_ids"].to(device), batch["attention_mask"].to(device), schedule, special, gen
+            )
         total += out.bound_sum
         tokens += out.num_tokens
     return total / max(tokens, 1)
@@ -136,8 +144,14 @@ def train_loop(
     def forward(x_t, attention_mask, s, positions):
         return wrapped(x_t, attention_mask, s, positions).logits
 
-    per_epoch = num_batches(data.train, tp.batch_size, packed=tp.packed, seq_len=params.data.max_seq_len,
-                            drop_last=True, world_size=world_size)
+    per_epoch = num_batches(
+        data.train,
+        tp.batch_size,
+        packed=tp.packed,
+        seq_len=params.data.max_seq_len,
+        drop_last=True,
+        world_size=world_size,
+    )
     if per_epoch == 0:
         raise ValueError(
             f"the training split ({len(data.train)} sequences) is smaller than one batch of "
@@ -148,9 +162,17 @@ def train_loop(
     window_tokens, window_time, window_loss, window_steps = 0, 0.0, 0.0, 0
     while progress.step < tp.steps:
         batches = iterate_batches(
-            data.train, tp.batch_size, seed=tp.seed, epoch=progress.epoch, pad_id=special.pad, packed=tp.packed,
-            seq_len=params.data.max_seq_len, start_batch=progress.batch_in_epoch, drop_last=True,
-            rank=rank, world_size=world_size,
+            data.train,
+            tp.batch_size,
+            seed=tp.seed,
+            epoch=progress.epoch,
+            pad_id=special.pad,
+            packed=tp.packed,
+            seq_len=params.data.max_seq_len,
+            start_batch=progress.batch_in_epoch,
+            drop_last=True,
+            rank=rank,
+            world_size=world_size,
         )
         for batch in batches:
             tick = time.perf_counter()
@@ -164,7 +186,9 @@ def train_loop(
                     out = diffusion_loss(forward, ids, attn, schedule, special, gen, params.diffusion.hybrid_lambda)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tp.grad_clip if tp.grad_clip > 0 else float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), tp.grad_clip if tp.grad_clip > 0 else float("inf")
+            )
             optimizer.step()
             scheduler.step()
             if ema is not None:
@@ -186,8 +210,8 @@ def train_loop(
                 metrics = {
                     "step": progress.step,
                     "loss": window_loss / window_steps,
-                    "train_bound" if tp.objective == "diffusion" else "train_mlm_ce":
-                        out.bound_sum / max(out.num_tokens if tp.objective == "diffusion" else out.num_masked, 1),
+                    "train_bound" if tp.objective == "diffusion" else "train_mlm_ce": out.bound_sum
+                    / max(out.num_tokens if tp.objective == "diffusion" else out.num_masked, 1),
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm),
                     "tokens_per_s": window_tokens * world_size / max(window_time, 1e-9),
@@ -198,7 +222,9 @@ def train_loop(
                 if evaluate:
                     model.eval()
                     with ema.swapped(model) if ema is not None else contextlib.nullcontext():
-                        metrics["val_bound"] = validation_bound(forward, data.validation, schedule, special, params, device, precision)
+                        metrics["val_bound"] = validation_bound(
+                            forward, data.validation, schedule, special, params, device, precision
+                        )
                     metrics["val_ppl"] = float(np.exp(min(metrics["val_bound"], 50.0)))
                     model.train()
                 history.append(metrics)

@@ -63,8 +63,11 @@ def run_tune(params: Params, layout: Layout, *, parent_run_id: str | None = None
         from pipeline.tracking import setup_tracking, tracking_uri
 
         setup_tracking(params.tracking.experiment)  # creates the store once, here, not in trials
-        tracking = {"uri": tracking_uri(), "parent_run_id": parent_run_id,
-                    "root": os.environ.get(ENV_PROJECT_ROOT) or str(project_root())}
+        tracking = {
+            "uri": tracking_uri(),
+            "parent_run_id": parent_run_id,
+            "root": os.environ.get(ENV_PROJECT_ROOT) or str(project_root()),
+        }
 
     tune_name = new_run_name("tune")
     storage = layout.ray_results.resolve()
@@ -80,13 +83,13 @@ def run_tune(params: Params, layout: Layout, *, parent_run_id: str | None = None
         tune.with_resources(tune.with_parameters(tune_trial, setup=setup), {"cpu": TRIAL_CPU}),
         param_space=search_space(params),
         tune_config=tune.TuneConfig(
-            scheduler=ASHAScheduler(metric=METRIC, mode=MODE, time_attr=TIME_ATTR, grace_period=grace,
-                                    max_t=tn.steps),
+            scheduler=ASHAScheduler(metric=METRIC, mode=MODE, time_attr=TIME_ATTR, grace_period=grace, max_t=tn.steps),
             num_samples=tn.num_samples,
             max_concurrent_trials=tn.max_concurrent,
         ),
-        run_config=tune.RunConfig(name=tune_name, storage_path=str(storage), verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+        run_config=tune.RunConfig(
+            name=tune_name, storage_path=str(storage), verbose=0, failure_config=tune.FailureConfig(max_failures=0)
+        ),
     )
     grid = fit_tuner(tuner, started, parent_run_id, tracking["uri"] if tracking else None)
 
@@ -162,5 +165,3 @@ def _tune_sigint_handler_off() -> Iterator[None]:
             os.environ.pop(TUNE_SIGINT_ENV, None)
         else:
             os.environ[TUNE_SIGINT_ENV] = saved
-
-

@@ -77,8 +77,9 @@ def kill_trial_runs(parent_run_id: str, uri: str) -> None:
     try:
         client = mlflow.MlflowClient(tracking_uri=uri)
         parent = client.get_run(parent_run_id)
-        runs = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+        runs = client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
+        )
         for run in runs:
             if run.info.status == "RUNNING":
                 client.set_terminated(run.info.run_id, "KILLED")
@@ -110,4 +111,3 @@ def proposal_yaml(overrides: dict[str, Any], best_row: dict, tune_name: str) -> 
 
 def _scalar(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
-

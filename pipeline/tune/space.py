@@ -72,4 +72,3 @@ def trial_params(params: Params | dict, config: dict[str, Any]) -> Params:
 
 def _copy(raw: dict) -> dict:
     return {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
-

@@ -38,8 +38,12 @@ def tune_trial(config: dict, *, setup: dict) -> None:
             experiment=params.tracking.experiment,
             run_name=f"{setup['tune_name']}-{trial_id}",
             parent_run_id=tracking["parent_run_id"],
-            tags={"trial_id": trial_id, "tune_run": setup["tune_name"], "trial_name": context.get_trial_name(),
-                  **{f"trial.{k}": v for k, v in config.items()}},
+            tags={
+                "trial_id": trial_id,
+                "tune_run": setup["tune_name"],
+                "trial_name": context.get_trial_name(),
+                **{f"trial.{k}": v for k, v in config.items()},
+            },
             root=tracking.get("root"),
             uri=uri,
         )
@@ -49,8 +53,7 @@ def tune_trial(config: dict, *, setup: dict) -> None:
     stopped: SystemExit | None = None
     with run_cm as run:
         try:
-            _train_trial(params, layout, run_dir, storage, run_name, run.info.run_id if run is not None else None,
-                         uri)
+            _train_trial(params, layout, run_dir, storage, run_name, run.info.run_id if run is not None else None, uri)
         except SystemExit as stop:
             # Tune stops a trial (ASHA, or max_t reached) with sys.exit(0) inside tune.report;
             # that is an outcome, not a failure of the MLflow run. (A trial on Ray workers is
@@ -66,8 +69,15 @@ def tune_trial(config: dict, *, setup: dict) -> None:
         raise stopped
 
 
-def _train_trial(params: Params, layout: Layout, run_dir: Path, storage: Path, run_name: str,
-                 run_id: str | None, tracking_uri: str | None) -> None:
+def _train_trial(
+    params: Params,
+    layout: Layout,
+    run_dir: Path,
+    storage: Path,
+    run_name: str,
+    run_id: str | None,
+    tracking_uri: str | None,
+) -> None:
     from ray import tune
 
     from pipeline.train.ray.cluster import check_placement, run_config_for, scaling_config_for
@@ -84,14 +94,14 @@ def _train_trial(params: Params, layout: Layout, run_dir: Path, storage: Path, r
             if METRIC in metrics:
                 tune.report(_tune_metrics(metrics))
 
-        train_worker_body(worker_config, rank=0, world_size=1, local_rank=0, start_checkpoint=None,
-                          deliver=deliver)
+        train_worker_body(worker_config, rank=0, world_size=1, local_rank=0, start_checkpoint=None, deliver=deliver)
         return
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    check_placement(params.train.num_workers, params.train.cpus_per_worker, params.train.use_gpu,
-                    reserve_cpus=TRIAL_CPU)
+    check_placement(
+        params.train.num_workers, params.train.cpus_per_worker, params.train.use_gpu, reserve_cpus=TRIAL_CPU
+    )
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=worker_config.as_loop_config(),
@@ -104,4 +114,3 @@ def _train_trial(params: Params, layout: Layout, run_dir: Path, storage: Path, r
 def _tune_metrics(metrics: dict) -> dict:
     """What Tune keeps per report: numbers and short strings (no checksums)."""
     return {k: v for k, v in metrics.items() if k != "weights_sha256"}
-

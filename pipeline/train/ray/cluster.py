@@ -143,5 +143,8 @@ def scaling_config_for(params: Params):
     from ray.train import ScalingConfig
 
     tp = params.train
-    return ScalingConfig(num_workers=tp.num_workers, use_gpu=tp.use_gpu,
-                         resources_per_worker={"CPU": tp.cpus_per_worker} if tp.num_workers else None)
+    return ScalingConfig(
+        num_workers=tp.num_workers,
+        use_gpu=tp.use_gpu,
+        resources_per_worker={"CPU": tp.cpus_per_worker} if tp.num_workers else None,
+    )

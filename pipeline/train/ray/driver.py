@@ -143,8 +143,13 @@ def run_training(
         pump.start()
 
     config = WorkerConfig.for_run(
-        params, layout, run_dir, resume_from=resume_from, mlflow_run_id=mlflow_run_id,
-        tracking_uri=_mlflow_uri() if mlflow_run_id else None, sink_id=sink_id,
+        params,
+        layout,
+        run_dir,
+        resume_from=resume_from,
+        mlflow_run_id=mlflow_run_id,
+        tracking_uri=_mlflow_uri() if mlflow_run_id else None,
+        sink_id=sink_id,
         fault_plan=plan_from_env(run_dir, local_mode=tp.num_workers == 0),
     )
     trainer = trainer_cls(
@@ -199,8 +204,13 @@ def run_training(
         precision = resolve_precision(tp.precision, "cuda" if tp.use_gpu else "cpu")
     if export_dir is not None:
         export_checkpoint(params, layout, checkpoint_dir, Path(export_dir))
-    return TrainOutcome(run_name=run_name, history=history, checkpoint_dir=checkpoint_dir,
-                        export_dir=Path(export_dir) if export_dir is not None else None, precision=precision)
+    return TrainOutcome(
+        run_name=run_name,
+        history=history,
+        checkpoint_dir=checkpoint_dir,
+        export_dir=Path(export_dir) if export_dir is not None else None,
+        precision=precision,
+    )
 
 
 def trainer_class():
@@ -272,5 +282,6 @@ def export_checkpoint(params: Params, layout: Layout, checkpoint_dir: Path, expo
     finally:
         torch.set_rng_state(rng)
     model.eval()
-    return export_model(model, tokenizer, schedule, export_dir, information=stats.centred_information(),
-                        counts=stats.counts)
+    return export_model(
+        model, tokenizer, schedule, export_dir, information=stats.centred_information(), counts=stats.counts
+    )

@@ -32,8 +32,12 @@ def _record_paths(layout: Layout) -> list[Path]:
 
 def record_run(layout: Layout, run_name: str, storage_path: Path, num_workers: int) -> dict:
     """Write the run record (both copies) before training starts, so a stopped run can resume."""
-    record = {"run_name": run_name, "storage_path": str(storage_path), "num_workers": num_workers,
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    record = {
+        "run_name": run_name,
+        "storage_path": str(storage_path),
+        "num_workers": num_workers,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     for path in _record_paths(layout):
         write_json_atomic(record, path)
     return record

@@ -181,8 +181,15 @@ def train_worker_body(
         last_metrics.update(metrics)
 
     train_loop(
-        params, data, device=device, rank=rank, world_size=world_size, wrap_model=wrap, report=report,
-        resume_from=resume_from, on_step=on_step,
+        params,
+        data,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        wrap_model=wrap,
+        report=report,
+        resume_from=resume_from,
+        on_step=on_step,
     )
     return dict(last_metrics)
 
@@ -227,11 +234,26 @@ def train_worker(loop_config: dict) -> dict | None:
     start = ray.train.get_checkpoint()
     if start is not None:
         with start.as_directory() as directory:
-            return train_worker_body(config, rank=rank, world_size=world_size, local_rank=local_rank,
-                                     start_checkpoint=Path(directory), deliver=deliver, device=device,
-                                     wrap_model=wrap_model)
-    return train_worker_body(config, rank=rank, world_size=world_size, local_rank=local_rank,
-                             start_checkpoint=None, deliver=deliver, device=device, wrap_model=wrap_model)
+            return train_worker_body(
+                config,
+                rank=rank,
+                world_size=world_size,
+                local_rank=local_rank,
+                start_checkpoint=Path(directory),
+                deliver=deliver,
+                device=device,
+                wrap_model=wrap_model,
+            )
+    return train_worker_body(
+        config,
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        start_checkpoint=None,
+        deliver=deliver,
+        device=device,
+        wrap_model=wrap_model,
+    )
 
 
 def _quiet_worker_reports() -> None:
