@@ -125,6 +125,13 @@ def _runtime_nodes(tree: ast.AST) -> Iterator[ast.AST]:
         todo.extend(child for child in ast.iter_child_nodes(node) if not _is_type_checking_block(child))
 
 
+def _source_of(module: str) -> Path:
+    path = _module_file(module)
+    if path is None:
+        raise ModuleNotFoundError(f"{module} is not a module of this checkout")
+    return path
+
+
 def _local_imports(path: Path) -> set[str]:
     """Project modules (pipeline.*, stages.*) that a file imports at run time, lazy imports included."""
     names: set[str] = set()
@@ -156,10 +163,10 @@ def code_deps(module: str) -> tuple[str, ...]:
             continue
         seen.add(name)
         if name not in NOT_CODE_DEPS:
-            todo.extend(_local_imports(_module_file(name)))
+            todo.extend(_local_imports(_source_of(name)))
     files = []
     for name in seen - NOT_CODE_DEPS:
-        path = _module_file(name)
+        path = _source_of(name)
         if path.name == "__init__.py" and _only_docstring(path):
             continue
         files.append(path.relative_to(CODE_ROOT).as_posix())

@@ -75,7 +75,7 @@ def run(
     require(layout.prepared / "test", "test split", "prepare")
     require(layout.prepared / "test.txt", "test references", "prepare")
     require(layout.token_stats / "lengths.npy", "length histogram", "token-stats")
-    deps = [*code_paths(__name__), *INPUTS[1:], model_dir]
+    deps: list[str | Path] = [*code_paths(__name__), *INPUTS[1:], model_dir]
     tags = _train_run_tag(layout, model_dir)
     with stage_run(STAGE, params, root, PARAMS, deps, tags=tags, tracking_uri=tracking_uri):
         report = jsonable(evaluate_model(params, layout, model_dir, progress=progress))

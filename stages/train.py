@@ -79,7 +79,7 @@ def run(
     for split in ("train", "validation"):
         require(layout.prepared / split, f"{split} split", "prepare")
     check_schedule(params, layout)
-    deps = [*code_paths(__name__), *INPUTS]
+    deps: list[str | Path] = [*code_paths(__name__), *INPUTS]
     with stage_run(STAGE, params, root, PARAMS, deps, tracking_uri=tracking_uri) as active:
         run_id = active.info.run_id
         with atomic_directory(layout.model) as export_dir:

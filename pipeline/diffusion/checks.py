@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from pipeline.diffusion.schedules import Schedule, ScheduleError, max_spindle_lambda
 from pipeline.vocab import ProgressCallback
@@ -36,13 +38,14 @@ def curve_grid(num_timesteps: int, points: int = CURVE_POINTS) -> list[int]:
     return sorted({round(j * num_timesteps / points) for j in range(points + 1)})
 
 
-def check_monotone(schedule: Schedule, progress: ProgressCallback | None = None) -> dict:
+def check_monotone(schedule: Schedule, progress: ProgressCallback | None = None) -> dict[str, Any]:
     """alpha_0 = 1, alpha_T = 0 and alpha_{t-1}(v) >= alpha_t(v) for every id v and step t;
     the worst violation found (step, id) and the endpoint errors."""
     T = schedule.num_timesteps
     worst_rise, worst_t, worst_id = -math.inf, 0, 0
-    previous = None
-    first = last = None
+    previous: Tensor | None = None
+    first: Tensor | None = None
+    last: Tensor | None = None
     for start in range(0, T + 1, CHECK_CHUNK):
         t = torch.arange(start, min(start + CHECK_CHUNK, T + 1), dtype=torch.float64)
         alpha = schedule.alpha_vocab(t)  # [chunk, V] or [chunk, 1]
@@ -60,6 +63,7 @@ def check_monotone(schedule: Schedule, progress: ProgressCallback | None = None)
         previous = last = alpha[-1]
         if progress is not None:
             progress("checking alpha", int(t.numel()), T + 1)
+    assert first is not None and last is not None  # the loop runs at least once (T >= 1)
     start_error = float((first - 1.0).abs().max())
     end_error = float(last.abs().max())
     return {
@@ -75,7 +79,7 @@ def check_monotone(schedule: Schedule, progress: ProgressCallback | None = None)
     }
 
 
-def require_monotone(schedule: Schedule, progress: ProgressCallback | None = None) -> dict:
+def require_monotone(schedule: Schedule, progress: ProgressCallback | None = None) -> dict[str, Any]:
     """`check_monotone`, raising ScheduleError (naming the step and id) when the schedule fails."""
     check = check_monotone(schedule, progress)
     if not (check["monotone"] and check["endpoints_ok"]):
@@ -87,7 +91,7 @@ def require_monotone(schedule: Schedule, progress: ProgressCallback | None = Non
     return check
 
 
-def require_passed(report: dict, schedule: Schedule) -> None:
+def require_passed(report: dict[str, Any], schedule: Schedule) -> None:
     """A schedule.json (`schedule_report`) must describe `schedule` and record a passed check;
     else ScheduleError (train never trains on a schedule nobody checked)."""
     wanted = schedule.describe()
@@ -101,7 +105,7 @@ def require_passed(report: dict, schedule: Schedule) -> None:
         raise ScheduleError(f"the schedule {wanted} failed its monotonicity check; see data/schedule/schedule.json")
 
 
-def probe_tokens(summary: dict, h: np.ndarray) -> list[dict]:
+def probe_tokens(summary: dict[str, Any], h: np.ndarray) -> list[dict[str, Any]]:
     """The least and most informative tokens of the token_stats summary, with their h(v)."""
     rows = []
     for role in ("least_informative", "most_informative"):
@@ -132,7 +136,7 @@ class AlphaCurves:
     def csv_header(self) -> list[str]:
         return ["t", "linear", *self.curves]
 
-    def csv_rows(self) -> list[list]:
+    def csv_rows(self) -> list[list[Any]]:
         columns = list(self.curves.values())
         return [[t, f"{self.linear[j]:.6f}", *(f"{c[j]:.6f}" for c in columns)] for j, t in enumerate(self.t)]
 
@@ -141,7 +145,7 @@ class AlphaCurves:
         return {LINEAR: self.linear, **self.curves}
 
 
-def alpha_curves(schedule: Schedule, tokens: list[dict]) -> AlphaCurves:
+def alpha_curves(schedule: Schedule, tokens: list[dict[str, Any]]) -> AlphaCurves:
     T = schedule.num_timesteps
     grid = curve_grid(T)
     alphas = alpha_columns(schedule, grid, [row["id"] for row in tokens])  # [G, tokens] or [G, 1]
@@ -154,12 +158,12 @@ def alpha_curves(schedule: Schedule, tokens: list[dict]) -> AlphaCurves:
     )
 
 
-def _per_token(schedule: Schedule, tokens: list[dict], columns: int) -> bool:
+def _per_token(schedule: Schedule, tokens: list[dict[str, Any]], columns: int) -> bool:
     """One curve per probe token (a token-dependent schedule), else one curve for every id."""
     return columns == len(tokens) and schedule.token_dependent
 
 
-def schedule_report(schedule: Schedule, check: dict, tokens: list[dict]) -> dict:
+def schedule_report(schedule: Schedule, check: dict[str, Any], tokens: list[dict[str, Any]]) -> dict[str, Any]:
     """schedule.json: the description `train` compares with its params, the monotonicity limit
     1/(T sin(pi/T)) next to the schedule's own lambda * max|h|, the check, and alpha at a few t
     for the probe tokens."""

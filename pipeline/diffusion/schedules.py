@@ -16,11 +16,17 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from pipeline.vocab import SCHEDULES
+
+if TYPE_CHECKING:  # pragma: no cover
+    from numpy.typing import ArrayLike
+
+    from pipeline.config import DiffusionParams
 
 
 class ScheduleError(ValueError):
@@ -94,16 +100,17 @@ class Schedule(ABC):
 
     def _table(self, name: str, device: torch.device) -> Tensor:
         """The per-id table `self.<name>` on `device`, copied there once and cached."""
-        table = getattr(self, name)
+        table: Tensor = getattr(self, name)
         if table.device == device:
             return table
         cache = self.__dict__.setdefault("_device_tables", {})
         hit = cache.get((name, device))
         if hit is None or hit[0] is not table:  # also when the table was replaced
             hit = cache[(name, device)] = (table, table.to(device))
-        return hit[1]
+        copy: Tensor = hit[1]
+        return copy
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_device_tables", None)  # device copies are a cache: never pickle GPU tensors
         return state
@@ -114,7 +121,7 @@ class Schedule(ABC):
     @abstractmethod
     def _dalpha(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor: ...
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {"schedule": self.name, "num_timesteps": self.num_timesteps}
 
     def token_spread(self) -> float | None:
@@ -128,10 +135,10 @@ class LinearSchedule(Schedule):
 
     name = "linear"
 
-    def _alpha(self, s, context):
+    def _alpha(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor:
         return (1.0 - s)[:, None]
 
-    def _dalpha(self, s, context):
+    def _dalpha(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor:
         return -torch.ones_like(s)[:, None]
 
 
@@ -145,7 +152,7 @@ class LogLinearSchedule(LinearSchedule):
         super().__init__(num_timesteps)
         self.eps = float(eps)
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {**super().describe(), "eps": self.eps}
 
 
@@ -158,10 +165,10 @@ class CosineSchedule(Schedule):
     def _f(self, s: Tensor) -> Tensor:
         return torch.cos(0.5 * math.pi * (s + self.offset) / (1 + self.offset)) ** 2
 
-    def _alpha(self, s, context):
+    def _alpha(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor:
         return (self._f(s) / self._f(torch.zeros_like(s)))[:, None]
 
-    def _dalpha(self, s, context):
+    def _dalpha(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor:
         c = self.offset
         arg = 0.5 * math.pi * (s + c) / (1 + c)
         df = -2 * torch.cos(arg) * torch.sin(arg) * 0.5 * math.pi / (1 + c)
@@ -195,15 +202,15 @@ class SpindleSchedule(Schedule):
         self.h = h  # [V]
         self.spindle_lambda = float(spindle_lambda)
 
-    def _alpha(self, s, context):
+    def _alpha(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor:
         h = self._table("h", s.device)
         return 1.0 - s[:, None] - self.spindle_lambda * torch.sin(math.pi * s)[:, None] * h[None, :]
 
-    def _dalpha(self, s, context):
+    def _dalpha(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor:
         h = self._table("h", s.device)
         return -1.0 - self.spindle_lambda * math.pi * torch.cos(math.pi * s)[:, None] * h[None, :]
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {**super().describe(), "spindle_lambda": self.spindle_lambda}
 
     def token_spread(self) -> float:
@@ -238,7 +245,7 @@ class SpindlePaperSchedule(Schedule):
             )
         self.spindle_lambda = float(spindle_lambda)
 
-    def _centre(self, context, batch: int, device: torch.device) -> Tensor:
+    def _centre(self, context: tuple[Tensor, Tensor] | None, batch: int, device: torch.device) -> Tensor:
         if context is None:
             return torch.full((batch, 1), self.corpus_mean, dtype=torch.float64, device=device)
         ids, mask = context
@@ -246,15 +253,15 @@ class SpindlePaperSchedule(Schedule):
         n = mask.sum(1, keepdim=True).clamp_min(1)
         return w_tok.sum(1, keepdim=True) / n  # [B, 1]
 
-    def _alpha(self, s, context):
+    def _alpha(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor:
         centred = self._table("w", s.device)[None, :] - self._centre(context, s.shape[0], s.device)  # [B, V]
         return 1.0 - s[:, None] + self.spindle_lambda * torch.sin(math.pi * s)[:, None] * centred
 
-    def _dalpha(self, s, context):
+    def _dalpha(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor:
         centred = self._table("w", s.device)[None, :] - self._centre(context, s.shape[0], s.device)
         return -1.0 + self.spindle_lambda * math.pi * torch.cos(math.pi * s)[:, None] * centred
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {**super().describe(), "spindle_lambda": self.spindle_lambda, "leaky": True}
 
     def token_spread(self) -> float:
@@ -304,7 +311,9 @@ def grid_for_steps(num_timesteps: int, num_steps: int) -> list[int]:
     return sorted({round(j * num_timesteps / num_steps) for j in range(num_steps + 1)}, reverse=True)
 
 
-def schedule_from_params(diffusion, information=None, counts=None) -> Schedule:
+def schedule_from_params(
+    diffusion: DiffusionParams, information: ArrayLike | None = None, counts: ArrayLike | None = None
+) -> Schedule:
     """Build the schedule a `DiffusionParams` (or any object with the same fields) describes."""
     return build_schedule(
         diffusion.schedule,

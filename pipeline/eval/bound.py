@@ -54,9 +54,13 @@ class PackedRows:
         return row
 
 
+# What the bound scores: sentences (padded), or the packed rows of a model trained packed.
+ScoredText = TokenizedSplit | PackedRows
+
+
 def bound_per_sequence(
     denoiser: Denoiser,
-    split: TokenizedSplit,
+    split: ScoredText,
     schedule: Schedule,
     special: SpecialIds,
     *,
@@ -82,7 +86,7 @@ def bound_per_sequence(
 
 def perplexity_report(
     nll: np.ndarray,
-    split: TokenizedSplit,
+    split: ScoredText,
     length_log_probs: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Per-token and per-word perplexities from per-sequence NLL bounds (with and without the
@@ -95,11 +99,13 @@ def perplexity_report(
         "num_sequences": len(split),
         "num_tokens": tokens,
         "num_words": words,
-        "num_truncated": int(getattr(split, "num_truncated", 0)),
+        "num_truncated": int(split.num_truncated),
         "ppl_token": math.exp(total / tokens),
         "ppl_word": math.exp(total / words),
     }
     if length_log_probs is not None:
+        if not isinstance(split, TokenizedSplit):
+            raise ValueError("a length term needs sentences: packed rows have no sentence lengths")
         lengths = np.minimum(split.lengths - 2, len(length_log_probs) - 1)
         length_nats = float(-length_log_probs[lengths].sum())
         report["length_nats"] = length_nats
@@ -110,7 +116,7 @@ def perplexity_report(
 
 def perplexity_bound(
     denoiser: Denoiser,
-    split: TokenizedSplit,
+    split: ScoredText,
     schedule: Schedule,
     special: SpecialIds,
     *,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +33,11 @@ FULL_EVALUATION = {"num_sequences": None, "bound_steps": 128, "num_samples": 100
 def evaluation_settings(params: Params) -> dict:
     """The effective sizes: the params, or the paper-sized ones when `evaluate.full` is set."""
     ev = params.evaluate
-    settings = {"num_sequences": ev.num_sequences, "bound_steps": ev.bound_steps, "num_samples": ev.num_samples}
+    settings: dict[str, Any] = {
+        "num_sequences": ev.num_sequences,
+        "bound_steps": ev.bound_steps,
+        "num_samples": ev.num_samples,
+    }
     if ev.full:
         settings.update(FULL_EVALUATION)
     return settings
@@ -56,7 +61,7 @@ def evaluate_model(
     if settings["num_sequences"] is not None:
         test = test.head(settings["num_sequences"])
     histogram = np.load(layout.token_stats / "lengths.npy")
-    length_lp = length_log_probs(histogram, max_length=params.data.max_seq_len - 2)
+    length_lp: np.ndarray | None = length_log_probs(histogram, max_length=params.data.max_seq_len - 2)
     scored, bound_format = _scored_text(params, test)
     if bound_format == "packed":
         length_lp = None  # rows are not sentences: no length term

@@ -94,7 +94,7 @@ def run_tune(params: Params, layout: Layout, *, parent_run_id: str | None = None
     grid = fit_tuner(tuner, started, parent_run_id, tracking["uri"] if tracking else None)
 
     table = [trial_row(result, values, tn.steps) for result in grid]
-    if tracking:
+    if tracking and parent_run_id:
         finish_trial_runs(table, parent_run_id, tracking["uri"])
     scored = [row for row in table if finite(row.get("best_val_bound"))]
     if not scored:

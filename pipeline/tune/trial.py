@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Any
 
 from pipeline.artifacts import Layout
 from pipeline.config import Params
@@ -29,6 +30,7 @@ def tune_trial(config: dict, *, setup: dict) -> None:
 
     tracking = setup.get("tracking")
     uri = tracking["uri"] if tracking else None  # the driver's store: the cluster may predate its environment
+    run_cm: contextlib.AbstractContextManager[Any] = contextlib.nullcontext(None)
     if tracking:
         from pipeline.tracking import start_stage_run
 
@@ -47,8 +49,6 @@ def tune_trial(config: dict, *, setup: dict) -> None:
             root=tracking.get("root"),
             uri=uri,
         )
-    else:
-        run_cm = contextlib.nullcontext(None)
 
     stopped: SystemExit | None = None
     with run_cm as run:

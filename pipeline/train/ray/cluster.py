@@ -7,6 +7,7 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import Params
 from pipeline.train.ray.runs import KEEP_CHECKPOINTS
@@ -43,7 +44,7 @@ def init_ray() -> bool:
 
     if ray.is_initialized():
         return False
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
+    quiet: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
     address = os.environ.get("RAY_ADDRESS")
     with keep_handlers():  # ray.init() puts sys.exit(15) on SIGTERM: a stopped stage must end KILLED
         if address:
@@ -134,7 +135,7 @@ def run_config_for(params: Params, run_name: str, storage_path: Path, callbacks:
         checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
         failure_config=FailureConfig(max_failures=params.train.max_failures),
         callbacks=callbacks or [],
-        logging_config=LoggingConfig(log_level=train_log_level()),
+        logging_config=LoggingConfig(log_level=train_log_level()),  # type: ignore[call-arg]  # Train V2's RunConfig; the stubs resolve ray.air's
     )
 
 

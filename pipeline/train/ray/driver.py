@@ -171,7 +171,7 @@ def run_training(
     except Exception as err:
         raise TrainingError(f"training run {run_name} failed: {first_line(err)}") from err
     finally:
-        if queue is not None:
+        if queue is not None and pump is not None:
             stop.set()
             pump.join(timeout=10)
             if not interrupted:

@@ -7,6 +7,7 @@ function Ray Train runs on every worker, or in this process in local mode.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import shutil
@@ -194,7 +195,7 @@ def train_worker_body(
     return dict(last_metrics)
 
 
-def train_worker(loop_config: dict) -> dict | None:
+def train_worker(loop_config: dict) -> None:
     """The Ray Train worker function (`TorchTrainer(train_worker, train_loop_config=config.as_loop_config())`)."""
     import ray.train
     from ray.train import Checkpoint
@@ -232,28 +233,17 @@ def train_worker(loop_config: dict) -> dict | None:
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(step))
 
     start = ray.train.get_checkpoint()
-    if start is not None:
-        with start.as_directory() as directory:
-            return train_worker_body(
-                config,
-                rank=rank,
-                world_size=world_size,
-                local_rank=local_rank,
-                start_checkpoint=Path(directory),
-                deliver=deliver,
-                device=device,
-                wrap_model=wrap_model,
-            )
-    return train_worker_body(
-        config,
-        rank=rank,
-        world_size=world_size,
-        local_rank=local_rank,
-        start_checkpoint=None,
-        deliver=deliver,
-        device=device,
-        wrap_model=wrap_model,
-    )
+    with start.as_directory() if start is not None else contextlib.nullcontext(None) as directory:
+        train_worker_body(
+            config,
+            rank=rank,
+            world_size=world_size,
+            local_rank=local_rank,
+            start_checkpoint=Path(directory) if directory is not None else None,
+            deliver=deliver,
+            device=device,
+            wrap_model=wrap_model,
+        )
 
 
 def _quiet_worker_reports() -> None:
