@@ -58,7 +58,8 @@ def run(
     Every run, the rows' stage runs included, goes to the project's store (a row's root is not a
     project), named explicitly."""
     from pipeline.ablation.writeup import build_report, parent_metrics, write_report
-    from pipeline.tracking import log_artifact, log_metrics, tracking_uri
+    from pipeline.tracking.log import log_artifact, log_metrics
+    from pipeline.tracking.store import tracking_uri
 
     layout = Layout(Path(root))
     runs = plan(params, only)  # an unknown row is named before anything else is checked
@@ -121,7 +122,8 @@ def _run_row(
     uri: str,
 ) -> dict:
     from pipeline.ablation.results import collect_result, row_metrics
-    from pipeline.tracking import log_metrics, start_stage_run
+    from pipeline.tracking.log import log_metrics
+    from pipeline.tracking.runs import start_stage_run
 
     row_root = layout.ablation_out / "rows" / row_run.key
     parent_id = state["parent_run_id"]

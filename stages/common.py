@@ -71,7 +71,7 @@ def stage_run(
     the md5s of its dependencies (`deps`, relative to `root`). `tracking_uri` names the store
     when it is not the one `root` implies (an ablation row's stages log to the project's store);
     `options` go to `start_stage_run` (run_name, resume_run_id)."""
-    from pipeline.tracking import start_stage_run
+    from pipeline.tracking.runs import start_stage_run
 
     with start_stage_run(
         stage,
@@ -125,6 +125,11 @@ def _runtime_nodes(tree: ast.AST) -> Iterator[ast.AST]:
         todo.extend(child for child in ast.iter_child_nodes(node) if not _is_type_checking_block(child))
 
 
+def _plumbing(module: str) -> bool:
+    """In NOT_CODE_DEPS, or a submodule of a package there (pipeline.tracking.*)."""
+    return any(module == name or module.startswith(name + ".") for name in NOT_CODE_DEPS)
+
+
 def _source_of(module: str) -> Path:
     path = _module_file(module)
     if path is None:
@@ -162,10 +167,10 @@ def code_deps(module: str) -> tuple[str, ...]:
         if name in seen:
             continue
         seen.add(name)
-        if name not in NOT_CODE_DEPS:
+        if not _plumbing(name):
             todo.extend(_local_imports(_source_of(name)))
     files = []
-    for name in seen - NOT_CODE_DEPS:
+    for name in sorted(n for n in seen if not _plumbing(n)):
         path = _source_of(name)
         if path.name == "__init__.py" and _only_docstring(path):
             continue

@@ -87,7 +87,7 @@ def run(
         return [text.replace("\n", " ") for text in out.texts]
 
     if track:
-        from pipeline.tracking import log_dict_artifact
+        from pipeline.tracking.log import log_dict_artifact
 
         with stage_run(STAGE, params, root, PARAMS, [*code_paths(__name__), model_dir]) as _run:
             texts = sample()

@@ -33,7 +33,7 @@ def run(
     from pipeline.data.stats import TokenStatistics
     from pipeline.diffusion.checks import LINEAR, alpha_curves, probe_tokens, require_monotone, schedule_report
     from pipeline.diffusion.schedules import schedule_from_params
-    from pipeline.tracking import log_artifact, log_metrics
+    from pipeline.tracking.log import log_artifact, log_metrics
     from pipeline.viz import line_plot
 
     layout = Layout(Path(root))

@@ -34,7 +34,7 @@ def run(params: Params, root: Path, *, progress: ProgressCallback | None = None)
     from pipeline.data.tokenize import TokenizedSplit
     from pipeline.diffusion.forward import SpecialIds
     from pipeline.model.loading import load_tokenizer
-    from pipeline.tracking import log_artifact, log_metrics
+    from pipeline.tracking.log import log_artifact, log_metrics
 
     layout = Layout(Path(root))
     meta = read_json(require(layout.prepared / "meta.json", "prepared data", "prepare"))

@@ -70,7 +70,7 @@ def run(
     progress: ProgressCallback | None = None,
     tracking_uri: str | None = None,
 ) -> dict:
-    from pipeline.tracking import log_artifact, log_metrics
+    from pipeline.tracking.log import log_artifact, log_metrics
     from pipeline.train.history import final_metrics, history_table
     from pipeline.train.ray.driver import run_training
     from pipeline.viz import training_curves

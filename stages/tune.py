@@ -93,7 +93,7 @@ def run(
     layout = Layout(Path(root))
     for path in INPUTS:
         require(layout.root / path, path, "token-stats" if "token_stats" in path else "prepare")
-    from pipeline.tracking import log_artifact
+    from pipeline.tracking.log import log_artifact
     from pipeline.tune.driver import run_tune
 
     with stage_run(STAGE, params, root, PARAMS, [*code_paths(__name__), *INPUTS]) as parent:

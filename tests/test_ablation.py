@@ -273,7 +273,7 @@ def ablated(tmp_path_factory, lm1b_dir):
 def _runs(root):
     import mlflow
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking.store import tracking_uri
 
     client = mlflow.MlflowClient(tracking_uri(root))
     exp = client.get_experiment_by_name("diffusionbert")

@@ -212,7 +212,7 @@ def test_generate_prints_readable_lines(tmp_path, tiny_model):
     assert result.exit_code == 0, result.output
     assert result.stdout == ""
     assert out.read_text().splitlines() == lines
-    from pipeline.tracking import find_runs
+    from pipeline.tracking.store import find_runs
 
     tracked = find_runs(root=tmp_path, stage="generate")  # only --track records a run
     assert len(tracked) == 1 and tracked[0]["status"] == "FINISHED"
@@ -352,7 +352,7 @@ def test_tune_prints_the_proposal_and_apply_runs_it_as_a_dvc_experiment(tmp_path
     monkeypatch.setattr(tune, "run_command", lambda command, cwd: 3)
     assert_one_line_error(invoke(*common, "--apply"), "dvc exp run", "exit code 3")
 
-    from pipeline.tracking import find_runs
+    from pipeline.tracking.store import find_runs
 
     runs = find_runs(root=tmp_path, stage="tune")
     assert len(runs) == 3 and runs[-1]["status"] == "FINISHED"

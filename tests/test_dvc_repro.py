@@ -205,7 +205,7 @@ def test_repro_runs_each_stage_once_and_params_reach_exactly_their_stages(repo):
     # main repository, and the MLflow run lands in the main repository's store.
     temp = run(repo, "dvc", "exp", "run", "--temp", "-S", "data.max_sentences=100", "prepare")
     assert ran(temp) == {"prepare"}, temp.stdout + temp.stderr
-    from pipeline.tracking import find_runs
+    from pipeline.tracking.store import find_runs
 
     prepared = find_runs(root=repo, stage="prepare")
     assert len(prepared) == 2

@@ -71,20 +71,20 @@ def test_local_mode_training_reaches_the_configured_steps_logs_to_mlflow_and_exp
 ):
     import mlflow
 
-    from pipeline import tracking
     from pipeline.eval.generation import generate
     from pipeline.model.export import load_exported
+    from pipeline.tracking import runs, store
 
     monkeypatch.setenv("DBERT_PROJECT_ROOT", str(layout.root))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{layout.root / 'mlflow.db'}")
     params = tiny_params("train.steps=4", "train.num_workers=0")
     seen: list[dict] = []
     try:
-        with tracking.start_stage_run("train", params, root=layout.root) as run:
+        with runs.start_stage_run("train", params, root=layout.root) as run:
             outcome = run_training(
                 params, layout, export_dir=layout.model, progress=seen.append, mlflow_run_id=run.info.run_id
             )
-        client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri())
+        client = mlflow.MlflowClient(tracking_uri=store.tracking_uri())
         logged = client.get_metric_history(run.info.run_id, "val_bound")
         assert client.get_run(run.info.run_id).info.status == "FINISHED"  # the worker never ended it
     finally:

@@ -286,7 +286,7 @@ NESTED = textwrap.dedent(
     import json, sys, time
     from pathlib import Path
     from pipeline.artifacts import atomic_directory, write_file_atomic
-    from pipeline.tracking import start_stage_run
+    from pipeline.tracking.runs import start_stage_run
 
     root, ready = Path(sys.argv[1]), Path(sys.argv[2])
     with start_stage_run("ablation", {"rows": 1}, root=root) as parent:

@@ -37,7 +37,7 @@ def tree_digest(*paths: Path) -> dict[str, str]:
 
 
 def runs_by_stage(root: Path) -> dict[str, list[dict]]:
-    from pipeline.tracking import find_runs
+    from pipeline.tracking.store import find_runs
 
     out: dict[str, list[dict]] = {}
     for run in find_runs(root=root):
@@ -48,7 +48,7 @@ def runs_by_stage(root: Path) -> dict[str, list[dict]]:
 def artifact_paths(run_id: str, root: Path) -> set[str]:
     import mlflow
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking.store import tracking_uri
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri(root))
     found: set[str] = set()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import lineage, project, tracking
+from pipeline import lineage, project
+from pipeline.tracking import log, runs, store
 
 pytestmark = pytest.mark.integration
 
@@ -64,16 +65,16 @@ def test_a_stage_run_records_flattened_params_lineage_tags_metrics_and_an_artifa
     report = git_repo / "report.txt"
     report.write_text("bound 4.2\n")
 
-    with tracking.start_stage_run(
+    with runs.start_stage_run(
         "train",
         params,
         deps=["data/train.txt", "data/tokenized", "data/absent"],
         tags={"purpose": "test"},
         root=git_repo,
     ) as run:
-        logged = tracking.log_metrics({"loss": 1.5, "nan": math.nan, "inf": math.inf, "name": "x"}, step=3)
-        tracking.log_artifact(report, artifact_path="reports")
-        tracking.log_dict_artifact({"bound": 4.2, "path": Path("a/b")}, "summary.json")
+        logged = log.log_metrics({"loss": 1.5, "nan": math.nan, "inf": math.inf, "name": "x"}, step=3)
+        log.log_artifact(report, artifact_path="reports")
+        log.log_dict_artifact({"bound": 4.2, "path": Path("a/b")}, "summary.json")
 
     assert logged == {"loss": 1.5}
     assert mlflow.active_run() is None
@@ -115,22 +116,22 @@ def test_a_stage_run_records_flattened_params_lineage_tags_metrics_and_an_artifa
 def test_a_failing_block_marks_the_run_failed_and_reraises(clean_mlflow, tmp_path):
     mlflow = clean_mlflow
     with pytest.raises(ZeroDivisionError):
-        with tracking.start_stage_run("evaluate", {"evaluate": {"seeds": [0]}}, root=tmp_path) as run:
+        with runs.start_stage_run("evaluate", {"evaluate": {"seeds": [0]}}, root=tmp_path) as run:
             raise ZeroDivisionError("the stage failed")
 
     assert mlflow.active_run() is None
-    runs = tracking.find_runs("diffusionbert", root=tmp_path)
-    assert [(r["run_id"], r["status"]) for r in runs] == [(run.info.run_id, "FAILED")]
-    assert runs[0]["params"] == {"evaluate.seeds": "[0]"}
+    found = store.find_runs("diffusionbert", root=tmp_path)
+    assert [(r["run_id"], r["status"]) for r in found] == [(run.info.run_id, "FAILED")]
+    assert found[0]["params"] == {"evaluate.seeds": "[0]"}
 
 
 def test_setup_tracking_is_idempotent(clean_mlflow, tmp_path):
     mlflow = clean_mlflow
-    first = tracking.setup_tracking("idem", root=tmp_path)
-    second = tracking.setup_tracking("idem", root=tmp_path)
+    first = store.setup_tracking("idem", root=tmp_path)
+    second = store.setup_tracking("idem", root=tmp_path)
 
     assert first == second
-    client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri(tmp_path))
+    client = mlflow.MlflowClient(tracking_uri=store.tracking_uri(tmp_path))
     names = [e.name for e in client.search_experiments()]
     assert names.count("idem") == 1
     assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -141,7 +142,7 @@ def test_setup_tracking_from_concurrent_processes_creates_one_experiment(clean_m
         f"""
         import sys
         sys.path.insert(0, {str(REPO)!r})
-        from pipeline.tracking import setup_tracking
+        from pipeline.tracking.store import setup_tracking
         print(setup_tracking("raced", root={str(tmp_path)!r}))
         """
     )
@@ -157,36 +158,36 @@ def test_setup_tracking_from_concurrent_processes_creates_one_experiment(clean_m
     assert all(p.returncode == 0 for p in procs), [err for _, err in results]
     ids = {out.strip() for out, _ in results}
     assert len(ids) == 1
-    client = clean_mlflow.MlflowClient(tracking_uri=tracking.tracking_uri(tmp_path))
+    client = clean_mlflow.MlflowClient(tracking_uri=store.tracking_uri(tmp_path))
     assert [e.name for e in client.search_experiments()].count("raced") == 1
 
 
 def test_a_deleted_experiment_is_restored_by_setup_tracking(clean_mlflow, tmp_path):
-    client = clean_mlflow.MlflowClient(tracking_uri=tracking.tracking_uri(tmp_path))
-    exp_id = tracking.setup_tracking("phoenix", root=tmp_path)
+    client = clean_mlflow.MlflowClient(tracking_uri=store.tracking_uri(tmp_path))
+    exp_id = store.setup_tracking("phoenix", root=tmp_path)
     client.delete_experiment(exp_id)
 
-    assert tracking.setup_tracking("phoenix", root=tmp_path) == exp_id
+    assert store.setup_tracking("phoenix", root=tmp_path) == exp_id
     assert client.get_experiment(exp_id).lifecycle_stage == "active"
 
 
 def test_nested_stage_runs_record_their_parent(clean_mlflow, tmp_path):
-    with tracking.start_stage_run("tune", None, root=tmp_path) as parent:
-        with tracking.start_stage_run("trial", {"lr": 1e-4}, nested=True, root=tmp_path) as child:
-            tracking.log_metrics({"bound": 3.0})
+    with runs.start_stage_run("tune", None, root=tmp_path) as parent:
+        with runs.start_stage_run("trial", {"lr": 1e-4}, nested=True, root=tmp_path) as child:
+            log.log_metrics({"bound": 3.0})
 
-    client = clean_mlflow.MlflowClient(tracking_uri=tracking.tracking_uri(tmp_path))
+    client = clean_mlflow.MlflowClient(tracking_uri=store.tracking_uri(tmp_path))
     stored = client.get_run(child.info.run_id)
     assert stored.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert client.get_run(parent.info.run_id).data.metrics == {}
-    trials = tracking.find_runs("diffusionbert", stage="trial", root=tmp_path)
+    trials = store.find_runs("diffusionbert", stage="trial", root=tmp_path)
     assert [(r["run_id"], r["metrics"]) for r in trials] == [(child.info.run_id, {"bound": 3.0})]
 
 
 def test_long_param_values_are_truncated_to_mlflows_limit(clean_mlflow, tmp_path):
-    with tracking.start_stage_run("prepare", {"data": {"files": "x" * 7000}}, root=tmp_path):
+    with runs.start_stage_run("prepare", {"data": {"files": "x" * 7000}}, root=tmp_path):
         pass
-    (run,) = tracking.find_runs("diffusionbert", stage="prepare", root=tmp_path)
+    (run,) = store.find_runs("diffusionbert", stage="prepare", root=tmp_path)
     assert run["params"]["data.files"] == "x" * 6000
 
 
@@ -223,8 +224,8 @@ def test_project_root_from_a_dvc_exp_temp_copy_resolves_to_the_main_repo(clean_m
     assert project.project_root(copy) == git_repo
     monkeypatch.chdir(copy)
     assert project.project_root() == git_repo
-    assert tracking.tracking_uri() == f"sqlite:///{git_repo / 'mlflow.db'}"
-    assert tracking.artifact_location() == (git_repo / "mlartifacts").as_uri()
+    assert store.tracking_uri() == f"sqlite:///{git_repo / 'mlflow.db'}"
+    assert store.artifact_location() == (git_repo / "mlartifacts").as_uri()
 
 
 def test_project_root_is_the_git_top_level_and_dbert_project_root_wins(clean_mlflow, git_repo, tmp_path, monkeypatch):
@@ -234,12 +235,12 @@ def test_project_root_is_the_git_top_level_and_dbert_project_root_wins(clean_mlf
 
 
 def test_mlflow_tracking_uri_wins_over_the_project_database(clean_mlflow, tmp_path, monkeypatch):
-    assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert store.tracking_uri(tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
     other = f"sqlite:///{tmp_path / 'server' / 'other.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
-    assert tracking.tracking_uri(tmp_path) == other
+    assert store.tracking_uri(tmp_path) == other
 
-    tracking.setup_tracking("elsewhere", root=tmp_path)
+    store.setup_tracking("elsewhere", root=tmp_path)
     assert (tmp_path / "server" / "other.db").is_file()
     assert not (tmp_path / "mlflow.db").exists()
     client = clean_mlflow.MlflowClient(tracking_uri=other)
@@ -248,42 +249,42 @@ def test_mlflow_tracking_uri_wins_over_the_project_database(clean_mlflow, tmp_pa
 
 
 def test_ui_command_binds_127_0_0_1_over_the_project_store(clean_mlflow, tmp_path):
-    argv = tracking.ui_command(root=tmp_path)
+    argv = store.ui_command(root=tmp_path)
 
     assert argv[1:4] == ["-m", "mlflow", "ui"]
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
     assert argv[argv.index("--port") + 1] == "5000"
     assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert argv[argv.index("--default-artifact-root") + 1] == (tmp_path / "mlartifacts").as_uri()
-    assert tracking.ui_command(host="0.0.0.0", port=8080, root=tmp_path)[-4:] == ["--host", "0.0.0.0", "--port", "8080"]
+    assert store.ui_command(host="0.0.0.0", port=8080, root=tmp_path)[-4:] == ["--host", "0.0.0.0", "--port", "8080"]
 
 
 def test_logging_helpers_are_no_ops_without_a_run_and_on_other_ranks(clean_mlflow, tmp_path, monkeypatch):
-    assert tracking.log_metrics({"loss": 1.0}) == {}  # no active run: MLflow must not start one
+    assert log.log_metrics({"loss": 1.0}) == {}  # no active run: MLflow must not start one
     assert clean_mlflow.active_run() is None
 
     calls = []
-    guarded = tracking.rank_zero_only(lambda: calls.append(1) or "done")
+    guarded = log.rank_zero_only(lambda: calls.append(1) or "done")
     monkeypatch.setenv("RANK", "1")
     assert guarded() is None
-    with tracking.start_stage_run("train", None, root=tmp_path) as run:
-        assert tracking.log_metrics({"loss": 2.0}) is None
+    with runs.start_stage_run("train", None, root=tmp_path) as run:
+        assert log.log_metrics({"loss": 2.0}) is None
     monkeypatch.setenv("RANK", "0")
     assert guarded() == "done"
     assert calls == [1]
-    (stored,) = tracking.find_runs("diffusionbert", root=tmp_path)
+    (stored,) = store.find_runs("diffusionbert", root=tmp_path)
     assert stored["run_id"] == run.info.run_id and stored["metrics"] == {}
 
 
 def test_default_run_names_carry_the_stage_and_are_unique():
-    names = {tracking.default_run_name("prepare") for _ in range(5)}
+    names = {runs.default_run_name("prepare") for _ in range(5)}
     assert len(names) == 5
     assert all(n.startswith("prepare-") and len(n.split("-")) == 4 for n in names)
 
 
 def test_importing_pipeline_tracking_imports_no_mlflow_ray_or_dvc():
     code = (
-        "import sys; import pipeline.tracking; "
+        "import sys; import pipeline.tracking.store, pipeline.tracking.runs, pipeline.tracking.log; "
         "print(sorted(m for m in ('mlflow', 'ray', 'dvc', 'torch') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)

@@ -42,7 +42,7 @@ def test_a_spindle_lambda_that_breaks_monotonicity_is_refused_naming_the_limit()
 def test_a_two_trial_tune_writes_the_table_the_proposal_and_nested_mlflow_runs(ray_cluster, layout, monkeypatch):
     import mlflow
 
-    from pipeline import tracking
+    from pipeline.tracking import runs, store
 
     monkeypatch.setenv("DBERT_PROJECT_ROOT", str(layout.root))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{layout.root / 'mlflow.db'}")
@@ -56,7 +56,7 @@ def test_a_two_trial_tune_writes_the_table_the_proposal_and_nested_mlflow_runs(r
     )
     params_yaml_before = (layout.root / "params.yaml").exists()
     try:
-        with tracking.start_stage_run("tune", params, root=layout.root) as parent:
+        with runs.start_stage_run("tune", params, root=layout.root) as parent:
             outcome = run_tune(params, layout, parent_run_id=parent.info.run_id)
         parent_id = parent.info.run_id
 
@@ -81,7 +81,7 @@ def test_a_two_trial_tune_writes_the_table_the_proposal_and_nested_mlflow_runs(r
         assert (layout.root / "params.yaml").exists() == params_yaml_before  # never written
 
         # nested MLflow runs: one per trial, under the parent, with the trial's params and metrics
-        client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri())
+        client = mlflow.MlflowClient(tracking_uri=store.tracking_uri())
         children = client.search_runs(
             [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
         )

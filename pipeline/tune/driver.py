@@ -60,7 +60,7 @@ def run_tune(params: Params, layout: Layout, *, parent_run_id: str | None = None
     tracking = None
     if parent_run_id:
         from pipeline.project import ENV_PROJECT_ROOT, project_root
-        from pipeline.tracking import setup_tracking, tracking_uri
+        from pipeline.tracking.store import setup_tracking, tracking_uri
 
         setup_tracking(params.tracking.experiment)  # creates the store once, here, not in trials
         tracking = {
@@ -125,7 +125,7 @@ def run_tune(params: Params, layout: Layout, *, parent_run_id: str | None = None
         (tmp / "best_params.yaml").write_text(proposal_yaml(overrides, best_row, tune_name), encoding="utf-8")
     proposal = out / "best_params.yaml"
     if parent_run_id:
-        from pipeline.tracking import log_metrics
+        from pipeline.tracking.log import log_metrics
 
         log_metrics({"best_val_bound": best_row["best_val_bound"]}, run_id=parent_run_id)
     _log.info("tune run %s: best %s=%.6g with %s", tune_name, METRIC, best_row["best_val_bound"], overrides)

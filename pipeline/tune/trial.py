@@ -32,7 +32,7 @@ def tune_trial(config: dict, *, setup: dict) -> None:
     uri = tracking["uri"] if tracking else None  # the driver's store: the cluster may predate its environment
     run_cm: contextlib.AbstractContextManager[Any] = contextlib.nullcontext(None)
     if tracking:
-        from pipeline.tracking import start_stage_run
+        from pipeline.tracking.runs import start_stage_run
 
         run_cm = start_stage_run(
             TRIAL_STAGE,

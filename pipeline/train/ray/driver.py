@@ -54,7 +54,7 @@ def _mlflow_uri() -> str | None:
         import mlflow
 
         return mlflow.get_tracking_uri()
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking.store import tracking_uri
 
     return tracking_uri()
 

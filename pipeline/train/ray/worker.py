@@ -138,7 +138,7 @@ def train_worker_body(
     if log_to_mlflow:
         import mlflow
 
-        from pipeline.tracking import quiet_mlflow_logs
+        from pipeline.tracking.store import quiet_mlflow_logs
 
         quiet_mlflow_logs()
         if config.tracking_uri:
@@ -165,7 +165,7 @@ def train_worker_body(
         if last and "model" in holder:
             metrics["weights_sha256"] = weights_checksum(holder["model"])
         if log_to_mlflow:
-            from pipeline.tracking import log_metrics
+            from pipeline.tracking.log import log_metrics
 
             try:
                 log_metrics(metrics, step=int(metrics["step"]), run_id=config.mlflow_run_id)

@@ -1,0 +1,197 @@
+"""The MLflow store: where it is (`tracking_uri`), experiment setup, the UI command, queries.
+
+Importing this module is cheap: MLflow is imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.project import resolve_root
+
+ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
+DEFAULT_EXPERIMENT = "diffusionbert"
+DB_NAME = "mlflow.db"
+ARTIFACT_DIR = "mlartifacts"
+_QUIET_LOGGERS = ("alembic", "mlflow.store", "mlflow.tracking._tracking_service")
+
+
+def tracking_uri(root: Path | str | None = None) -> str:
+    """`$MLFLOW_TRACKING_URI` when set, else `sqlite:///<abs root>/mlflow.db`."""
+    env = os.environ.get(ENV_TRACKING_URI)
+    if env:
+        return env
+    return f"sqlite:///{(resolve_root(root) / DB_NAME).as_posix()}"
+
+
+def artifact_location(root: Path | str | None = None) -> str:
+    """`file://<abs root>/mlartifacts`, the artifact root of the default store.
+
+    Experiments that `setup_tracking` creates in a sqlite store keep artifacts in `mlartifacts`
+    next to the database file, which for the default store is exactly this folder.
+    """
+    return (resolve_root(root) / ARTIFACT_DIR).as_uri()
+
+
+def _is_local_store(uri: str) -> bool:
+    """A store this process writes directly (a database or a folder), not a tracking server."""
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    return scheme not in {"http", "https", "databricks", "databricks-uc", "uc"}
+
+
+def _experiment_artifact_location(uri: str, root: Path | str | None) -> str | None:
+    """Artifacts of new experiments: next to a sqlite db, under the root for other databases,
+    the server's choice for a tracking server or a file store."""
+    db = _sqlite_path(uri)
+    if db is not None:
+        return (db.resolve().parent / ARTIFACT_DIR).as_uri()
+    if not _is_local_store(uri) or uri.startswith("file:") or "://" not in uri:
+        return None
+    return artifact_location(root)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///") :].split("?", 1)[0]
+        return Path(path) if path and path != ":memory:" else None
+    return None
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialise first-time schema and experiment creation between processes on this machine."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    key = hashlib.md5(uri.encode("utf-8")).hexdigest()[:16]
+    lock_path = Path(tempfile.gettempdir()) / f"dbert-mlflow-{key}.lock"
+    with open(lock_path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def quiet_mlflow_logs(level: int = logging.WARNING) -> None:
+    """Silence alembic migrations and MLflow's store INFO chatter."""
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
+
+def setup_tracking(experiment: str = DEFAULT_EXPERIMENT, root: Path | str | None = None, uri: str | None = None) -> str:
+    """Point MLflow at the project store (or the store `uri` names), create `experiment` once,
+    make it active; its id.
+
+    Safe to call again and from concurrent processes: for a local store, schema and experiment
+    creation run under an inter-process file lock (sqlite migrations from several processes at
+    once corrupt `alembic_version`); a lost creation race re-reads the experiment; a deleted
+    experiment of that name is restored. The lock only covers processes on this machine, so
+    still call this in the driver before Ray workers or Tune trials start.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    quiet_mlflow_logs()
+    uri = uri or tracking_uri(root)
+    local = _is_local_store(uri)
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)  # also exports MLFLOW_TRACKING_URI to child processes
+    lock = _store_lock(uri) if local else contextlib.nullcontext()
+    with lock:
+        client = mlflow.MlflowClient(tracking_uri=uri)  # creates the sqlite schema if missing
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = _experiment_artifact_location(uri, root)
+            try:
+                exp_id = client.create_experiment(experiment, artifact_location=location)
+            except MlflowException:
+                exp = client.get_experiment_by_name(experiment)  # another process won the race
+                if exp is None:
+                    raise
+                exp_id = exp.experiment_id
+        else:
+            exp_id = exp.experiment_id
+            if exp.lifecycle_stage == "deleted":
+                client.restore_experiment(exp_id)
+    mlflow.set_experiment(experiment_id=exp_id)
+    return str(exp_id)
+
+
+def ui_command(host: str = "127.0.0.1", port: int = 5000, root: Path | str | None = None) -> list[str]:
+    """argv for `mlflow ui` over the project store (binds 127.0.0.1 unless told otherwise)."""
+    uri = tracking_uri(root)
+    if not _is_local_store(uri):
+        raise ValueError(f"MLFLOW_TRACKING_URI={uri} is already a tracking server: open it directly")
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--default-artifact-root",
+        _experiment_artifact_location(uri, root) or artifact_location(root),
+        "--host",
+        host,
+        "--port",
+        str(int(port)),
+    ]
+
+
+def find_runs(
+    experiment: str = DEFAULT_EXPERIMENT, stage: str | None = None, root: Path | str | None = None
+) -> list[dict[str, Any]]:
+    """Runs of `experiment` (newest first), optionally of one stage.
+
+    Each: run_id, run_name, status, start_time (ms), metrics, params, tags. [] when the
+    experiment does not exist. Reads the store `tracking_uri(root)` names.
+    """
+    import mlflow
+
+    quiet_mlflow_logs()
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(root))
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    filter_string = ""
+    if stage is not None:
+        escaped = stage.replace("'", "\\'")
+        filter_string = f"tags.stage = '{escaped}'"
+    out: list[dict[str, Any]] = []
+    page_token = None
+    while True:
+        page = client.search_runs(
+            [exp.experiment_id],
+            filter_string=filter_string,
+            order_by=["attributes.start_time DESC"],
+            max_results=1000,
+            page_token=page_token,
+        )
+        for run in page:
+            out.append(
+                {
+                    "run_id": run.info.run_id,
+                    "run_name": run.info.run_name,
+                    "status": run.info.status,
+                    "start_time": run.info.start_time,
+                    "metrics": dict(run.data.metrics),
+                    "params": dict(run.data.params),
+                    "tags": {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")},
+                }
+            )
+        page_token = page.token
+        if not page_token:
+            return out
