@@ -213,3 +213,14 @@ def test_repro_runs_each_stage_once_and_params_reach_exactly_their_stages(repo):
     assert newest["metrics"]["train.sequences"] == 100 and newest["status"] == "FINISHED"
     assert newest["tags"].get("dvc_exp_name")
     assert {r["tags"]["stage"] for r in find_runs(root=repo)} == set(PIPELINE)
+
+
+def test_prepare_reruns_when_the_hashing_it_records_changes():
+    """prepare writes file_md5 values into data/prepared/meta.json: the module that computes them
+    is one of prepare's code deps, so changing the hashing reruns prepare."""
+    import inspect
+
+    from pipeline.lineage import file_md5
+
+    source = Path(inspect.getsourcefile(file_md5)).resolve().relative_to(REPO).as_posix()
+    assert source in dvc_yaml()["stages"]["prepare"]["deps"]

@@ -52,3 +52,30 @@ def test_every_runtime_dependency_is_used_by_the_library_or_the_stages():
         if dist not in USED_WITHOUT_IMPORT and module not in imported:
             unused.append(dist)
     assert not unused, f"runtime dependencies nothing in pipeline/ or stages/ imports: {unused}"
+
+
+def module_imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, names) of every `from pipeline... / stages... import names` in a file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("pipeline", "stages"):
+            found.append((node.module, [alias.name for alias in node.names]))
+        elif isinstance(node, ast.Import):
+            found.extend((alias.name, []) for alias in node.names if alias.name.split(".")[0] in ("pipeline", "stages"))
+    return found
+
+
+def test_evaluation_and_training_do_not_import_each_other():
+    for package, other in (("eval", "pipeline.train"), ("train", "pipeline.eval")):
+        for path in (REPO / "pipeline" / package).rglob("*.py"):
+            for module, names in module_imports(path):
+                targets = [module] + [f"{module}.{name}" for name in names]
+                assert not any(t == other or t.startswith(other + ".") for t in targets), f"{path} imports {module}"
+
+
+def test_no_module_imports_a_private_name_of_another():
+    offenders = []
+    for path in [*REPO.glob("pipeline/**/*.py"), *REPO.glob("stages/**/*.py"), *REPO.glob("tests/*.py")]:
+        for module, names in module_imports(path):
+            offenders += [f"{path.relative_to(REPO)}: {module}.{n}" for n in names if n.startswith("_")]
+    assert not offenders, offenders
