@@ -30,7 +30,7 @@ repro: $(STAMP)
 	test -d .dvc || $(BIN)/dvc init -q
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-# PAPER §8's rows, one budget each (~100 min alone on 2 cores): outputs/ablation/report/report.md
+# PAPER §8's rows, one budget each (~100 min alone on 2 cores with AMX, hours without): outputs/ablation/report/report.md
 ablation: $(STAMP)
 	test -d .dvc || $(BIN)/dvc init -q
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro token_stats
