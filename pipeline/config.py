@@ -45,12 +45,16 @@ class DataParams(_Group):
 
 
 class ModelParams(_Group):
-    """Which BERT initialises the denoiser, and how the time step enters it (PAPER §5)."""
+    """Which BERT (or other masked-LM encoder) initialises the denoiser, and how the time step
+    enters it (PAPER §5)."""
 
     name_or_path: str = "default"
     time_design: TimeDesign = "none"
     random_init: bool = False
-    # Shape of a randomly initialised BERT (used only when name_or_path == "random").
+    # Architecture and shape of a randomly initialised encoder (used only when name_or_path ==
+    # "random"; a checkpoint's family is its own model_type). The names are
+    # pipeline.model.families.FAMILY_NAMES (spelled out here so the schema stays free of torch).
+    family: Literal["bert", "roberta", "distilbert", "modernbert"] = "bert"
     hidden_size: int = Field(384, ge=8)
     num_layers: int = Field(6, ge=1)
     num_heads: int = Field(12, ge=1)
@@ -96,6 +100,28 @@ class TrainParams(_Group):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
     max_failures: int = Field(2, ge=0)
+    # Samples per optimizer step over all workers; None: batch_size x workers. Set, it stays the
+    # same whatever the worker count: each worker accumulates global / (batch_size x workers).
+    global_batch_size: int | None = Field(None, ge=1)
+    # Where Ray keeps runs and checkpoints: None (<project>/ray_results), a shared path, or a URI.
+    storage: str | None = None
+    # 0: fail at once when the cluster is too small; > 0: ask the autoscaler and wait this long.
+    placement_timeout_s: float = Field(0.0, ge=0.0)
+    # How Ray places the workers' bundles: PACK (fewest nodes) or SPREAD (one per node where it can).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches each worker adds up per optimizer step (1 without `global_batch_size`)."""
+        if self.global_batch_size is None:
+            return 1
+        per_step = self.batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ParamsError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of train.batch_size="
+                f"{self.batch_size} x {world_size} worker(s) = {per_step}; pick a global batch that is, "
+                f"or change train.batch_size"
+            )
+        return self.global_batch_size // per_step
 
 
 class EvalParams(_Group):

@@ -28,15 +28,11 @@ def tiny_params(*overrides: str) -> Params:
     return load_params(None, [*TINY_OVERRIDES, *overrides])
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A 2-CPU local Ray cluster for the whole session (the dashboard on 127.0.0.1 serves the state
-    API that Ray Train's controller polls)."""
+def init_local_ray() -> None:
+    """A 2-CPU local Ray cluster (the dashboard on 127.0.0.1 serves the state API that Ray
+    Train's controller polls)."""
     import ray
 
-    if ray.is_initialized():  # someone else's cluster: use it, leave it running
-        yield ray
-        return
     ray.init(
         num_cpus=2,
         include_dashboard=True,
@@ -45,10 +41,19 @@ def ray_cluster():
         logging_level=logging.WARNING,
         log_to_driver=True,
     )
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+
+
+@pytest.fixture
+def ray_cluster(request):
+    """The session's 2-CPU local Ray cluster: started on first use and kept until the session
+    ends (started again when a multi-node test replaced it); a cluster someone else started is
+    used as it is."""
+    import ray
+
+    if not ray.is_initialized():
+        init_local_ray()
+        request.config.add_cleanup(lambda: ray.shutdown() if ray.is_initialized() else None)
+    yield ray
 
 
 @pytest.fixture(scope="session")

@@ -50,12 +50,20 @@ def run_tune(params: Params, layout: Layout, *, parent_run_id: str | None = None
     from ray.tune.schedulers import ASHAScheduler
 
     from pipeline.train.ray.cluster import check_placement, init_ray
+    from pipeline.train.ray.inputs import TrainInputs
     from pipeline.train.ray.runs import new_run_name
+    from pipeline.train.ray.storage import RunStorage, check_reachable
 
     values = search_values(params)  # validates before Ray starts
     tp, tn = params.train, params.tune
+    store = RunStorage.resolve(tp.storage, layout.root)
+    inputs = TrainInputs.read(layout.prepared, layout.token_stats, params.model.name_or_path)
     started = init_ray()
-    check_placement(tp.num_workers, tp.cpus_per_worker, tp.use_gpu, reserve_cpus=TRIAL_CPU)
+    check_placement(
+        tp.num_workers, tp.cpus_per_worker, tp.use_gpu, reserve_cpus=TRIAL_CPU, wait_s=tp.placement_timeout_s
+    )
+    check_reachable(store)
+    inputs = inputs.ship()  # trials and their workers may run on any node
 
     tracking = None
     if parent_run_id:
@@ -70,12 +78,11 @@ def run_tune(params: Params, layout: Layout, *, parent_run_id: str | None = None
         }
 
     tune_name = new_run_name("tune")
-    storage = layout.ray_results.resolve()
     setup = {
         "params": params.model_dump(),
-        "root": str(layout.root.resolve()),
+        "inputs": inputs,
         "tune_name": tune_name,
-        "train_storage": str(storage / f"{tune_name}-train"),
+        "train_storage": store.child(f"{tune_name}-train"),
         "tracking": tracking,
     }
     grace = min(tn.grace_period, tn.steps)
@@ -88,7 +95,10 @@ def run_tune(params: Params, layout: Layout, *, parent_run_id: str | None = None
             max_concurrent_trials=tn.max_concurrent,
         ),
         run_config=tune.RunConfig(
-            name=tune_name, storage_path=str(storage), verbose=0, failure_config=tune.FailureConfig(max_failures=0)
+            name=tune_name,
+            storage_path=str(store.location),
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
     grid = fit_tuner(tuner, started, parent_run_id, tracking["uri"] if tracking else None)
@@ -117,7 +127,7 @@ def run_tune(params: Params, layout: Layout, *, parent_run_id: str | None = None
         "best": best,
         "trials": table,
         "parent_run_id": parent_run_id,
-        "storage_path": str(storage / tune_name),
+        "storage_path": str(store.child(tune_name)),
     }
     with atomic_directory(out) as tmp:  # the three files appear together, or not at all
         (tmp / "trials.csv").write_text(trials_csv(table, list(values)), encoding="utf-8")

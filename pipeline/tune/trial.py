@@ -7,9 +7,10 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import Layout
 from pipeline.config import Params
 from pipeline.errors import first_line
+from pipeline.train.ray.inputs import TrainInputs
+from pipeline.train.ray.storage import join
 from pipeline.tune.space import METRIC, trial_params
 
 TRIAL_CPU = 0.01  # what each trial's driver function holds while its workers train
@@ -23,10 +24,9 @@ def tune_trial(config: dict, *, setup: dict) -> None:
     params = trial_params(setup["params"], config)
     context = tune.get_context()
     trial_id = context.get_trial_id()
-    layout = Layout(Path(setup["root"]))
-    storage = Path(setup["train_storage"])
+    storage = setup["train_storage"]  # a path or URI in train.storage
     run_name = f"trial-{trial_id}"
-    run_dir = storage / run_name
+    run_dir = join(storage, run_name)
 
     tracking = setup.get("tracking")
     uri = tracking["uri"] if tracking else None  # the driver's store: the cluster may predate its environment
@@ -53,7 +53,9 @@ def tune_trial(config: dict, *, setup: dict) -> None:
     stopped: SystemExit | None = None
     with run_cm as run:
         try:
-            _train_trial(params, layout, run_dir, storage, run_name, run.info.run_id if run is not None else None, uri)
+            _train_trial(
+                params, setup["inputs"], run_dir, storage, run_name, run.info.run_id if run is not None else None, uri
+            )
         except SystemExit as stop:
             # Tune stops a trial (ASHA, or max_t reached) with sys.exit(0) inside tune.report;
             # that is an outcome, not a failure of the MLflow run. (A trial on Ray workers is
@@ -71,9 +73,9 @@ def tune_trial(config: dict, *, setup: dict) -> None:
 
 def _train_trial(
     params: Params,
-    layout: Layout,
-    run_dir: Path,
-    storage: Path,
+    inputs: TrainInputs,
+    run_dir: str | Path,
+    storage: str | Path,
     run_name: str,
     run_id: str | None,
     tracking_uri: str | None,
@@ -85,7 +87,7 @@ def _train_trial(
     from pipeline.train.ray.worker import WorkerConfig, train_worker, train_worker_body
 
     # no fault plan: the training test hook never fires in tune trials
-    worker_config = WorkerConfig.for_run(params, layout, run_dir, mlflow_run_id=run_id, tracking_uri=tracking_uri)
+    worker_config = WorkerConfig.for_run(params, inputs, run_dir, mlflow_run_id=run_id, tracking_uri=tracking_uri)
     if params.train.num_workers == 0:
 
         def deliver(metrics: dict, checkpoint_dir: Path | None, last: bool) -> None:
@@ -100,7 +102,11 @@ def _train_trial(
     from ray.tune.integration.ray_train import TuneReportCallback
 
     check_placement(
-        params.train.num_workers, params.train.cpus_per_worker, params.train.use_gpu, reserve_cpus=TRIAL_CPU
+        params.train.num_workers,
+        params.train.cpus_per_worker,
+        params.train.use_gpu,
+        reserve_cpus=TRIAL_CPU,
+        wait_s=params.train.placement_timeout_s,
     )
     trainer = TorchTrainer(
         train_worker,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,36 +79,81 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
-def check_placement(num_workers: int, cpus_per_worker: float, use_gpu: bool, *, reserve_cpus: float = 0.0) -> None:
-    """Raise PlacementError unless the cluster's total resources can hold the workers.
+def check_placement(
+    num_workers: int,
+    cpus_per_worker: float,
+    use_gpu: bool,
+    *,
+    reserve_cpus: float = 0.0,
+    wait_s: float = 0.0,
+) -> None:
+    """Raise PlacementError unless the cluster's resources can hold the workers.
 
     Local mode (`num_workers == 0`) needs nothing. `reserve_cpus` is what a driver inside Ray
     (a Tune trial) holds while its workers run. Each worker must also fit on one node, and the
     workers must pack onto the nodes as a whole. Totals, not what is free right now: a busy
-    cluster frees up, a too-small one never grows (unless an autoscaler adds nodes).
+    cluster frees up. A cluster that can grow (an autoscaler behind it, `train.placement_timeout_s`
+    > 0, i.e. `wait_s`) is asked for the workers' bundles and given `wait_s` seconds to add nodes;
+    with `wait_s == 0` a cluster too small fails at once, since nothing will make it larger.
     """
     if num_workers <= 0:
         return
     import ray
 
-    totals = ray.cluster_resources()
+    problem = placement_problem(num_workers, cpus_per_worker, use_gpu, reserve_cpus, ray.cluster_resources(), _nodes())
+    if problem is None:
+        return
+    if wait_s <= 0:
+        raise PlacementError(problem)
+    from ray.autoscaler.sdk import request_resources
+
+    bundle = {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
+    request_resources(bundles=[bundle] * num_workers)  # a hint to an autoscaler; a no-op without one
+    _log.warning("waiting up to %gs for the Ray cluster to grow: %s", wait_s, problem)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
+        problem = placement_problem(
+            num_workers, cpus_per_worker, use_gpu, reserve_cpus, ray.cluster_resources(), _nodes()
+        )
+        if problem is None:
+            return
+    raise PlacementError(
+        f"{problem}; the cluster did not grow to hold them within train.placement_timeout_s={wait_s:g}s"
+    )
+
+
+def _nodes() -> list[dict]:
+    import ray
+
+    return [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+
+
+def placement_problem(
+    num_workers: int,
+    cpus_per_worker: float,
+    use_gpu: bool,
+    reserve_cpus: float,
+    totals: dict,
+    nodes: list[dict],
+) -> str | None:
+    """Why the workers do not fit into a cluster of these totals and nodes (None: they fit)."""
     total_cpus = float(totals.get("CPU", 0.0))
     total_gpus = float(totals.get("GPU", 0.0))
     need = num_workers * cpus_per_worker + reserve_cpus
     driver = f" (plus {_fmt(reserve_cpus)} for the trial driver)" if reserve_cpus else ""
     if need > total_cpus + 1e-9:
-        raise PlacementError(
+        return (
             f"train.num_workers={num_workers} x train.cpus_per_worker={_fmt(cpus_per_worker)} needs "
             f"{_fmt(need)} CPUs{driver} but the Ray cluster has {_fmt(total_cpus)}; lower train.num_workers or "
-            f"train.cpus_per_worker (train.num_workers=0 trains in this process), or join a larger cluster "
-            f"with RAY_ADDRESS"
+            f"train.cpus_per_worker (train.num_workers=0 trains in this process), join a larger cluster "
+            f"with RAY_ADDRESS, or let an autoscaling cluster grow (train.placement_timeout_s)"
         )
     if use_gpu and num_workers > total_gpus + 1e-9:
-        raise PlacementError(
+        return (
             f"train.num_workers={num_workers} with train.use_gpu=true needs {num_workers} GPU(s) but the Ray "
             f"cluster has {_fmt(total_gpus)}"
         )
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     if nodes:
         slots = sum(
             min(
@@ -118,15 +164,17 @@ def check_placement(num_workers: int, cpus_per_worker: float, use_gpu: bool, *, 
         )
         if slots < num_workers:
             largest = max(float(n.get("CPU", 0.0)) for n in nodes)
-            raise PlacementError(
+            return (
                 f"train.num_workers={num_workers} x train.cpus_per_worker={_fmt(cpus_per_worker)} does not fit "
                 f"on the Ray nodes: they hold {slots} such workers (largest node: {_fmt(largest)} CPUs)"
             )
+    return None
 
 
-def run_config_for(params: Params, run_name: str, storage_path: Path, callbacks: list | None = None):
-    """The Train `RunConfig`: a named run folder (reusing the name resumes it), the checkpoints
-    kept, the worker-group restarts allowed, and Ray Train's log level."""
+def run_config_for(params: Params, run_name: str, storage_path: str | Path, callbacks: list | None = None):
+    """The Train `RunConfig`: a named run folder in `train.storage` (a path or a pyarrow URI;
+    reusing the name resumes it), the checkpoints kept, the worker-group restarts allowed, and
+    Ray Train's log level."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 
     return RunConfig(
@@ -148,4 +196,5 @@ def scaling_config_for(params: Params):
         num_workers=tp.num_workers,
         use_gpu=tp.use_gpu,
         resources_per_worker={"CPU": tp.cpus_per_worker} if tp.num_workers else None,
+        placement_strategy=tp.placement_strategy,
     )

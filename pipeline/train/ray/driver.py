@@ -4,7 +4,6 @@ reports, copies the final checkpoint next to the project and exports the model."
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,8 +21,17 @@ from pipeline.train.ray.cluster import (
     train_log_level,
 )
 from pipeline.train.ray.faults import plan_from_env
+from pipeline.train.ray.inputs import TrainInputs
 from pipeline.train.ray.reports import drop_sink, forward_reports_callback, register_sink
-from pipeline.train.ray.runs import RUN_RECORD, last_run, latest_checkpoint, new_run_name, record_run
+from pipeline.train.ray.runs import (
+    RUN_RECORD,
+    last_run,
+    latest_checkpoint,
+    new_run_name,
+    record_run,
+    recorded_storage,
+)
+from pipeline.train.ray.storage import RunStorage, check_reachable, download_dir, local_path
 from pipeline.train.ray.worker import WorkerConfig, train_worker
 
 _log = logging.getLogger(__name__)
@@ -78,8 +86,8 @@ def run_training(
     trainer_cls = trainer_class()  # imports Ray Train before anything is written
 
     tp = params.train
-    storage = layout.ray_results.resolve()
-    resume_from: Path | None = None
+    store = RunStorage.resolve(tp.storage, layout.root)
+    resume_from: str | Path | None = None
     if resume:
         record = last_run(layout)
         if record is None:
@@ -88,23 +96,30 @@ def run_training(
                 f"(or {layout.ray_results / RUN_RECORD}); train without --resume first"
             )
         run_name = record["run_name"]
-        storage = Path(record["storage_path"])
-        resume_from = latest_checkpoint(storage / run_name)
+        recorded = recorded_storage(record)
+        store = RunStorage(recorded, explicit=recorded != store.location or store.explicit)
+        resume_from = latest_checkpoint(store.child(run_name))
         if resume_from is None:
             raise NothingToResumeError(
-                f"nothing to resume: the last run {run_name} has no complete checkpoint under {storage / run_name}"
+                f"nothing to resume: the last run {run_name} has no complete checkpoint under {store.child(run_name)}"
             )
         _log.info("resuming run %s from %s", run_name, resume_from)
     else:
         run_name = new_run_name("train")
-    run_dir = storage / run_name
+    run_dir = store.child(run_name)
+    tp.accumulation_steps(max(tp.num_workers, 1))  # a global batch the workers cannot split: fail now
 
     started = False
+    inputs = TrainInputs.read(layout.prepared, layout.token_stats, params.model.name_or_path)
     if tp.num_workers > 0:
         started = init_ray()
-        check_placement(tp.num_workers, tp.cpus_per_worker, tp.use_gpu)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    record_run(layout, run_name, storage, tp.num_workers)
+        check_placement(tp.num_workers, tp.cpus_per_worker, tp.use_gpu, wait_s=tp.placement_timeout_s)
+        check_reachable(store)
+        inputs = inputs.ship()
+    local = local_path(run_dir)
+    if local is not None:
+        local.mkdir(parents=True, exist_ok=True)
+    record_run(layout, run_name, store.location, tp.num_workers)
 
     history: list[dict] = []
 
@@ -123,9 +138,13 @@ def run_training(
     if tp.num_workers == 0:
         sink_id = register_sink(take)
     else:
+        import ray
         from ray.util.queue import Empty, Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        queue = Queue(actor_options={"num_cpus": 0})
+        # on the driver's node: the reports must outlive any worker node that goes away
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         callbacks.append(forward_reports_callback(queue))
 
         def drain(block: bool) -> None:
@@ -144,19 +163,19 @@ def run_training(
 
     config = WorkerConfig.for_run(
         params,
-        layout,
+        inputs,
         run_dir,
         resume_from=resume_from,
         mlflow_run_id=mlflow_run_id,
         tracking_uri=_mlflow_uri() if mlflow_run_id else None,
         sink_id=sink_id,
-        fault_plan=plan_from_env(run_dir, local_mode=tp.num_workers == 0),
+        fault_plan=plan_from_env(local, local_mode=tp.num_workers == 0) if local is not None else None,
     )
     trainer = trainer_cls(
         train_worker,
         train_loop_config=config.as_loop_config(),
         scaling_config=scaling_config_for(params),
-        run_config=run_config_for(params, run_name, storage, callbacks),
+        run_config=run_config_for(params, run_name, store.location, callbacks),
     )
     train_logger = logging.getLogger("ray.train")
     saved_level = train_logger.level
@@ -195,7 +214,7 @@ def run_training(
         if result.checkpoint is not None:
             result.checkpoint.to_directory(str(tmp))
         else:
-            shutil.copytree(final, tmp, dirs_exist_ok=True)
+            download_dir(final, tmp)
 
     precision = next((h["precision"] for h in reversed(history) if h.get("precision")), None)
     if precision is None:

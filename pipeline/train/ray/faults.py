@@ -1,4 +1,4 @@
-"""Test-only fault injection: make rank 0 of a training run die at a chosen step, once.
+"""Test-only fault injection: make rank 0 of a training run die (or pause) at a chosen step, once.
 
 Why it exists: the resume tests (tests/test_ray_train.py) must see a real worker die mid-run and
 Ray Train restart it from its last checkpoint, and nothing else makes a worker die on cue. Set
@@ -6,6 +6,11 @@ Ray Train restart it from its last checkpoint, and nothing else makes a worker d
 in the driver's environment: the driver turns them into a `FaultPlan` (`plan_from_env`) that
 travels in the worker config, because a Ray cluster started earlier never sees them. The worker
 calls `maybe_fail` after every optimizer step; without a plan it returns at once.
+
+`DBERT_PAUSE_AT_STEP=<step>` (with `DBERT_PAUSE_MARKER=<file>`) instead holds rank 0 still at
+that step, after its last checkpoint is registered, for `DBERT_PAUSE_S` seconds (default 120),
+and creates `<file>.paused` when it starts waiting: the multi-node test removes a whole Ray node
+then, mid-run, whatever the machine's speed.
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ from pathlib import Path
 
 ENV_FAIL_AT_STEP = "DBERT_FAIL_AT_STEP"
 ENV_FAIL_MARKER = "DBERT_FAIL_MARKER"
+ENV_PAUSE_AT_STEP = "DBERT_PAUSE_AT_STEP"
+ENV_PAUSE_MARKER = "DBERT_PAUSE_MARKER"
+ENV_PAUSE_S = "DBERT_PAUSE_S"
+PAUSED_SUFFIX = ".paused"
 MARKER_NAME = ".injected_failure"  # under the run folder, when DBERT_FAIL_MARKER is not set
 
 _log = logging.getLogger(__name__)
@@ -30,17 +39,31 @@ class InjectedFailure(RuntimeError):
 
 @dataclass(frozen=True)
 class FaultPlan:
-    """Where and how a run fails: rank 0 at `fail_at_step`, unless `marker` already exists."""
+    """Where and how a run fails: rank 0 at `fail_at_step` (or pauses at `pause_at_step`), unless
+    `marker` already exists."""
 
-    fail_at_step: int
-    marker: Path  # created when the failure fires, so a restarted worker goes on
+    fail_at_step: int | None
+    marker: Path  # created when the failure (or pause) fires, so a restarted worker goes on
     run_dir: Path  # the run folder, where the Train controller records its checkpoints
     local_mode: bool  # raise InjectedFailure instead of killing the process
+    pause_at_step: int | None = None
+    pause_s: float = 120.0
 
 
 def plan_from_env(run_dir: Path, local_mode: bool) -> FaultPlan | None:
     """The plan `$DBERT_FAIL_AT_STEP` / `$DBERT_FAIL_MARKER` ask for; None when unset."""
     fail_at = os.environ.get(ENV_FAIL_AT_STEP)
+    pause_at = os.environ.get(ENV_PAUSE_AT_STEP)
+    if pause_at:
+        marker = os.environ.get(ENV_PAUSE_MARKER) or str(Path(run_dir) / MARKER_NAME)
+        return FaultPlan(
+            fail_at_step=None,
+            marker=Path(marker),
+            run_dir=Path(run_dir),
+            local_mode=local_mode,
+            pause_at_step=int(pause_at),
+            pause_s=float(os.environ.get(ENV_PAUSE_S, "120")),
+        )
     if not fail_at:
         return None
     marker = os.environ.get(ENV_FAIL_MARKER) or str(Path(run_dir) / MARKER_NAME)
@@ -51,9 +74,12 @@ def maybe_fail(plan: FaultPlan | None, step: int, *, rank: int, last_checkpoint:
     """Fire `plan` if this is rank 0 at its step and it has not fired yet: raise InjectedFailure in
     local mode, else kill this process (as if the node went away) once the controller holds
     `last_checkpoint`, the name of the last checkpoint this rank handed on."""
-    if plan is None or rank != 0 or step != plan.fail_at_step:
+    if plan is None or rank != 0 or step not in (plan.fail_at_step, plan.pause_at_step):
         return
     if plan.marker.exists():
+        return
+    if step == plan.pause_at_step:
+        _pause(plan, step, last_checkpoint)
         return
     plan.marker.parent.mkdir(parents=True, exist_ok=True)
     plan.marker.touch()
@@ -63,6 +89,16 @@ def maybe_fail(plan: FaultPlan | None, step: int, *, rank: int, last_checkpoint:
         await_checkpoint_registered(plan.run_dir, last_checkpoint)
     _log.warning("%s=%s: killing training worker rank 0 at step %d", ENV_FAIL_AT_STEP, plan.fail_at_step, step)
     os._exit(1)
+
+
+def _pause(plan: FaultPlan, step: int, last_checkpoint: str | None) -> None:
+    plan.marker.parent.mkdir(parents=True, exist_ok=True)
+    plan.marker.touch()
+    if last_checkpoint is not None and not plan.local_mode:
+        await_checkpoint_registered(plan.run_dir, last_checkpoint)
+    _log.warning("%s=%d: rank 0 holds still for %gs", ENV_PAUSE_AT_STEP, step, plan.pause_s)
+    Path(str(plan.marker) + PAUSED_SUFFIX).touch()
+    time.sleep(plan.pause_s)
 
 
 def await_checkpoint_registered(run_dir: Path, name: str, timeout_s: float = 60.0) -> bool:

@@ -1,7 +1,8 @@
-"""Runs on disk: the record of the last run of a layout, and the checkpoints under a run folder.
+"""Runs in storage: the record of the last run of a layout, and the checkpoints under a run folder.
 
-The record is what `resume=True` (and the ablation) finds the last run by; checkpoints are named
-`checkpoint_<step>` the way Ray Train names them, so Ray's and local mode's look alike.
+The record (on the driver's disk) is what `resume=True` (and the ablation) finds the last run by;
+checkpoints are named `checkpoint_<step>` the way Ray Train names them, so Ray's and local mode's
+look alike, and live wherever `train.storage` says (`storage`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 from pipeline.artifacts import Layout, atomic_directory, read_json, write_json_atomic
+from pipeline.train.ray import storage
 
 RUN_RECORD = "last_run.json"
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -30,17 +32,23 @@ def _record_paths(layout: Layout) -> list[Path]:
     return [layout.train_out / RUN_RECORD, layout.ray_results / RUN_RECORD]
 
 
-def record_run(layout: Layout, run_name: str, storage_path: Path, num_workers: int) -> dict:
+def record_run(layout: Layout, run_name: str, storage: str | Path, num_workers: int) -> dict:
     """Write the run record (both copies) before training starts, so a stopped run can resume."""
     record = {
         "run_name": run_name,
-        "storage_path": str(storage_path),
+        "storage_path": str(storage),
         "num_workers": num_workers,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     for path in _record_paths(layout):
         write_json_atomic(record, path)
     return record
+
+
+def recorded_storage(record: dict) -> str | Path:
+    """The storage location a run record names (a URI stays a str, a path becomes a Path)."""
+    value = record["storage_path"]
+    return value if storage.is_uri(value) else Path(value)
 
 
 def last_run(layout: Layout) -> dict | None:
@@ -51,13 +59,14 @@ def last_run(layout: Layout) -> dict | None:
     return None
 
 
-def checkpoint_step(directory: Path) -> int | None:
+def checkpoint_step(directory: str | Path) -> int | None:
     """The optimizer step a checkpoint was taken at; None when it has no readable progress."""
     from pipeline.train.checkpoint import META_FILE  # torch: only when a checkpoint is read
 
+    text = storage.read_text(storage.join(directory, META_FILE))
     try:
-        return int(json.loads((Path(directory) / META_FILE).read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(json.loads(text)["step"]) if text is not None else None
+    except (ValueError, KeyError, TypeError):
         return None
 
 
@@ -66,36 +75,43 @@ def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:07d}"
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step under a run folder (Ray's or local mode's)."""
+def _checkpoints(run_dir: str | Path) -> list[tuple[int, str | Path]]:
+    """(step, location) of the complete checkpoints under a run folder, oldest first."""
     from pipeline.train.checkpoint import MODEL_FILE, STATE_FILE
 
-    best: tuple[int, Path] | None = None
-    if not Path(run_dir).is_dir():
-        return None
-    for child in Path(run_dir).iterdir():
-        if not child.is_dir() or not child.name.startswith(CHECKPOINT_PREFIX):
+    found = []
+    for name in storage.list_dirs(run_dir):
+        if not name.startswith(CHECKPOINT_PREFIX):
             continue
-        step = checkpoint_step(child)
-        if step is None or not (child / MODEL_FILE).is_file() or not (child / STATE_FILE).is_file():
+        location = storage.join(run_dir, name)
+        step = checkpoint_step(location)
+        if step is None or not all(storage.exists(storage.join(location, f)) for f in (MODEL_FILE, STATE_FILE)):
             continue
-        if best is None or step > best[0]:
-            best = (step, child)
-    return best[1] if best else None
+        found.append((step, location))
+    return sorted(found, key=lambda item: item[0])
 
 
-def persist_checkpoint(source: Path, run_dir: Path, step: int, keep: int = KEEP_CHECKPOINTS) -> Path:
-    """Copy a checkpoint into the run folder atomically and keep the newest `keep`: what Ray
-    Train does for its workers, done by hand where Ray persists nothing (local mode, Tune trials
-    in their own process)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / checkpoint_name(step)
-    with atomic_directory(target) as tmp:
-        shutil.copytree(source, tmp, dirs_exist_ok=True)
-    kept = sorted(
-        (c for c in run_dir.iterdir() if c.is_dir() and c.name.startswith(CHECKPOINT_PREFIX)),
-        key=lambda c: checkpoint_step(c) or -1,
-    )
-    for old in kept[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+def latest_checkpoint(run_dir: str | Path) -> str | Path | None:
+    """The complete checkpoint with the highest step under a run folder (Ray's or local mode's),
+    on the driver's disk or any storage `train.storage` names."""
+    found = _checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def persist_checkpoint(source: Path, run_dir: str | Path, step: int, keep: int = KEEP_CHECKPOINTS) -> str | Path:
+    """Copy a checkpoint into the run folder and keep the newest `keep`: what Ray Train does for
+    its workers, done by hand where Ray persists nothing (local mode, Tune trials in their own
+    process). Atomic on a local disk; on other stores the progress file goes last, and a copy
+    without it is not a checkpoint (`latest_checkpoint` skips it)."""
+    from pipeline.train.checkpoint import META_FILE
+
+    target = storage.join(run_dir, checkpoint_name(step))
+    if not storage.is_uri(run_dir):
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        with atomic_directory(Path(target)) as tmp:
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
+    else:  # any URI, file:// too: one code path for every store
+        storage.upload_dir(source, target, last=META_FILE)
+    for _, old in _checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        storage.delete_dir(old)
     return target

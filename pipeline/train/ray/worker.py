@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import Layout
 from pipeline.config import Params
-from pipeline.train.ray import faults
+from pipeline.train.ray import faults, storage
 from pipeline.train.ray.cluster import train_log_level
+from pipeline.train.ray.inputs import TrainInputs
 from pipeline.train.ray.reports import local_sink
 from pipeline.train.ray.runs import KEEP_CHECKPOINTS, checkpoint_name, checkpoint_step, persist_checkpoint
 
@@ -32,15 +32,15 @@ Deliver = Callable[[dict, Path | None, bool], None]  # (metrics, checkpoint_dir,
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """What every worker trains from. It crosses process boundaries (pickled by Ray), so it holds
-    paths and ids, never open handles; the tracking URI and the fault plan travel in it because
-    a Ray cluster started earlier does not see the driver's environment."""
+    """What every worker trains from. It crosses process and node boundaries (pickled by Ray), so
+    it holds objects, ObjectRefs, storage locations and ids, never a path on the driver's disk
+    (`inputs` carries the data); the tracking URI and the fault plan travel in it because a Ray
+    cluster started earlier does not see the driver's environment."""
 
     params: Params
-    prepared: Path  # the tokenized splits
-    token_stats: Path
-    run_dir: Path  # the Ray run folder: <storage>/<run name>
-    resume_from: Path | None = None  # a checkpoint to start from when Ray hands over none
+    inputs: TrainInputs  # the splits, token statistics and a local model folder (ObjectRefs on Ray)
+    run_dir: str | Path  # the run folder in `train.storage`: <storage>/<run name>
+    resume_from: str | Path | None = None  # a checkpoint in storage to start from when Ray hands over none
     mlflow_run_id: str | None = None  # rank 0 logs every report to this run
     tracking_uri: str | None = None  # the store of that run
     keep_checkpoints: int = KEEP_CHECKPOINTS  # local mode: checkpoints kept in run_dir
@@ -56,23 +56,21 @@ class WorkerConfig:
     def for_run(
         cls,
         params: Params,
-        layout: Layout,
-        run_dir: Path,
+        inputs: TrainInputs,
+        run_dir: str | Path,
         *,
-        resume_from: Path | None = None,
+        resume_from: str | Path | None = None,
         mlflow_run_id: str | None = None,
         tracking_uri: str | None = None,
         sink_id: str | None = None,
         fault_plan: faults.FaultPlan | None = None,
     ) -> WorkerConfig:
-        """The config of one run of `params` on `layout`'s data (absolute paths: workers may run
-        elsewhere)."""
+        """The config of one run of `params` on `inputs` (shipped through Ray unless local mode)."""
         return cls(
             params=params,
-            prepared=layout.prepared.resolve(),
-            token_stats=layout.token_stats.resolve(),
-            run_dir=Path(run_dir),
-            resume_from=Path(resume_from) if resume_from is not None else None,
+            inputs=inputs,
+            run_dir=run_dir,
+            resume_from=resume_from,
             mlflow_run_id=mlflow_run_id,
             tracking_uri=tracking_uri if mlflow_run_id else None,
             sink_id=sink_id,
@@ -121,16 +119,17 @@ def train_worker_body(
     import torch
 
     from pipeline.model.precision import resolve_precision
-    from pipeline.train.loop import TrainData, train_loop
+    from pipeline.train.loop import train_loop
 
-    params = config.params
-    tp = params.train
+    tp = config.params.train
     if device is None:
         device = torch.device(f"cuda:{local_rank}" if tp.use_gpu else "cpu")
-    data = TrainData.load(config.prepared, config.token_stats, params.model.name_or_path)
+    data, params = config.inputs.materialize(config.params)
     resume_from, resumed_via = start_checkpoint, "ray" if start_checkpoint is not None else "none"
+    downloaded: Path | None = None
     if resume_from is None and config.resume_from is not None:
-        resume_from, resumed_via = config.resume_from, "config"
+        resume_from, resumed_via = _local_copy(config.resume_from), "config"
+        downloaded = None if resume_from == config.resume_from else resume_from
     resumed_step = checkpoint_step(resume_from) if resume_from is not None else 0
     precision = resolve_precision(tp.precision, device)
 
@@ -181,18 +180,31 @@ def train_worker_body(
         last_metrics.clear()
         last_metrics.update(metrics)
 
-    train_loop(
-        params,
-        data,
-        device=device,
-        rank=rank,
-        world_size=world_size,
-        wrap_model=wrap,
-        report=report,
-        resume_from=resume_from,
-        on_step=on_step,
-    )
+    try:
+        train_loop(
+            params,
+            data,
+            device=device,
+            rank=rank,
+            world_size=world_size,
+            wrap_model=wrap,
+            report=report,
+            resume_from=Path(resume_from) if resume_from is not None else None,
+            on_step=on_step,
+        )
+    finally:
+        if downloaded is not None:
+            shutil.rmtree(downloaded, ignore_errors=True)
     return dict(last_metrics)
+
+
+def _local_copy(location: str | Path) -> Path:
+    """A checkpoint in storage as a local folder: a plain path is one, a URI is downloaded."""
+    import tempfile
+
+    if not storage.is_uri(location):
+        return Path(location)
+    return storage.download_dir(location, Path(tempfile.mkdtemp(prefix="dbert-resume-")))
 
 
 def train_worker(loop_config: dict) -> None:
@@ -223,7 +235,7 @@ def train_worker(loop_config: dict) -> None:
         if local_mode:
             if checkpoint_dir is not None and rank == 0:
                 kept = persist_checkpoint(checkpoint_dir, config.run_dir, step, config.keep_checkpoints)
-                checkpoint = Checkpoint.from_directory(str(kept))
+                checkpoint = Checkpoint(str(kept))  # a local folder or a URI in train.storage
             ray.train.report(metrics, checkpoint=checkpoint)
             if sink is not None and rank == 0:
                 sink(dict(metrics, checkpoint_path=checkpoint.path if checkpoint else None))
