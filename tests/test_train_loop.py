@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import load_params
+from pipeline.config import ParamsError, load_params
 from pipeline.data.sources import load_lm1b_mirror
 from pipeline.data.stats import TokenStatistics
 from pipeline.data.tokenize import tokenize_lines
@@ -91,3 +91,62 @@ def test_validation_runs_first_every_eval_every_and_last_and_checkpoints_every_c
     assert [s for s in range(1, 26) if should_eval(s, 25, 10)] == [1, 10, 20, 25]
     assert [s for s in range(1, 26) if should_checkpoint(s, 25, 10)] == [10, 20, 25]
     assert [s for s in range(1, 21) if should_checkpoint(s, 20, 10)] == [10, 20]
+
+
+# -- a global batch over workers and micro-batches ------------------------------------------------
+
+
+def test_the_global_batch_stays_the_same_whatever_the_worker_count():
+    tp = params("train.batch_size=4", "train.global_batch_size=16").train
+    assert [tp.accumulation_steps(w) for w in (1, 2, 4)] == [4, 2, 1]
+    assert params("train.batch_size=4").train.accumulation_steps(3) == 1  # no global batch: no accumulation
+    with pytest.raises(ParamsError, match=r"global_batch_size=16 is not a multiple of train.batch_size=4 x 3"):
+        tp.accumulation_steps(3)
+
+
+def test_an_accumulated_step_has_the_gradient_of_the_mean_loss_over_its_micro_batches(tiny_data):
+    """The loop's gradient after one step of 2 micro-batches equals the gradient of the mean of
+    the two micro-batch losses, computed here in one graph with the same noise and dropout."""
+    from pipeline.diffusion.loss import diffusion_loss
+    from pipeline.train.checkpoint import TrainPosition
+    from pipeline.train.loop import build_schedule_for, micro_seed, training_batches
+
+    p = params("train.steps=1", "train.batch_size=4", "train.global_batch_size=8", "train.grad_clip=0")
+    captured = {}
+    train_loop(p, tiny_data, wrap_model=lambda m: captured.setdefault("model", m))
+    trained = captured["model"]
+
+    special = SpecialIds.from_tokenizer(tiny_data.tokenizer)
+    schedule = build_schedule_for(p, tiny_data.stats)
+    torch.manual_seed(p.train.seed)
+    model = build_model(p, schedule)
+    model.train()
+    batches = training_batches(tiny_data, p, special, TrainPosition(), 0, 1)
+    losses = []
+    for micro in range(2):
+        batch = next(batches)
+        gen = torch.Generator().manual_seed(micro_seed(p.train.seed, 0, 0, micro))
+
+        def forward(x, a, s, pos):
+            return model(x, a, s, pos).logits
+
+        out = diffusion_loss(forward, batch["input_ids"], batch["attention_mask"], schedule, special, gen, 0.01)
+        losses.append(out.loss)
+    (sum(losses) / 2).backward()
+    for (name, ours), (_, reference) in zip(trained.named_parameters(), model.named_parameters()):
+        if reference.grad is None:
+            continue
+        assert torch.allclose(ours.grad, reference.grad, rtol=1e-4, atol=1e-7), name
+
+
+def test_with_accumulation_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tiny_data):
+    common = ["train.eval_every=100", "train.checkpoint_every=2", "train.warmup_steps=1"]
+    common += ["train.batch_size=4", "train.global_batch_size=12"]  # 3 micro-batches a step
+    straight = train_loop(params("train.steps=4", *common), tiny_data)
+    saved = []
+    train_loop(params("train.steps=2", *common), tiny_data, report=lambda m, c: saved.append(c) if c else None)
+    progress = load_checkpoint(saved[-1], build_model(params(*common), straight.schedule))
+    assert progress.step == 2 and progress.epoch * 0 + progress.batch_in_epoch == 6  # 2 steps x 3 micro-batches
+    resumed = train_loop(params("train.steps=4", *common), tiny_data, resume_from=saved[-1])
+    for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), name

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,6 +60,38 @@ def build_schedule_for(params: Params, stats: TokenStatistics) -> Schedule:
 def step_seed(seed: int, rank: int, step: int) -> int:
     """Diffusion noise of a step depends on (seed, rank, step) only: resumes replay it exactly."""
     return (seed * 1_000_003 + rank * 10_007 + step) % (2**63 - 1)
+
+
+def micro_seed(seed: int, rank: int, step: int, micro: int) -> int:
+    """The noise seed of micro-batch `micro` of a step (micro 0 keeps `step_seed`: runs without
+    accumulation draw what they always drew)."""
+    return (step_seed(seed, rank, step) + micro * 7_919_000_003) % (2**63 - 1)
+
+
+def training_batches(
+    data: TrainData, params: Params, special: SpecialIds, progress: TrainPosition, rank: int, world_size: int
+) -> Iterator[dict]:
+    """This rank's batches in training order from `progress` on, epoch after epoch; `progress`
+    moves past each batch as it is handed out, so a checkpoint records where to continue."""
+    tp = params.train
+    while True:
+        for batch in iterate_batches(
+            data.train,
+            tp.batch_size,
+            seed=tp.seed,
+            epoch=progress.epoch,
+            pad_id=special.pad,
+            packed=tp.packed,
+            seq_len=params.data.max_seq_len,
+            start_batch=progress.batch_in_epoch,
+            drop_last=True,
+            rank=rank,
+            world_size=world_size,
+        ):
+            progress.batch_in_epoch += 1
+            yield batch
+        progress.epoch += 1
+        progress.batch_in_epoch = 0
 
 
 @dataclass
@@ -159,85 +191,75 @@ def train_loop(
         )
     history: list[dict] = []
     model.train()
+    accumulate = tp.accumulation_steps(world_size)
+    stream = training_batches(data, params, special, progress, rank, world_size)
     window_tokens, window_time, window_loss, window_steps = 0, 0.0, 0.0, 0
     while progress.step < tp.steps:
-        batches = iterate_batches(
-            data.train,
-            tp.batch_size,
-            seed=tp.seed,
-            epoch=progress.epoch,
-            pad_id=special.pad,
-            packed=tp.packed,
-            seq_len=params.data.max_seq_len,
-            start_batch=progress.batch_in_epoch,
-            drop_last=True,
-            rank=rank,
-            world_size=world_size,
-        )
-        for batch in batches:
-            tick = time.perf_counter()
-            ids = batch["input_ids"].to(device)
+        # one optimizer step over `accumulate` micro-batches
+        tick = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        real_tokens, step_loss = 0, 0.0
+        for micro in range(accumulate):
+            batch = next(stream)
+            ids = batch["input_ids"].to(device)  # [B, L]
             attn = batch["attention_mask"].to(device)
-            gen = torch.Generator().manual_seed(step_seed(tp.seed, rank, progress.step))
-            with autocast(device, precision):
-                if tp.objective == "mlm":
-                    out = mlm_loss(forward, ids, attn, special, gen)
-                else:
-                    out = diffusion_loss(forward, ids, attn, schedule, special, gen, params.diffusion.hybrid_lambda)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), tp.grad_clip if tp.grad_clip > 0 else float("inf")
-            )
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update(model)
-            progress.step += 1
-            progress.batch_in_epoch += 1
-            real_tokens = int(attn.sum())
-            progress.tokens_seen += real_tokens * world_size
-            window_tokens += real_tokens
-            window_time += time.perf_counter() - tick
-            window_loss += out.loss.item()
-            window_steps += 1
-            if on_step is not None:
-                on_step(progress.step)
-            last = progress.step >= tp.steps
-            evaluate = should_eval(progress.step, tp.steps, tp.eval_every)
-            save = should_checkpoint(progress.step, tp.steps, tp.checkpoint_every)
-            if evaluate or save:  # metrics are reported at both
-                metrics = {
-                    "step": progress.step,
-                    "loss": window_loss / window_steps,
-                    "train_bound" if tp.objective == "diffusion" else "train_mlm_ce": out.bound_sum
-                    / max(out.num_tokens if tp.objective == "diffusion" else out.num_masked, 1),
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
-                    "tokens_per_s": window_tokens * world_size / max(window_time, 1e-9),
-                    "tokens_seen": progress.tokens_seen,
-                    "epoch": progress.epoch,
-                }
-                window_tokens, window_time, window_loss, window_steps = 0, 0.0, 0.0, 0
-                if evaluate:
-                    model.eval()
-                    with ema.swapped(model) if ema is not None else contextlib.nullcontext():
-                        metrics["val_bound"] = validation_bound(
-                            forward, data.validation, schedule, special, params, device, precision
-                        )
-                    metrics["val_ppl"] = float(np.exp(min(metrics["val_bound"], 50.0)))
-                    model.train()
-                history.append(metrics)
-                checkpoint = None
-                if save and report is not None:
-                    checkpoint = _checkpoint(model, optimizer, scheduler, progress, ema) if rank == 0 else None
-                if report is not None:
-                    report(metrics, checkpoint)
-            if last:
-                break
-        else:
-            progress.epoch += 1
-            progress.batch_in_epoch = 0
+            gen = torch.Generator().manual_seed(micro_seed(tp.seed, rank, progress.step, micro))
+            last_micro = micro == accumulate - 1
+            # DDP all-reduces gradients on the last micro-batch only
+            sync = contextlib.nullcontext() if last_micro or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+            with sync:
+                with autocast(device, precision):
+                    if tp.objective == "mlm":
+                        out = mlm_loss(forward, ids, attn, special, gen)
+                    else:
+                        out = diffusion_loss(forward, ids, attn, schedule, special, gen, params.diffusion.hybrid_lambda)
+                (out.loss / accumulate if accumulate > 1 else out.loss).backward()
+            real_tokens += int(attn.sum())
+            step_loss += out.loss.item() / accumulate
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), tp.grad_clip if tp.grad_clip > 0 else float("inf")
+        )
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update(model)
+        progress.step += 1
+        progress.tokens_seen += real_tokens * world_size
+        window_tokens += real_tokens
+        window_time += time.perf_counter() - tick
+        window_loss += step_loss
+        window_steps += 1
+        if on_step is not None:
+            on_step(progress.step)
+        evaluate = should_eval(progress.step, tp.steps, tp.eval_every)
+        save = should_checkpoint(progress.step, tp.steps, tp.checkpoint_every)
+        if evaluate or save:  # metrics are reported at both
+            metrics = {
+                "step": progress.step,
+                "loss": window_loss / window_steps,
+                "train_bound" if tp.objective == "diffusion" else "train_mlm_ce": out.bound_sum
+                / max(out.num_tokens if tp.objective == "diffusion" else out.num_masked, 1),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": window_tokens * world_size / max(window_time, 1e-9),
+                "tokens_seen": progress.tokens_seen,
+                "epoch": progress.epoch,
+            }
+            window_tokens, window_time, window_loss, window_steps = 0, 0.0, 0.0, 0
+            if evaluate:
+                model.eval()
+                with ema.swapped(model) if ema is not None else contextlib.nullcontext():
+                    metrics["val_bound"] = validation_bound(
+                        forward, data.validation, schedule, special, params, device, precision
+                    )
+                metrics["val_ppl"] = float(np.exp(min(metrics["val_bound"], 50.0)))
+                model.train()
+            history.append(metrics)
+            checkpoint = None
+            if save and report is not None:
+                checkpoint = _checkpoint(model, optimizer, scheduler, progress, ema) if rank == 0 else None
+            if report is not None:
+                report(metrics, checkpoint)
     if ema is not None:
         ema.copy_to(model)
     model.eval()
