@@ -1,15 +1,18 @@
 """The BERT denoiser p_theta(x0 | x_t, t) and the four ways the time step enters it (PAPER §5).
 
-- `none` (TAD): plain BertForMaskedLM; the noise level is read from the share of [MASK].
+The encoder is any masked-LM family in `pipeline.model.families` (BERT, RoBERTa, DistilBERT,
+ModernBERT); this module only reaches into it through that family's adapter.
+
+- `none` (TAD): plain `*ForMaskedLM`; the noise level is read from the share of [MASK].
 - `embedding`: a time embedding added to the word embeddings (last layer zero-initialised).
 - `layerwise` (LTE): per layer, sinusoid(t) -> Linear(d, 2d) -> ReLU -> Linear(2d, d) added to
   the hidden states entering that layer (last layer zero-initialised).
 - `prefix` (PTE): a time token after [CLS] from a dedicated table of T + 1 rows, so its ids never
-  collide with WordPieces; content tokens keep their position ids.
+  collide with WordPieces; content tokens keep the position ids their family gives them.
 
 With zero-initialised additions, `none`, `embedding` and `layerwise` compute exactly what the
-pretrained BERT computes at initialisation, for every t. `prefix` cannot (one more token changes
-attention).
+pretrained encoder computes at initialisation, for every t. `prefix` cannot (one more token
+changes attention).
 """
 
 from __future__ import annotations
@@ -19,14 +22,20 @@ from typing import cast
 
 import torch
 from torch import Tensor, nn
-from transformers import BertConfig, BertForMaskedLM, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
+from pipeline.model.families import LAYER_CLASSES, EncoderFamily, config_from_dict, family_of, mlm_class
 from pipeline.vocab import TIME_DESIGNS
 
 
 class DiffusionBertConfig(PretrainedConfig):
-    """A BERT config plus the diffusion facts the model needs to be used on its own."""
+    """An encoder config plus the diffusion facts the model needs to be used on its own.
+
+    `bert` holds the encoder's `to_dict()` whatever its family, `model_type` included (the key
+    keeps its name so exports written before other families were supported still load; a dict
+    without `model_type` is BERT's).
+    """
 
     model_type = "diffusion_bert"
 
@@ -46,8 +55,13 @@ class DiffusionBertConfig(PretrainedConfig):
         self.diffusion = dict(diffusion or {})  # schedule name, lambda, ... for `dbert generate`
         super().__init__(**kwargs)
 
-    def bert_config(self) -> BertConfig:
-        return BertConfig(**self.bert)
+    def encoder_config(self) -> PretrainedConfig:
+        """The encoder's own config (BertConfig, RobertaConfig, ...), rebuilt from `bert`."""
+        return config_from_dict(self.bert)
+
+    @property
+    def family(self) -> str:
+        return str(self.bert.get("model_type") or "bert")
 
 
 def sinusoidal_embedding(s: Tensor, dim: int, scale: float = 1000.0) -> Tensor:
@@ -81,37 +95,47 @@ class TimeMLP(nn.Module):
 
 
 class DiffusionBertForDenoising(PreTrainedModel):
-    """BertForMaskedLM plus time conditioning; `denoise` returns logits only where asked."""
+    """A `*ForMaskedLM` (`mlm`) plus time conditioning; `denoise` returns logits only where asked.
+
+    Its state-dict keys are the MLM's under `mlm.` (`mlm.bert.*`, `mlm.cls.*` for BERT) plus the
+    time modules'. A family that cannot take the config's time design is refused (ValueError).
+    """
 
     config_class = DiffusionBertConfig
     base_model_prefix = "diffusion_bert"
-    _no_split_modules = ["BertLayer"]
+    _no_split_modules = LAYER_CLASSES
 
-    def __init__(self, config: DiffusionBertConfig, mlm: BertForMaskedLM | None = None) -> None:
+    def __init__(self, config: DiffusionBertConfig, mlm: PreTrainedModel | None = None) -> None:
         super().__init__(config)
-        self.mlm = mlm if mlm is not None else BertForMaskedLM(config.bert_config())
+        if mlm is None:
+            encoder_config = config.encoder_config()
+            mlm = mlm_class(encoder_config)(encoder_config)
+        family_of(mlm.config).check_design(config.time_design)
+        self.mlm = mlm
         hidden = self.mlm.config.hidden_size
         design = config.time_design
         self.time_embedding = TimeMLP(hidden) if design == "embedding" else None
-        self.layer_time = (
-            nn.ModuleList(TimeMLP(hidden) for _ in range(self.mlm.config.num_hidden_layers))
-            if design == "layerwise"
-            else None
-        )
+        layers = self.encoder_family.layers(self.mlm)
+        self.layer_time = nn.ModuleList(TimeMLP(hidden) for _ in range(len(layers))) if design == "layerwise" else None
         self.prefix_table = nn.Embedding(config.num_timesteps + 1, hidden) if design == "prefix" else None
         if self.prefix_table is not None:
-            nn.init.normal_(self.prefix_table.weight, std=self.mlm.config.initializer_range)
+            nn.init.normal_(self.prefix_table.weight, std=getattr(self.mlm.config, "initializer_range", 0.02))
         self._layer_offsets: list[Tensor] | None = None
         if self.layer_time is not None:
-            for index, layer in enumerate(self.mlm.bert.encoder.layer):
+            for index, layer in enumerate(layers):
                 layer.register_forward_pre_hook(self._make_layer_hook(index), with_kwargs=True)
         self.post_init()  # transformers 5: collects the MLM's tied weights for save / load
 
-    # transformers calls this for weights missing from a checkpoint; BERT's own init covers
-    # its modules, ours only need the zero start.
+    # transformers calls this for weights missing from a checkpoint; the encoder's own init
+    # covers its modules, ours only need the zero start.
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, TimeMLP):
             module.reset_parameters()
+
+    @property
+    def encoder_family(self) -> EncoderFamily:
+        """The adapter of the MLM's family (looked up, not stored: the model stays deep-copyable)."""
+        return family_of(self.mlm.config)
 
     @property
     def time_agnostic(self) -> bool:
@@ -119,7 +143,7 @@ class DiffusionBertForDenoising(PreTrainedModel):
 
     @property
     def max_positions(self) -> int:
-        return int(self.mlm.config.max_position_embeddings)
+        return self.encoder_family.max_positions(self.mlm.config)
 
     def _make_layer_hook(self, index: int):
         def hook(module, args, kwargs):
@@ -153,14 +177,18 @@ class DiffusionBertForDenoising(PreTrainedModel):
         design = self.config.time_design
         if design != "none" and s is None:
             raise ValueError(f"time design {design!r} needs the time step s")
-        bert = self.mlm.bert
+        family = self.encoder_family
+        encoder = family.encoder(self.mlm)
         kwargs: dict = {"attention_mask": attention_mask.long()}
         if design == "none":
             kwargs["input_ids"] = input_ids
         elif design == "embedding":
             assert s is not None and self.time_embedding is not None
-            embeds = bert.embeddings.word_embeddings(input_ids)  # [B, L, d]
+            embeds = family.word_embeddings(self.mlm)(input_ids)  # [B, L, d]
             kwargs["inputs_embeds"] = embeds + self.time_embedding(s).to(embeds.dtype)[:, None, :]
+            position_ids = family.embeds_position_ids(self.mlm, input_ids)  # the ids input_ids would get
+            if position_ids is not None:
+                kwargs["position_ids"] = position_ids
         elif design == "layerwise":
             assert s is not None and self.layer_time is not None
             kwargs["input_ids"] = input_ids
@@ -168,23 +196,24 @@ class DiffusionBertForDenoising(PreTrainedModel):
         elif design == "prefix":
             assert s is not None and self.prefix_table is not None
             step = (s.float() * self.config.num_timesteps).round().long().clamp(0, self.config.num_timesteps)
-            words = bert.embeddings.word_embeddings(input_ids)  # [B, L, d]
+            words = family.word_embeddings(self.mlm)(input_ids)  # [B, L, d]
             time_token = self.prefix_table(step).to(words.dtype)[:, None, :]  # [B, 1, d]
             kwargs["inputs_embeds"] = torch.cat([words[:, :1], time_token, words[:, 1:]], dim=1)  # [B, L+1, d]
-            pos = torch.arange(length, device=input_ids.device)
-            kwargs["position_ids"] = torch.cat([pos[:1], pos[:1], pos[1:]])[None, :].expand(batch, -1)
+            pos = family.position_ids(self.mlm, input_ids)  # [B, L]; the time token shares token 0's
+            kwargs["position_ids"] = torch.cat([pos[:, :1], pos[:, :1], pos[:, 1:]], dim=1)  # [B, L+1]
             ones = torch.ones_like(attention_mask[:, :1])
             kwargs["attention_mask"] = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], 1).long()
-            kwargs["token_type_ids"] = torch.zeros(batch, length + 1, dtype=torch.long, device=input_ids.device)
+            if family.token_types:
+                kwargs["token_type_ids"] = torch.zeros(batch, length + 1, dtype=torch.long, device=input_ids.device)
         try:
-            hidden = bert(**kwargs).last_hidden_state  # [B, L(+1), d]
+            hidden = encoder(**kwargs).last_hidden_state  # [B, L(+1), d]
         finally:
             self._layer_offsets = None
         if design == "prefix":
             hidden = torch.cat([hidden[:, :1], hidden[:, 2:]], dim=1)  # drop the time token: [B, L, d]
         if positions is not None:
             hidden = hidden[positions]  # [N, d]
-        return self.mlm.cls(hidden)
+        return family.logits(self.mlm, hidden)
 
     def forward(
         self,

@@ -1,8 +1,10 @@
-"""Where a denoiser's BERT comes from: the bundled MiniLM, a local directory, a Hub id, or random.
+"""Where a denoiser's encoder comes from: the bundled MiniLM, a local directory, a Hub id, or random.
 
-all-MiniLM-L6-v2 ships no MLM head (`cls.predictions.*`), and transformers 5 can leave a missing
-`cls.predictions.bias` uninitialised (NaN losses). So missing head weights are always set here,
-deterministically, and every parameter is checked to be finite after loading.
+Any masked-LM family in `pipeline.model.families` loads (BERT, RoBERTa, DistilBERT, ModernBERT),
+through AutoConfig and the class AutoModelForMaskedLM picks for it. all-MiniLM-L6-v2 and other
+base-model checkpoints ship no MLM head (`cls.predictions.*`, `lm_head.*`, ...), and
+transformers 5 can leave a missing output bias uninitialised (NaN losses). So missing head weights
+are always set here, deterministically, and every parameter is checked to be finite after loading.
 """
 
 from __future__ import annotations
@@ -12,10 +14,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+from transformers import AutoConfig, AutoTokenizer, BertConfig, PretrainedConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from pipeline.model.denoiser import DiffusionBertConfig, DiffusionBertForDenoising
+from pipeline.model.families import (
+    RandomShape,
+    UnsupportedDesignError,
+    UnsupportedFamilyError,
+    family_named,
+    family_of,
+    init_missing_head,
+    mlm_class,
+)
 from pipeline.vocab import TIME_DESIGNS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -62,11 +73,8 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
         raise ModelLoadError(f"cannot load a tokenizer from {source!r}: {err}") from None
 
 
-_HEAD_PREFIX = "cls.predictions."
-
-
-def init_mlm_head(mlm: BertForMaskedLM, missing: set[str], seed: int = 0) -> None:
-    """Deterministically initialise MLM-head weights a checkpoint lacks.
+def init_mlm_head(mlm: PreTrainedModel, missing: set[str], seed: int = 0) -> None:
+    """Deterministically initialise MLM-head weights a checkpoint lacks, for any family.
 
     The transform dense layer starts as the identity, so the fresh head reads the pretrained
     hidden states through LayerNorm(gelu(h)) and the tied word embeddings: a sensible MLM at step
@@ -74,18 +82,7 @@ def init_mlm_head(mlm: BertForMaskedLM, missing: set[str], seed: int = 0) -> Non
     need random parts in the future and recorded for reproducibility.
     """
     del seed
-    head = mlm.cls.predictions
-    with torch.no_grad():
-        if any(k.startswith(_HEAD_PREFIX + "transform.dense") for k in missing):
-            head.transform.dense.weight.copy_(torch.eye(head.transform.dense.weight.shape[0]))
-            head.transform.dense.bias.zero_()
-        if any(k.startswith(_HEAD_PREFIX + "transform.LayerNorm") for k in missing):
-            head.transform.LayerNorm.weight.fill_(1.0)
-            head.transform.LayerNorm.bias.zero_()
-        if any(k in missing for k in (_HEAD_PREFIX + "bias", _HEAD_PREFIX + "decoder.bias")):
-            head.bias.zero_()
-            if head.decoder.bias is not None and head.decoder.bias is not head.bias:
-                head.decoder.bias.zero_()
+    init_missing_head(mlm, family_of(mlm.config), missing)
 
 
 @contextmanager
@@ -122,14 +119,51 @@ def random_bert_config(
     )
 
 
+def random_encoder_config(
+    family: str,
+    tokenizer,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    intermediate_size: int,
+    max_positions: int = 512,
+) -> PretrainedConfig:
+    """A random encoder of `family` over `tokenizer`'s vocabulary; its special ids (pad, cls, sep)
+    come from the tokenizer, never from the family's defaults (RoBERTa's pad is 1, BERT's is 0)."""
+    try:
+        adapter = family_named(family)
+    except UnsupportedFamilyError as err:
+        raise ModelLoadError(str(err)) from None
+    shape = RandomShape(
+        vocab_size=int(tokenizer.vocab_size),
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_positions=max_positions,
+        pad_id=int(tokenizer.pad_token_id),
+        cls_id=int(tokenizer.cls_token_id),
+        sep_id=int(tokenizer.sep_token_id),
+    )
+    return adapter.random_config(shape)
+
+
+def _mlm_class(config: PretrainedConfig, source: str) -> type[PreTrainedModel]:
+    try:
+        return mlm_class(config)
+    except UnsupportedFamilyError as err:
+        raise ModelLoadError(f"{source}: {err}") from None
+
+
 def load_mlm(
     name_or_path: str = DEFAULT_MODEL,
     *,
     random_init: bool = False,
-    random_config: BertConfig | None = None,
+    random_config: PretrainedConfig | None = None,
     seed: int = 0,
-) -> BertForMaskedLM:
-    """A BertForMaskedLM with a complete, finite MLM head.
+) -> PreTrainedModel:
+    """A `*ForMaskedLM` of a supported family (BertForMaskedLM for BERT) with a complete, finite
+    MLM head: the checkpoint's own head when it has one, a deterministic fresh one otherwise.
 
     `random_init=True` keeps the named checkpoint's architecture but not its weights (the D3PM
     rows of the paper); `name_or_path="random"` uses `random_config`.
@@ -138,28 +172,30 @@ def load_mlm(
         torch.manual_seed(seed)
         if name_or_path == RANDOM_MODEL:
             if random_config is None:
-                raise ModelLoadError("a random model needs a BertConfig")
-            mlm = BertForMaskedLM(random_config)
+                raise ModelLoadError("a random model needs an encoder config")
+            mlm = _mlm_class(random_config, "random init")(random_config)
             check_finite(mlm, "random init")
             return mlm
         source = resolve_model_source(name_or_path)
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"cannot load a model config from {source!r}: {err}") from None
+        cls = _mlm_class(config, source)
         if random_init:
-            try:
-                config = BertConfig.from_pretrained(source)
-            except OSError as err:
-                raise ModelLoadError(f"cannot load a BERT config from {source!r}: {err}") from None
-            mlm = BertForMaskedLM(config)
+            mlm = cls(config)
             check_finite(mlm, f"random init with the config of {source}")
             return mlm
         info: dict[str, Any]
         try:
             with _quiet_loading():
-                mlm, info = BertForMaskedLM.from_pretrained(source, output_loading_info=True)  # type: ignore[misc]
+                mlm, info = cls.from_pretrained(source, output_loading_info=True)  # type: ignore[misc]
         except OSError as err:
-            raise ModelLoadError(f"cannot load a BERT model from {source!r}: {err}") from None
-    missing = {k for k in info.get("missing_keys", ()) if k.startswith(_HEAD_PREFIX)}
+            raise ModelLoadError(f"cannot load a {config.model_type} model from {source!r}: {err}") from None
+    head = family_of(mlm.config).head_prefixes
+    missing = {k for k in info.get("missing_keys", ()) if k.startswith(head)}
     init_mlm_head(mlm, missing, seed)
-    other_missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(_HEAD_PREFIX))
+    other_missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(head))
     if other_missing:
         raise ModelLoadError(f"checkpoint {source} lacks encoder weights: {', '.join(other_missing[:5])}")
     check_finite(mlm, source)
@@ -173,18 +209,21 @@ def build_denoiser(
     num_timesteps: int = 2048,
     max_seq_len: int | None = None,
     random_init: bool = False,
-    random_config: BertConfig | None = None,
+    random_config: PretrainedConfig | None = None,
     seed: int = 0,
     diffusion: dict | None = None,
 ) -> DiffusionBertForDenoising:
-    """The diffusion denoiser initialised from `name_or_path`; checks the sequence length fits."""
+    """The diffusion denoiser initialised from `name_or_path`; checks the family takes the time
+    design and the sequence length fits."""
     if time_design not in TIME_DESIGNS:
         raise ModelLoadError(f"unknown time design {time_design!r}; choose one of {', '.join(TIME_DESIGNS)}")
+    if random_config is not None and name_or_path == RANDOM_MODEL:
+        _check_design(random_config, time_design)  # before building anything
     mlm = load_mlm(name_or_path, random_init=random_init, random_config=random_config, seed=seed)
-    if max_seq_len is not None and max_seq_len > mlm.config.max_position_embeddings:
-        raise ModelLoadError(
-            f"max_seq_len={max_seq_len} is above the model's {mlm.config.max_position_embeddings} positions"
-        )
+    _check_design(mlm.config, time_design)
+    positions = family_of(mlm.config).max_positions(mlm.config)
+    if max_seq_len is not None and max_seq_len > positions:
+        raise ModelLoadError(f"max_seq_len={max_seq_len} is above the model's {positions} positions")
     config = DiffusionBertConfig(
         bert=mlm.config.to_dict(),
         time_design=time_design,
@@ -198,13 +237,24 @@ def build_denoiser(
     return model
 
 
+def _check_design(config: PretrainedConfig, time_design: str) -> None:
+    try:
+        family_of(config).check_design(time_design)
+    except (UnsupportedDesignError, UnsupportedFamilyError) as err:
+        raise ModelLoadError(str(err)) from None
+
+
 def build_model(params: Params, schedule: Schedule) -> DiffusionBertForDenoising:
-    """The denoiser `params.model` describes, for `schedule` (its description goes into the config)."""
+    """The denoiser `params.model` describes, for `schedule` (its description goes into the config).
+
+    `model.family` picks the architecture of a `random` model (over the default model's WordPiece
+    vocabulary); a checkpoint's family is its own `model_type`."""
     m = params.model
     random_config = None
     if m.name_or_path == "random":
-        random_config = random_bert_config(
-            load_tokenizer("random").vocab_size,
+        random_config = random_encoder_config(
+            m.family,
+            load_tokenizer("random"),
             m.hidden_size,
             m.num_layers,
             m.num_heads,
