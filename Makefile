@@ -16,7 +16,7 @@ export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv repro test test-unit test-fast lint format typecheck deps ablation clean
+.PHONY: venv repro push pull test test-unit test-fast lint format typecheck deps ablation clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,18 @@ $(STAMP): pyproject.toml
 repro: $(STAMP)
 	test -d .dvc || $(BIN)/dvc init -q
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+# Share what `make repro` built (data/prepared, data/token_stats, data/schedule, models/final) through the
+# default DVC remote: once, `.venv/bin/dvc remote add -d storage DIR-OR-URL` and commit .dvc/config. Commit
+# dvc.lock and outputs/ (metrics and plots are small and go to git), then `make push`; on another
+# machine, `git clone` + `make pull` leaves `dvc repro` nothing to do.
+push: $(STAMP)
+	@git ls-files --error-unmatch dvc.lock >/dev/null 2>&1 || echo "note: dvc.lock is not committed: a clone cannot pull what it does not know"
+	$(BIN)/dvc push
+
+pull: $(STAMP)
+	$(BIN)/dvc pull
+	$(BIN)/dvc status
 
 # PAPER §8's rows, one budget each (~100 min alone on 2 cores with AMX, hours without): outputs/ablation/report/report.md
 ablation: $(STAMP)

@@ -1,5 +1,5 @@
 """`dbert`: one command per pipeline stage (the same code `dvc repro` runs), plus generate,
-tune, params and mlflow-ui.
+tune, params, mlflow-ui and mlflow-server.
 
 Every command takes `--params PATH` (default <root>/params.yaml), repeatable `--set key=value`
 (the syntax of `dvc exp run -S`) and `--root DIR` (default: the nearest directory at or above
@@ -26,7 +26,7 @@ from stages.invoke import echo_summary, resolve, run_stage, stage_help
 app = typer.Typer(
     name="dbert",
     help="DiffusionBERT pipeline: prepare -> token-stats -> schedule -> train -> evaluate (each a DVC stage "
-    "and an MLflow run), plus generate, tune, ablation, params and mlflow-ui.",
+    "and an MLflow run), plus generate, tune, ablation, params, mlflow-ui and mlflow-server.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
@@ -358,6 +358,53 @@ def mlflow_ui_command(
         code = subprocess.run(command, check=False).returncode
     except KeyboardInterrupt:
         code = 0
+    raise typer.Exit(code)
+
+
+@app.command("mlflow-server")
+def mlflow_server_command(
+    params: ParamsOption = None,
+    set_: SetOption = None,
+    root: RootOption = None,
+    host: Annotated[
+        str,
+        typer.Option(help="Interface to bind; 0.0.0.0 opens the server (no authentication) to other machines."),
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 5000,
+    workers: Annotated[int, typer.Option(help="Server worker processes.")] = 2,
+    allowed_hosts: Annotated[
+        str | None,
+        typer.Option(help="Host names clients may use besides localhost and private IPs (mlflow's --allowed-hosts)."),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the command instead of running it.")] = False,
+) -> None:
+    """Start an MLflow tracking server on the project's store (mlflow.db) that serves artifacts
+    (stored under <root>/mlartifacts): runs on other machines log to it through HTTP with
+    MLFLOW_TRACKING_URI=http://HOST:PORT, which it prints once it answers."""
+    from pipeline.project import project_root
+    from pipeline.tracking import server
+
+    def ready(plan: server.ServerPlan) -> None:
+        typer.echo(
+            f"MLflow server on {plan.local_url} (runs: {plan.backend_store_uri}, artifacts: "
+            f"{plan.artifacts_destination}); Ctrl-C stops it. Point the pipeline at it with:",
+            err=True,
+        )
+        for line in server.export_lines(plan):
+            typer.echo(line)
+
+    with user_errors():
+        _, r = resolve(params, set_, root)
+        plan = server.plan_server(project_root(r), host=host, port=port, workers=workers, allowed_hosts=allowed_hosts)
+        if not dry_run:
+            server.ensure_port_free(plan.host, plan.port)  # a taken port or a foreign address: one line
+        for line in server.warnings(plan):
+            typer.echo(line, err=True)
+        if dry_run:
+            typer.echo(plan.shell_command())
+            typer.echo("# then point the pipeline at it with: " + "; ".join(server.export_lines(plan)), err=True)
+            return
+        code = server.serve(plan, on_ready=ready)
     raise typer.Exit(code)
 
 

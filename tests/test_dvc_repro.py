@@ -7,40 +7,19 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.config import load_params
 from stages.common import code_deps
-from tests import tiny
+from tests.dvc_fixtures import REPO, git, reproduced_repo, run  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("clean_env")]
 
-REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 PIPELINE = ("prepare", "token_stats", "schedule", "train", "evaluate")
-TINY = [
-    *tiny.TINY,
-    "data.mirror_dir=../shared/data/lm1b",  # the default layout: relative to the main repository
-    "data.max_sentences=120",
-    "diffusion.num_timesteps=64",
-    "train.steps=3",
-    "train.eval_every=3",
-    "train.checkpoint_every=3",
-    "evaluate.num_sequences=8",
-    "evaluate.bound_steps=2",
-    "evaluate.num_samples=2",
-    "evaluate.sample_steps=4",
-    "evaluate.num_references=20",
-]
-GITIGNORE = "mlflow.db\nmlartifacts/\nmlruns/\nray_results/\n/checkpoints/\n__pycache__/\n"
 
 
 def dvc_yaml() -> dict:
@@ -92,50 +71,12 @@ def test_outputs_metrics_and_plots_are_declared_as_documented():
 
 
 # ---------------------------------------------------------------------------------------------
-# A real repository
+# A real repository (tests/dvc_fixtures.py: built and reproduced once per session, committed)
 # ---------------------------------------------------------------------------------------------
-
-
-def run(repo: Path, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("MLFLOW_", "DBERT_", "DVC_EXP", "GIT_")) and k != "VIRTUAL_ENV"
-    }
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # what `make repro` does
-    env["MLFLOW_DISABLE_TELEMETRY"] = "1"
-    done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and done.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    return done
 
 
 def ran(done: subprocess.CompletedProcess) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", done.stdout + done.stderr))
-
-
-def git(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    return run(repo, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args)
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory, lm1b_dir) -> Path:
-    base = tmp_path_factory.mktemp("dvc")
-    (base / "shared" / "data").mkdir(parents=True)
-    (base / "shared" / "data" / "lm1b").symlink_to(lm1b_dir)
-    repo = base / "repo"
-    repo.mkdir()
-    for folder in ("pipeline", "stages"):
-        shutil.copytree(REPO / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
-    params = load_params(REPO / "params.yaml", TINY).model_dump(mode="json")
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (repo / ".gitignore").write_text(GITIGNORE)
-    git(repo, "init", "-q")
-    run(repo, "dvc", "init", "-q")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "tiny pipeline")
-    return repo
 
 
 def status_after(repo: Path, override: str) -> set[str]:
@@ -154,8 +95,8 @@ def status_after(repo: Path, override: str) -> set[str]:
 
 
 @pytest.mark.slow
-def test_repro_runs_each_stage_once_and_params_reach_exactly_their_stages(repo):
-    first = run(repo, "dvc", "repro")
+def test_repro_runs_each_stage_once_and_params_reach_exactly_their_stages(reproduced_repo):
+    repo, first = reproduced_repo.repo, reproduced_repo.first  # the first `dvc repro`, then committed
     assert ran(first) == set(PIPELINE), first.stdout
     for path in (
         "data/prepared/meta.json",
@@ -179,8 +120,6 @@ def test_repro_runs_each_stage_once_and_params_reach_exactly_their_stages(repo):
     assert "val_bound" in shown and "bound.ppl_token_mean" in shown and "unigram_entropy_bits" in shown
     plots = run(repo, "dvc", "plots", "show", "--json", "outputs/train/history.csv").stdout
     assert "val_bound" in plots
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "repro")
     assert git(repo, "status", "--porcelain").stdout == ""  # every output is either committed or ignored
 
     expected = {

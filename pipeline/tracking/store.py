@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import logging
 import os
 import sys
 import tempfile
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ DEFAULT_EXPERIMENT = "diffusionbert"
 DB_NAME = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 _QUIET_LOGGERS = ("alembic", "mlflow.store", "mlflow.tracking._tracking_service")
+_WARNED: set[tuple[str, str, str | None]] = set()
 
 
 def tracking_uri(root: Path | str | None = None) -> str:
@@ -45,6 +49,55 @@ def _is_local_store(uri: str) -> bool:
     """A store this process writes directly (a database or a folder), not a tracking server."""
     scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
     return scheme not in {"http", "https", "databricks", "databricks-uc", "uc"}
+
+
+def is_tracking_server(uri: str) -> bool:
+    """`uri` names a tracking server (http(s), Databricks), not a store this process writes."""
+    return not _is_local_store(uri)
+
+
+def local_artifact_root(uri: str, root: Path | str | None = None) -> Path:
+    """Where artifacts of the local store `uri` live: `mlartifacts` next to a sqlite database,
+    else `<root>/mlartifacts` (also what `dbert mlflow-server` serves them from)."""
+    location = _experiment_artifact_location(uri, root) or artifact_location(root)
+    return Path(urllib.request.url2pathname(urllib.parse.urlparse(location).path))
+
+
+def _is_local_file_location(location: str | None) -> bool:
+    """An artifact location on the file system of whoever reads it (file: URI or a plain path),
+    as opposed to one a server resolves (`mlflow-artifacts:`, http, s3, ...)."""
+    if not location:
+        return False
+    scheme = urllib.parse.urlparse(location).scheme.lower()
+    return scheme in {"", "file"} or len(scheme) == 1  # a Windows drive letter
+
+
+def _is_loopback_server(uri: str) -> bool:
+    host = (urllib.parse.urlparse(uri).hostname or "").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_local_artifacts(uri: str, name: str, location: str | None) -> None:
+    """A tracking server whose experiment keeps artifacts on a local path: a client on another
+    machine would write them to its own disk, where nobody finds them. Said once per process."""
+    key = (uri, name, location)
+    if key in _WARNED or not _is_local_file_location(location) or _is_loopback_server(uri):
+        return
+    _WARNED.add(key)
+    logging.getLogger(__name__).warning(
+        "MLflow experiment %r on %s keeps its artifacts at %s, a path on the machine that created it: "
+        "a run logged from another machine writes them to that machine's own disk, not to the server. "
+        "Log to an experiment the server creates (tracking.experiment=<new name>): its artifacts go "
+        "through the server.",
+        name,
+        uri,
+        location,
+    )
 
 
 def _experiment_artifact_location(uri: str, root: Path | str | None) -> str | None:
@@ -98,6 +151,12 @@ def setup_tracking(experiment: str = DEFAULT_EXPERIMENT, root: Path | str | None
     once corrupt `alembic_version`); a lost creation race re-reads the experiment; a deleted
     experiment of that name is restored. The lock only covers processes on this machine, so
     still call this in the driver before Ray workers or Tune trials start.
+
+    On a tracking server (`http(s)://`) a new experiment gets no artifact location from here: the
+    server picks it (`mlflow-artifacts:/<id>` when it serves artifacts, as `dbert mlflow-server`
+    does), so artifacts are uploaded through HTTP. An existing experiment created with a local
+    path (by the embedded store) keeps it; from a server that is not on this machine's loopback
+    interface that is logged as a warning, once.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -126,6 +185,8 @@ def setup_tracking(experiment: str = DEFAULT_EXPERIMENT, root: Path | str | None
             exp_id = exp.experiment_id
             if exp.lifecycle_stage == "deleted":
                 client.restore_experiment(exp_id)
+            if not local:
+                warn_local_artifacts(uri, experiment, exp.artifact_location)
     mlflow.set_experiment(experiment_id=exp_id)
     return str(exp_id)
 
