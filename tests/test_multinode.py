@@ -26,16 +26,17 @@ from pipeline.train.ray.driver import run_training
 from pipeline.train.ray.runs import checkpoint_step, last_run
 from pipeline.train.ray.storage import StorageError
 from tests.ray_fixtures import layout, tiny_data, tiny_params  # noqa: F401 (fixtures)
+from tests.test_mlflow_server import mlflow_server  # noqa: F401 (fixture: a real `dbert mlflow-server`)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-NODE_CPUS = 1  # per worker node: one training worker each
+NODE_CPUS = 2  # per worker node
 OBJECT_STORE = 150 * 1024**2
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head (1 CPU: Tune trial drivers, Train controllers) and two worker nodes of 1 CPU each."""
+    """A head (1 CPU: Tune trial drivers, Train controllers) and two worker nodes of 2 CPUs each."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -150,28 +151,49 @@ def test_a_node_removed_mid_run_resumes_on_the_remaining_and_a_new_node_and_ends
     assert (progress["epoch"], progress["batch_in_epoch"]) == (1, 4)
 
 
-def test_two_tune_trials_train_on_different_nodes(cluster, layout, monkeypatch):
+def test_two_tune_trials_train_on_different_nodes_and_log_through_an_mlflow_server(
+    cluster, layout, mlflow_server, monkeypatch
+):
     from ray.util.state import list_actors
 
+    from pipeline.tracking import runs
     from pipeline.tune.driver import run_tune
 
     monkeypatch.setenv("DBERT_PROJECT_ROOT", str(layout.root))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)  # driver, trials and rank 0 alike
+    # each trial's rank 0 holds still 15 s at step 2, so the two trials overlap however slow this
+    # machine is; a 1.5-CPU worker fits once on a 2-CPU node, so overlapping workers need two nodes
+    monkeypatch.setenv(faults.ENV_PAUSE_AT_STEP, "2")
+    monkeypatch.setenv(faults.ENV_PAUSE_S, "15")
     before = {a.actor_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000)}
     params = tiny_params(
         "train.num_workers=1",
-        "train.cpus_per_worker=1",
+        "train.cpus_per_worker=1.5",
         "tune.time_designs=[none,embedding]",
         "tune.steps=4",
         "tune.grace_period=4",
         "tune.max_concurrent=2",
         f"train.storage={layout.root / 'shared-storage'}",
     )
-    outcome = run_tune(params, layout)
+    with runs.start_stage_run("tune", params, root=layout.root, uri=mlflow_server.url) as parent:
+        outcome = run_tune(params, layout, parent_run_id=parent.info.run_id)
     assert len(outcome.table) == 2 and all(r.get("best_val_bound") is not None for r in outcome.table)
     workers = [
         a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000) if a.actor_id not in before
     ]
     assert len({a.node_id for a in workers}) == 2, [(a.actor_id[:8], a.node_id[:8]) for a in workers]
+
+    client = mlflow_server.client()
+    trials = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert len(trials) == 2 and {t.data.tags["trial.model.time_design"] for t in trials} == {"none", "embedding"}
+    for trial in trials:  # each trial's rank 0 logged its own history, on another node, through HTTP
+        steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val_bound")]
+        assert steps and steps[-1] == 4, (trial.info.run_name, steps)
+    assert client.get_run(parent.info.run_id).data.metrics["best_val_bound"] == pytest.approx(
+        outcome.best["best_val_bound"]
+    )
 
 
 def test_storage_one_node_cannot_see_is_refused_before_training_starts(cluster, layout, tmp_path):

@@ -50,6 +50,7 @@ def run_tune(params: Params, layout: Layout, *, parent_run_id: str | None = None
     from ray.tune.schedulers import ASHAScheduler
 
     from pipeline.train.ray.cluster import check_placement, init_ray
+    from pipeline.train.ray.faults import fault_env
     from pipeline.train.ray.inputs import TrainInputs
     from pipeline.train.ray.runs import new_run_name
     from pipeline.train.ray.storage import RunStorage, check_reachable
@@ -84,6 +85,7 @@ def run_tune(params: Params, layout: Layout, *, parent_run_id: str | None = None
         "tune_name": tune_name,
         "train_storage": store.child(f"{tune_name}-train"),
         "tracking": tracking,
+        "faults": fault_env(),  # test-only: the trials' processes never saw this environment
     }
     grace = min(tn.grace_period, tn.steps)
     tuner = tune.Tuner(

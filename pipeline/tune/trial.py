@@ -9,8 +9,9 @@ from typing import Any
 
 from pipeline.config import Params
 from pipeline.errors import first_line
+from pipeline.train.ray import faults
 from pipeline.train.ray.inputs import TrainInputs
-from pipeline.train.ray.storage import join
+from pipeline.train.ray.storage import join, local_path
 from pipeline.tune.space import METRIC, trial_params
 
 TRIAL_CPU = 0.01  # what each trial's driver function holds while its workers train
@@ -54,7 +55,14 @@ def tune_trial(config: dict, *, setup: dict) -> None:
     with run_cm as run:
         try:
             _train_trial(
-                params, setup["inputs"], run_dir, storage, run_name, run.info.run_id if run is not None else None, uri
+                params,
+                setup["inputs"],
+                run_dir,
+                storage,
+                run_name,
+                run.info.run_id if run is not None else None,
+                uri,
+                setup.get("faults") or {},
             )
         except SystemExit as stop:
             # Tune stops a trial (ASHA, or max_t reached) with sys.exit(0) inside tune.report;
@@ -79,6 +87,7 @@ def _train_trial(
     run_name: str,
     run_id: str | None,
     tracking_uri: str | None,
+    fault_env: dict[str, str],
 ) -> None:
     from ray import tune
 
@@ -86,8 +95,11 @@ def _train_trial(
     from pipeline.train.ray.runs import persist_checkpoint
     from pipeline.train.ray.worker import WorkerConfig, train_worker, train_worker_body
 
-    # no fault plan: the training test hook never fires in tune trials
-    worker_config = WorkerConfig.for_run(params, inputs, run_dir, mlflow_run_id=run_id, tracking_uri=tracking_uri)
+    local = local_path(run_dir)
+    plan = faults.plan_from_env(local, params.train.num_workers == 0, fault_env) if local is not None else None
+    worker_config = WorkerConfig.for_run(
+        params, inputs, run_dir, mlflow_run_id=run_id, tracking_uri=tracking_uri, fault_plan=plan
+    )
     if params.train.num_workers == 0:
 
         def deliver(metrics: dict, checkpoint_dir: Path | None, last: bool) -> None:

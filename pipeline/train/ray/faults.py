@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,23 +51,33 @@ class FaultPlan:
     pause_s: float = 120.0
 
 
-def plan_from_env(run_dir: Path, local_mode: bool) -> FaultPlan | None:
-    """The plan `$DBERT_FAIL_AT_STEP` / `$DBERT_FAIL_MARKER` ask for; None when unset."""
-    fail_at = os.environ.get(ENV_FAIL_AT_STEP)
-    pause_at = os.environ.get(ENV_PAUSE_AT_STEP)
+def fault_env() -> dict[str, str]:
+    """The fault-injection variables set in this process (a Tune driver hands them to its trials,
+    which run in processes that never saw them)."""
+    names = (ENV_FAIL_AT_STEP, ENV_FAIL_MARKER, ENV_PAUSE_AT_STEP, ENV_PAUSE_MARKER, ENV_PAUSE_S)
+    return {name: os.environ[name] for name in names if os.environ.get(name)}
+
+
+def plan_from_env(run_dir: Path, local_mode: bool, env: Mapping[str, str] | None = None) -> FaultPlan | None:
+    """The plan `$DBERT_FAIL_AT_STEP` / `$DBERT_PAUSE_AT_STEP` (and their markers) ask for, read
+    from `env` (default: this process's environment); None when unset. Without a marker the
+    plan's marker sits in `run_dir`, so each run (each Tune trial) fires once."""
+    env = os.environ if env is None else env
+    fail_at = env.get(ENV_FAIL_AT_STEP)
+    pause_at = env.get(ENV_PAUSE_AT_STEP)
     if pause_at:
-        marker = os.environ.get(ENV_PAUSE_MARKER) or str(Path(run_dir) / MARKER_NAME)
+        marker = env.get(ENV_PAUSE_MARKER) or str(Path(run_dir) / MARKER_NAME)
         return FaultPlan(
             fail_at_step=None,
             marker=Path(marker),
             run_dir=Path(run_dir),
             local_mode=local_mode,
             pause_at_step=int(pause_at),
-            pause_s=float(os.environ.get(ENV_PAUSE_S, "120")),
+            pause_s=float(env.get(ENV_PAUSE_S, "120")),
         )
     if not fail_at:
         return None
-    marker = os.environ.get(ENV_FAIL_MARKER) or str(Path(run_dir) / MARKER_NAME)
+    marker = env.get(ENV_FAIL_MARKER) or str(Path(run_dir) / MARKER_NAME)
     return FaultPlan(fail_at_step=int(fail_at), marker=Path(marker), run_dir=Path(run_dir), local_mode=local_mode)
 
 
