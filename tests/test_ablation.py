@@ -5,6 +5,7 @@ bound's denominators, and a tiny end-to-end run on real LM1B-sample text with a 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -403,3 +404,23 @@ def test_changing_only_the_evaluation_re_evaluates_without_retraining(ablated):
     assert (
         client.get_run(reused["mlflow"]["train"]).data.tags["mlflow.parentRunId"] == reused["mlflow"]["trained_in_row"]
     )
+
+
+def test_the_carried_rows_are_still_reused_by_the_current_params_and_code():
+    """reports/ablation/rows/ carries rows measured in an earlier sitting; a param added since
+    (plumbing, or a new one at its neutral default) must not change their fingerprints, or the
+    next `make ablation` silently re-measures hours of rows."""
+    import json
+
+    from pipeline.ablation.rows import plan
+    from pipeline.config import load_params
+
+    root = Path(__file__).resolve().parents[1]
+    carried = sorted((root / "reports" / "ablation" / "rows").glob("*/result.json"))
+    if not carried:
+        pytest.skip("no carried rows")
+    runs = {run.key: run for run in plan(load_params(root / "params.yaml"))}
+    for path in carried:
+        result = json.loads(path.read_text())
+        run = runs[result["key"]]
+        assert (result["fingerprint"], result["train_fingerprint"]) == (run.fingerprint, run.train_fingerprint), path

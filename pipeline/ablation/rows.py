@@ -135,13 +135,13 @@ class RowRun:
     def fingerprint(self) -> str:
         """Hash of everything the row's result depends on: a resumed run reuses a finished row
         only when this is unchanged."""
-        return digest(self.params.model_dump(exclude={"ablation", "tune", "tracking"}))
+        return digest(result_dump(self.params, exclude={"ablation", "tune", "tracking"}))
 
     @property
     def train_fingerprint(self) -> str:
         """Hash of what the row's training depends on: when only the evaluation changed, the
         trained model is kept and only re-evaluated."""
-        return digest(self.params.model_dump(include={"data", "model", "diffusion", "train"}))
+        return digest(result_dump(self.params, include={"data", "model", "diffusion", "train"}))
 
     @property
     def mlflow_params(self) -> dict[str, Any]:
@@ -169,10 +169,30 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
+# Where and how Ray places and stores a run: never part of what a row measures.
+PLUMBING = {"train": ("storage", "placement_timeout_s", "placement_strategy")}
+# Params added after rows were first measured, at the value that computes exactly what the code
+# computed before them: hashed only when set otherwise, so finished rows stay reusable.
+NEUTRAL_DEFAULTS = {("train", "global_batch_size"): None, ("model", "family"): "bert"}
+
+
+def result_dump(params: Params, **kwargs: Any) -> dict:
+    """`params.model_dump(**kwargs)` without plumbing and without later params at their neutral
+    defaults: what a row's fingerprints hash."""
+    dump = params.model_dump(**kwargs)
+    for group, names in PLUMBING.items():
+        for name in names:
+            dump.get(group, {}).pop(name, None)
+    for (group, name), neutral in NEUTRAL_DEFAULTS.items():
+        if group in dump and name in dump[group] and dump[group][name] == neutral:
+            del dump[group][name]
+    return dump
+
+
 def plan_fingerprint(base: Params) -> str:
     """Hash of the base params an ablation ran with: the parent MLflow run is reopened only when
     this (and the planned rows) are unchanged."""
-    return digest(base.model_dump(exclude={"tune"}))
+    return digest(result_dump(base, exclude={"tune"}))
 
 
 def row_params(base: Params, row: RowSpec, seed: int) -> Params:
