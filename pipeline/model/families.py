@@ -53,31 +53,32 @@ class RandomShape:
     sep_id: int
 
 
+def _standard(s: RandomShape) -> dict[str, Any]:
+    """The shape under the names BERT, RoBERTa and ModernBERT configs share."""
+    return {
+        "vocab_size": s.vocab_size,
+        "hidden_size": s.hidden_size,
+        "num_hidden_layers": s.num_layers,
+        "num_attention_heads": s.num_heads,
+        "intermediate_size": s.intermediate_size,
+        "max_position_embeddings": s.max_positions,
+        "pad_token_id": s.pad_id,
+    }
+
+
 def _bert_config(s: RandomShape) -> PretrainedConfig:
-    return AutoConfig.for_model(
-        "bert",
-        vocab_size=s.vocab_size,
-        hidden_size=s.hidden_size,
-        num_hidden_layers=s.num_layers,
-        num_attention_heads=s.num_heads,
-        intermediate_size=s.intermediate_size,
-        max_position_embeddings=s.max_positions,
-        pad_token_id=s.pad_id,
-    )
+    return AutoConfig.for_model("bert", **_standard(s))
 
 
 def _roberta_config(s: RandomShape) -> PretrainedConfig:
     return AutoConfig.for_model(
         "roberta",
-        vocab_size=s.vocab_size,
-        hidden_size=s.hidden_size,
-        num_hidden_layers=s.num_layers,
-        num_attention_heads=s.num_heads,
-        intermediate_size=s.intermediate_size,
-        max_position_embeddings=s.max_positions + s.pad_id + 1,  # rows 0..pad are never content positions
-        pad_token_id=s.pad_id,
-        bos_token_id=s.cls_id,
-        eos_token_id=s.sep_id,
+        **{
+            **_standard(s),
+            "max_position_embeddings": s.max_positions + s.pad_id + 1,  # rows 0..pad are never content positions
+            "bos_token_id": s.cls_id,
+            "eos_token_id": s.sep_id,
+        },
     )
 
 
@@ -97,13 +98,7 @@ def _distilbert_config(s: RandomShape) -> PretrainedConfig:
 def _modernbert_config(s: RandomShape) -> PretrainedConfig:
     return AutoConfig.for_model(
         "modernbert",
-        vocab_size=s.vocab_size,
-        hidden_size=s.hidden_size,
-        num_hidden_layers=s.num_layers,
-        num_attention_heads=s.num_heads,
-        intermediate_size=s.intermediate_size,
-        max_position_embeddings=s.max_positions,
-        pad_token_id=s.pad_id,
+        **_standard(s),
         cls_token_id=s.cls_id,
         sep_token_id=s.sep_id,
         bos_token_id=s.cls_id,
