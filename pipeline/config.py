@@ -145,7 +145,10 @@ class EvalParams(_Group):
     table_samples: int = Field(32, ge=2)
     qd_top_k: list[int] = Field(default_factory=lambda: [1, 3, 10, 30, 0])  # 0 = no truncation
     qd_samples: int = Field(32, ge=2)
-    sampler: Literal["ancestral", "gibbs"] = "ancestral"  # gibbs: BERT-Mouth
+    # ancestral: the model's chain; confidence: MaskGIT/LLaDA confidence-ordered unmasking;
+    # gibbs: BERT-Mouth. Only ancestral samples are the model's chain (no bound for the others).
+    sampler: Literal["ancestral", "confidence", "gibbs"] = "ancestral"
+    confidence_score: Literal["prob", "margin", "entropy"] = "prob"  # the confidence sampler's order
     gibbs_sweeps: int = Field(2, ge=1)
     precision: Precision = "auto"
     compare_init: bool = True  # also bound the untrained initial model (seed 0) for comparison

@@ -173,7 +173,11 @@ def digest(obj: Any) -> str:
 PLUMBING = {"train": ("storage", "placement_timeout_s", "placement_strategy")}
 # Params added after rows were first measured, at the value that computes exactly what the code
 # computed before them: hashed only when set otherwise, so finished rows stay reusable.
-NEUTRAL_DEFAULTS = {("train", "global_batch_size"): None, ("model", "family"): "bert"}
+NEUTRAL_DEFAULTS = {
+    ("train", "global_batch_size"): None,
+    ("model", "family"): "bert",
+    ("evaluate", "confidence_score"): "prob",  # read only by the confidence sampler
+}
 
 
 def result_dump(params: Params, **kwargs: Any) -> dict:

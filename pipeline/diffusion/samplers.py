@@ -1,4 +1,5 @@
-"""Generation: the ancestral reverse process (PAPER §6) and BERT-Mouth Gibbs sampling.
+"""Generation: the ancestral reverse process (PAPER §6), confidence-ordered unmasking and
+BERT-Mouth Gibbs sampling, each unconditional or from a canvas of fixed tokens.
 
 The reverse step t -> s reveals each masked position with probability sum_v p(v) a(v) and
 draws its token proportionally to p(v) a(v), a(v) = (alpha_s(v) - alpha_t(v)) / (1 - alpha_t(v));
@@ -25,6 +26,7 @@ from torch import Tensor
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerBase
 
+from pipeline.diffusion.canvas import starting_canvas
 from pipeline.diffusion.forward import Denoiser, SpecialIds
 from pipeline.diffusion.schedules import Schedule
 
@@ -38,22 +40,6 @@ class SampleOutput:
     seconds: float
     model_seconds: float = 0.0
     trace: list[int] = field(default_factory=list)  # masked positions left after each step
-
-
-def initial_canvas(
-    lengths: Sequence[int] | Tensor, special: SpecialIds, cls_id: int, sep_id: int
-) -> tuple[Tensor, Tensor]:
-    """[CLS] [MASK]*n [SEP] [PAD]... for each content length n: (ids [B, L], attention [B, L])."""
-    lengths = torch.as_tensor(lengths, dtype=torch.long)
-    if (lengths < 1).any():
-        raise ValueError("every sample needs a content length >= 1")
-    width = int(lengths.max()) + 2
-    pos = torch.arange(width)[None, :]  # [1, L]
-    ids = torch.full((len(lengths), width), special.pad, dtype=torch.long)
-    ids[pos <= lengths[:, None]] = special.mask
-    ids[:, 0] = cls_id
-    ids[torch.arange(len(lengths)), lengths + 1] = sep_id
-    return ids, pos <= lengths[:, None] + 1
 
 
 def truncated_probs(
@@ -103,11 +89,78 @@ def reveal_chance(probs: Tensor, b_idx: Tensor, l_idx: Tensor, reveal: Tensor, c
     return out.clamp_(0.0, 1.0)
 
 
+class _Predictions:
+    """p_theta(x0 | x_t) after truncation at every masked position, [B, L, V] float32 on the host.
+
+    `refresh` calls the denoiser on the rows that need it: every row with a [MASK] left, or, with
+    `cache` (exact only for a time-agnostic denoiser), only the rows changed since their last call.
+    """
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        special: SpecialIds,
+        *,
+        top_k: int,
+        top_p: float,
+        temperature: float,
+        cache: bool,
+        device: torch.device | str,
+    ) -> None:
+        self.denoiser, self.cache, self.device = denoiser, cache, device
+        self.forbidden = special.forbidden_outputs
+        self.truncation = (top_k, top_p, temperature)
+        self.probs: Tensor | None = None  # [B, L, V]; valid where masked
+        self.stale: Tensor | None = None  # [B] rows whose cached output is out of date
+        self.row_calls: Tensor | None = None  # [B]
+        self.calls, self.model_seconds = 0, 0.0
+
+    def refresh(self, x: Tensor, attn: Tensor, masked: Tensor, s_value: float) -> Tensor:
+        batch, width = x.shape
+        if self.stale is None:
+            self.stale = torch.ones(batch, dtype=torch.bool)
+            self.row_calls = torch.zeros(batch, dtype=torch.long)
+        assert self.row_calls is not None
+        need = masked.any(1) & (self.stale if self.cache else torch.ones_like(self.stale))
+        if need.any():
+            rows = need.nonzero(as_tuple=True)[0]
+            s_frac = torch.full((len(rows),), s_value, dtype=torch.float32, device=self.device)
+            sel = masked[rows].to(self.device)
+            tick = time.perf_counter()
+            logits = self.denoiser(x[rows].to(self.device), attn[rows].to(self.device), s_frac, sel)  # [N, V]
+            self.model_seconds += time.perf_counter() - tick
+            self.calls += 1
+            self.row_calls[rows] += 1
+            # Truncation runs where the logits are; one [N, V] copy to the CPU bookkeeping per call.
+            p = truncated_probs(logits, self.forbidden, *self.truncation).cpu()  # [N, V] fp32
+            if self.probs is None:
+                self.probs = torch.zeros(batch, width, p.shape[-1], dtype=torch.float32)
+            sel_b, sel_l = masked[rows].nonzero(as_tuple=True)  # = sel, without a device -> host copy
+            self.probs[rows[sel_b], sel_l] = p  # in place, row-major like the model's output
+            self.stale[rows] = False
+        assert self.probs is not None  # every row is stale at the first step
+        return self.probs
+
+    def changed(self, rows: Tensor) -> None:
+        """Rows that had a position revealed: their cached output is out of date."""
+        assert self.stale is not None
+        self.stale[rows] = True
+
+    def counts(self, batch: int) -> Tensor:
+        return self.row_calls if self.row_calls is not None else torch.zeros(batch, dtype=torch.long)
+
+
+def _check_grid(schedule: Schedule, grid: Sequence[int]) -> None:
+    T = schedule.num_timesteps
+    if grid[0] != T or grid[-1] != 0:
+        raise ValueError(f"time grid must run from T={T} down to 0, got {grid[0]}..{grid[-1]}")
+
+
 @torch.no_grad()
 def ancestral_sample(
     denoiser: Denoiser,
     schedule: Schedule,
-    lengths: Sequence[int] | Tensor,
+    lengths: Sequence[int] | Tensor | None,
     special: SpecialIds,
     cls_id: int,
     sep_id: int,
@@ -120,25 +173,27 @@ def ancestral_sample(
     cache: bool = False,
     device: torch.device | str = "cpu",
     progress: Callable[[int], None] | None = None,
+    canvas: tuple[Tensor, Tensor] | None = None,
 ) -> SampleOutput:
     """Reverse process on a descending time grid (T ... 0; step skipping = a coarser grid).
 
-    `cache=True` is valid only for a time-agnostic denoiser: a row's output is recomputed only
-    after that row changed, so each row costs at most its length in model calls.
+    Unconditional from `lengths`, or conditional from `canvas` (ids, attention; see
+    `pipeline.diffusion.canvas`): only its [MASK] positions are ever written, which is the
+    model's chain conditioned on the fixed tokens. `cache=True` is valid only for a time-agnostic
+    denoiser: a row's output is recomputed only after that row changed, so each row costs at most
+    its number of [MASK] positions in model calls.
     """
+    _check_grid(schedule, grid)
     T = schedule.num_timesteps
-    if grid[0] != T or grid[-1] != 0:
-        raise ValueError(f"time grid must run from T={T} down to 0, got {grid[0]}..{grid[-1]}")
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
-    x, attn = initial_canvas(lengths, special, cls_id, sep_id)
+    x, attn = starting_canvas(lengths, canvas, special, cls_id, sep_id)
     batch, width = x.shape
     masked = x == special.mask  # [B, L]
-    forbidden = special.forbidden_outputs
-    probs: Tensor | None = None  # [B, L, V] float32 truncated p; valid where masked
-    stale = torch.ones(batch, dtype=torch.bool)
-    row_calls = torch.zeros(batch, dtype=torch.long)
-    calls, model_seconds, trace = 0, 0.0, []
+    predictions = _Predictions(
+        denoiser, special, top_k=top_k, top_p=top_p, temperature=temperature, cache=cache, device=device
+    )
+    trace: list[int] = []
     for step, (t_step, s_step) in enumerate(zip(grid[:-1], grid[1:])):
         # One set of uniforms per step, drawn before any early exit, keeps every path in lockstep.
         u_reveal = torch.rand(batch, width, generator=gen, dtype=torch.float64)
@@ -146,24 +201,7 @@ def ancestral_sample(
         if not masked.any():
             trace.append(0)
             continue
-        need = masked.any(1) & (stale if cache else torch.ones_like(stale))
-        if need.any():
-            rows = need.nonzero(as_tuple=True)[0]
-            s_frac = torch.full((len(rows),), t_step / T, dtype=torch.float32, device=device)
-            sel = masked[rows].to(device)
-            tick = time.perf_counter()
-            logits = denoiser(x[rows].to(device), attn[rows].to(device), s_frac, sel)  # [N, V]
-            model_seconds += time.perf_counter() - tick
-            calls += 1
-            row_calls[rows] += 1
-            # Truncation runs where the logits are; one [N, V] copy to the CPU bookkeeping per call.
-            p = truncated_probs(logits, forbidden, top_k, top_p, temperature).cpu()  # [N, V] fp32
-            if probs is None:
-                probs = torch.zeros(batch, width, p.shape[-1], dtype=torch.float32)
-            sel_b, sel_l = masked[rows].nonzero(as_tuple=True)  # = sel, without a device -> host copy
-            probs[rows[sel_b], sel_l] = p  # in place, row-major like the model's output
-            stale[rows] = False
-        assert probs is not None  # every row is stale at the first step
+        probs = predictions.refresh(x, attn, masked, t_step / T)
         # Every row is at the same step: one [1, V] (or [1, 1]) reveal table serves the batch.
         t = torch.full((1,), float(t_step), dtype=torch.float64)
         s = torch.full((1,), float(s_step), dtype=torch.float64)
@@ -183,19 +221,27 @@ def ancestral_sample(
                 weights = weights * reveal[None, :]
             x[hb, hl] = draw_categorical(weights, u_token[hb, hl])
             masked[hb, hl] = False
-            stale[hb] = True
+            predictions.changed(hb)
         trace.append(int(masked.sum()))
         if progress is not None:
             progress(step + 1)
     if masked.any():  # cannot happen on a grid that ends at 0 (a = 1 there); guard anyway
         raise RuntimeError("sampling ended with [MASK] tokens left")
-    return SampleOutput(x, attn, calls, row_calls, time.perf_counter() - start, model_seconds, trace)
+    return SampleOutput(
+        x,
+        attn,
+        predictions.calls,
+        predictions.counts(batch),
+        time.perf_counter() - start,
+        predictions.model_seconds,
+        trace,
+    )
 
 
 @torch.no_grad()
 def gibbs_sample(
     denoiser: Denoiser,
-    lengths: Sequence[int] | Tensor,
+    lengths: Sequence[int] | Tensor | None,
     special: SpecialIds,
     cls_id: int,
     sep_id: int,
@@ -206,26 +252,34 @@ def gibbs_sample(
     temperature: float = 1.0,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    canvas: tuple[Tensor, Tensor] | None = None,
 ) -> SampleOutput:
     """BERT-Mouth (Wang & Cho 2019): from all [MASK], repeatedly mask one position per row and
     resample it from the MLM. The first sweep visits positions in a random order, so every
-    [MASK] is filled; later sweeps revisit every position in a fresh random order."""
+    [MASK] is filled; later sweeps revisit every position in a fresh random order.
+
+    With a `canvas`, only its [MASK] positions are free: fixed tokens are never masked again.
+    Not the model's chain: no bound applies to its samples."""
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
-    x, attn = initial_canvas(lengths, special, cls_id, sep_id)
-    lengths_t = torch.as_tensor(lengths, dtype=torch.long)
+    x, attn = starting_canvas(lengths, canvas, special, cls_id, sep_id)
+    free = x == special.mask  # [B, L] the positions this sampler may write
     batch, width = x.shape
+    n_free = free.sum(1)  # [B]
+    if (n_free == 0).any():
+        raise ValueError("every canvas row needs at least one [MASK] position to sample")
+    last_free = torch.where(free, torch.arange(width)[None, :], 0).amax(1)  # [B]
     forbidden = special.forbidden_outputs
     calls, model_seconds = 0, 0.0
     rows = torch.arange(batch)
     for _ in range(max(1, sweeps)):
-        # [B, Lmax] random order of each row's content positions (1..n); rows shorter than Lmax
-        # keep revisiting their own positions, which is harmless.
+        # [B, L-2] random order of each row's free positions (content lies in 1..L-2); a row with
+        # fewer free positions than the longest keeps revisiting its last one, which is harmless.
         keys = torch.rand(batch, width - 2, generator=gen, dtype=torch.float64)
-        keys[torch.arange(width - 2)[None, :] >= lengths_t[:, None]] = 2.0
+        keys[~free[:, 1 : width - 1]] = 2.0
         order = keys.argsort(1) + 1
-        for j in range(width - 2):
-            pos = torch.minimum(order[:, j], lengths_t)  # [B]
+        for j in range(int(n_free.max())):
+            pos = torch.where(j < n_free, order[:, j], last_free)  # [B]
             x[rows, pos] = special.mask
             sel = torch.zeros_like(x, dtype=torch.bool)
             sel[rows, pos] = True
@@ -238,6 +292,124 @@ def gibbs_sample(
             u = torch.rand(batch, generator=gen, dtype=torch.float64)
             x[rows, pos] = draw_categorical(p, u)
     return SampleOutput(x, attn, calls, torch.full((batch,), calls), time.perf_counter() - start, model_seconds)
+
+
+CONFIDENCE_SCORES = ("prob", "margin", "entropy")
+
+
+def confidence(probs: Tensor, drawn: Tensor, score: str) -> Tensor:
+    """How sure the model is at each position, higher = surer: the drawn token's probability,
+    the gap between the two most likely tokens, or minus the entropy. probs [M, V], drawn [M] -> [M]"""
+    if score == "prob":
+        return probs.gather(1, drawn[:, None]).squeeze(1).double()
+    if score == "margin":
+        top2 = probs.topk(2, dim=-1).values.double()  # [M, 2]
+        return top2[:, 0] - top2[:, 1]
+    if score == "entropy":
+        p = probs.double()
+        return (p * p.clamp_min(1e-300).log()).sum(-1)  # -H(p)
+    raise ValueError(f"unknown confidence score {score!r}; choose one of {', '.join(CONFIDENCE_SCORES)}")
+
+
+def reveal_counts(masked_per_row: Tensor, expected_reveals: Tensor, owed: Tensor, last_step: bool) -> Tensor:
+    """How many positions each row reveals this step: the schedule's expected number, rounded
+    with the remainder carried over (`owed`, [B] float64, updated in place), so a step that
+    expects 0.3 reveals and the next that expects 0.3 do not both round to 0.
+
+    masked_per_row [B], expected_reveals [B] (sum over the row's masked positions of the chance
+    the chain would reveal each) -> [B]. The last step reveals everything left."""
+    if last_step:
+        owed.zero_()
+        return masked_per_row.clone()
+    owed += expected_reveals
+    counts = torch.minimum(torch.floor(owed + 0.5).long().clamp_min(0), masked_per_row)
+    owed -= counts.double()
+    return counts
+
+
+@torch.no_grad()
+def confidence_sample(
+    denoiser: Denoiser,
+    schedule: Schedule,
+    lengths: Sequence[int] | Tensor | None,
+    special: SpecialIds,
+    cls_id: int,
+    sep_id: int,
+    *,
+    grid: Sequence[int],
+    score: str = "prob",
+    top_k: int = 0,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+    seed: int = 0,
+    cache: bool = False,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int], None] | None = None,
+    canvas: tuple[Tensor, Tensor] | None = None,
+) -> SampleOutput:
+    """Confidence-ordered unmasking (MaskGIT; LLaDA's "low-confidence remasking").
+
+    Each step draws a token at every [MASK] from the truncated p_theta(x0 | x_t), then keeps only
+    the ones the model is surest of (`score`): as many per row as the schedule's chain would reveal
+    in expectation at that step (`reveal_counts`), so the pace follows the noise schedule. The
+    rest stay [MASK] and are drawn afresh next step. Not the model's chain: no bound applies.
+    """
+    if score not in CONFIDENCE_SCORES:
+        raise ValueError(f"unknown confidence score {score!r}; choose one of {', '.join(CONFIDENCE_SCORES)}")
+    _check_grid(schedule, grid)
+    T = schedule.num_timesteps
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    x, attn = starting_canvas(lengths, canvas, special, cls_id, sep_id)
+    batch, width = x.shape
+    masked = x == special.mask  # [B, L]
+    predictions = _Predictions(
+        denoiser, special, top_k=top_k, top_p=top_p, temperature=temperature, cache=cache, device=device
+    )
+    owed = torch.zeros(batch, dtype=torch.float64)  # [B] expected reveals not yet made
+    trace: list[int] = []
+    for step, (t_step, s_step) in enumerate(zip(grid[:-1], grid[1:])):
+        u_token = torch.rand(batch, width, generator=gen, dtype=torch.float64)
+        if not masked.any():
+            trace.append(0)
+            continue
+        probs = predictions.refresh(x, attn, masked, t_step / T)
+        b_idx, l_idx = masked.nonzero(as_tuple=True)  # [M]
+        t = torch.full((1,), float(t_step), dtype=torch.float64)
+        s = torch.full((1,), float(s_step), dtype=torch.float64)
+        reveal = schedule.reveal_probability(t, s)[0]  # [V] or [1]
+        if reveal.shape[-1] == 1:
+            chance = reveal.expand(len(b_idx))
+        else:
+            chance = reveal_chance(probs, b_idx, l_idx, reveal)
+        expected = torch.zeros(batch, dtype=torch.float64).index_add_(0, b_idx, chance)  # [B]
+        counts = reveal_counts(masked.sum(1), expected, owed, last_step=s_step == 0)  # [B]
+        drawn = draw_categorical(probs[b_idx, l_idx].double(), u_token[b_idx, l_idx])  # [M]
+        sure = confidence(probs[b_idx, l_idx], drawn, score)  # [M]
+        scores = torch.full((batch, width), float("-inf"), dtype=torch.float64)
+        scores[b_idx, l_idx] = sure
+        # Rank each row's masked positions by confidence (ties by position) and keep the top counts[b].
+        rank = scores.argsort(dim=1, descending=True, stable=True).argsort(dim=1)  # [B, L]
+        keep = masked & (rank < counts[:, None])
+        proposal = torch.zeros_like(x)
+        proposal[b_idx, l_idx] = drawn
+        x = torch.where(keep, proposal, x)
+        masked &= ~keep
+        predictions.changed(keep.any(1).nonzero(as_tuple=True)[0])
+        trace.append(int(masked.sum()))
+        if progress is not None:
+            progress(step + 1)
+    if masked.any():
+        raise RuntimeError("sampling ended with [MASK] tokens left")
+    return SampleOutput(
+        x,
+        attn,
+        predictions.calls,
+        predictions.counts(batch),
+        time.perf_counter() - start,
+        predictions.model_seconds,
+        trace,
+    )
 
 
 def decode(tokens: Tensor, tokenizer: PreTrainedTokenizerBase) -> list[str]:

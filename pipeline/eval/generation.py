@@ -1,21 +1,27 @@
-"""Unconditional generation as text: lengths, sampler choice, decoding."""
+"""Generation as text: unconditional (lengths) or conditional (templates), sampler choice, decoding."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
 
+from pipeline.diffusion.canvas import template_canvas
 from pipeline.diffusion.forward import SpecialIds
 from pipeline.diffusion.samplers import (
     SampleOutput,
     ancestral_sample,
+    confidence_sample,
     decode,
     gibbs_sample,
 )
 from pipeline.diffusion.schedules import Schedule, grid_for_steps
+
+SAMPLERS = ("ancestral", "confidence", "gibbs")
+CHAIN_SAMPLERS = ("ancestral",)  # the model's own reverse chain: the only ones a bound speaks for
 
 
 @dataclass
@@ -26,6 +32,21 @@ class Generation:
     row_calls: int  # sum over samples of the forwards each took part in
     seconds: float
     model_seconds: float
+    # Per request, the text of each generated span (maximal run of [MASK] in its template), in
+    # order; unconditional samples have one span, the whole text.
+    spans: list[list[str]] = field(default_factory=list)
+
+
+def generated_spans(template: Sequence[int | None]) -> list[tuple[int, int]]:
+    """[start, end) content indices of each maximal run of None (generated positions)."""
+    spans, start = [], None
+    for i, tok in enumerate([*template, 0]):
+        if tok is None and start is None:
+            start = i
+        elif tok is not None and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
 
 
 def generate(
@@ -33,7 +54,8 @@ def generate(
     tokenizer,
     schedule: Schedule,
     *,
-    lengths: Sequence[int],
+    lengths: Sequence[int] | None = None,
+    templates: Sequence[Sequence[int | None]] | None = None,
     steps: int = 128,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -43,43 +65,43 @@ def generate(
     sampler: str = "ancestral",
     cache: bool | None = None,
     gibbs_sweeps: int = 2,
+    confidence_score: str = "prob",
     device: torch.device | str = "cpu",
     denoiser: Callable | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Generation:
-    """Sample len(lengths) sentences. `cache=None` caches exactly when the model is time-agnostic."""
+    """Sample one sentence per entry of `lengths` (unconditional), or complete each of `templates`
+    (content token ids, None where generated: prompts, suffixes, infilling; see
+    `pipeline.eval.templates`). Fixed tokens are never changed, by every sampler.
+    `cache=None` caches exactly when the model is time-agnostic."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if (lengths is None) == (templates is None):
+        raise ValueError("give either lengths (unconditional) or templates (conditional), not both")
     special = SpecialIds.from_tokenizer(tokenizer)
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
     denoise = denoiser or model.denoise
     use_cache = bool(getattr(model, "time_agnostic", False)) if cache is None else cache
     grid = grid_for_steps(schedule.num_timesteps, steps)
+    requests: list[Sequence[int | None]] = (
+        list(templates) if templates is not None else [[None] * int(n) for n in lengths or []]
+    )
     texts: list[str] = []
+    spans: list[list[str]] = []
     calls, row_calls, seconds, model_seconds = 0, 0, 0.0, 0.0
-    for start in range(0, len(lengths), batch_size):
-        chunk = list(lengths[start : start + batch_size])
+    for start in range(0, len(requests), batch_size):
+        chunk = requests[start : start + batch_size]
         chunk_seed = seed * 1_000_003 + start
-        if sampler == "ancestral":
-            out: SampleOutput = ancestral_sample(
+        chunk_lengths = [len(t) for t in chunk] if templates is None else None
+        canvas = None if templates is None else template_canvas(chunk, special, cls_id, sep_id)
+        if sampler == "gibbs":
+            out: SampleOutput = gibbs_sample(
                 denoise,
-                schedule,
-                chunk,
+                chunk_lengths,
                 special,
-                tokenizer.cls_token_id,
-                tokenizer.sep_token_id,
-                grid=grid,
-                top_k=top_k,
-                top_p=top_p,
-                temperature=temperature,
-                seed=chunk_seed,
-                cache=use_cache,
-                device=device,
-            )
-        elif sampler == "gibbs":
-            out = gibbs_sample(
-                denoise,
-                chunk,
-                special,
-                tokenizer.cls_token_id,
-                tokenizer.sep_token_id,
+                cls_id,
+                sep_id,
+                canvas=canvas,
                 sweeps=gibbs_sweeps,
                 top_k=top_k,
                 top_p=top_p,
@@ -88,15 +110,34 @@ def generate(
                 device=device,
             )
         else:
-            raise ValueError(f"unknown sampler {sampler!r}; choose ancestral or gibbs")
+            chain = ancestral_sample if sampler == "ancestral" else partial(confidence_sample, score=confidence_score)
+            out = chain(
+                denoise,
+                schedule,
+                chunk_lengths,
+                special,
+                cls_id,
+                sep_id,
+                canvas=canvas,
+                grid=grid,
+                cache=use_cache,
+                top_k=top_k,
+                top_p=top_p,
+                temperature=temperature,
+                seed=chunk_seed,
+                device=device,
+            )
         texts.extend(decode(out.tokens, tokenizer))
+        for row, template in enumerate(chunk):
+            content = out.tokens[row, 1 : len(template) + 1]
+            spans.append([decode(content[None, a:b], tokenizer)[0] for a, b in generated_spans(template)])
         calls += out.model_calls
         row_calls += int(out.row_calls.sum())
         seconds += out.seconds
         model_seconds += out.model_seconds
         if progress is not None:
             progress(len(chunk))
-    return Generation(texts, [int(n) for n in lengths], calls, row_calls, seconds, model_seconds)
+    return Generation(texts, [len(t) for t in requests], calls, row_calls, seconds, model_seconds, spans)
 
 
 def fixed_or_sampled_lengths(n: int, length: int, histogram: np.ndarray | None, seed: int) -> list[int]:

@@ -1,0 +1,226 @@
+"""Conditional generation: fixed tokens never change under any sampler, the conditional chain
+samples p(gap | fixed) exactly, the confidence sampler's pace and order, and text templates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.diffusion.canvas import template_canvas
+from pipeline.diffusion.samplers import (
+    ancestral_sample,
+    confidence,
+    confidence_sample,
+    gibbs_sample,
+    reveal_counts,
+)
+from pipeline.diffusion.schedules import time_grid
+from pipeline.eval.generation import generated_spans
+from pipeline.eval.templates import (
+    TemplateError,
+    check_fits,
+    infill_template,
+    prompt_template,
+    request_from_line,
+)
+from tests.test_samplers import tiny_bert
+from tests.toy import (
+    CLS,
+    CONTENT,
+    DATA_PROBS,
+    MASK,
+    PAIRS,
+    SEP,
+    SPECIAL,
+    VOCAB,
+    BayesDenoiser,
+    ConstantDenoiser,
+    toy_schedule,
+)
+
+N = None
+# Prefix, suffix, two gaps, a lone gap: content ids 4..6 fixed, None generated.
+TEMPLATES = [[4, 4, N, N, N], [N, N, 6, 5], [5, N, 6, N, N, 4], [N], [6, N, 6]]
+T = 64
+
+
+def run(kind: str, denoiser, templates=TEMPLATES, seed: int = 0, **kw):
+    canvas = template_canvas(templates, SPECIAL, CLS, SEP)
+    schedule = toy_schedule("spindle", T)
+    if kind == "gibbs":
+        return gibbs_sample(denoiser, None, SPECIAL, CLS, SEP, canvas=canvas, seed=seed, **kw)
+    grid = time_grid(T, 16 if kind == "skipping" else 1)
+    if kind.startswith("confidence"):
+        score = kind.split("-")[1]
+        return confidence_sample(
+            denoiser, schedule, None, SPECIAL, CLS, SEP, canvas=canvas, grid=grid, seed=seed, score=score, **kw
+        )
+    return ancestral_sample(
+        denoiser, schedule, None, SPECIAL, CLS, SEP, canvas=canvas, grid=grid, seed=seed, cache=kind == "cached", **kw
+    )
+
+
+KINDS = ["ancestral", "cached", "skipping", "confidence-prob", "confidence-margin", "confidence-entropy", "gibbs"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_sampler_keeps_every_fixed_token_and_fills_every_gap(kind):
+    # The model would rather write 5 everywhere: a sampler that touched a fixed 4 or 6 shows.
+    out = run(kind, ConstantDenoiser(torch.tensor([0, 0, 0, 0, 0.05, 0.9, 0.05])))
+    for row, template in enumerate(TEMPLATES):
+        content = out.tokens[row, 1 : len(template) + 1].tolist()
+        assert out.tokens[row, 0] == CLS and out.tokens[row, len(template) + 1] == SEP
+        for tok, fixed in zip(content, template):
+            assert tok == fixed if fixed is not None else tok in CONTENT, (row, content, template)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_real_denoiser_never_changes_fixed_tokens_either(kind):
+    out = run(kind, tiny_bert().denoise, top_k=3)
+    for row, template in enumerate(TEMPLATES):
+        fixed = [(i + 1, tok) for i, tok in enumerate(template) if tok is not None]
+        assert all(int(out.tokens[row, i]) == tok for i, tok in fixed)
+        assert (out.tokens[row, 1 : len(template) + 1] != MASK).all()
+
+
+@pytest.mark.parametrize("kind", ["confidence-prob", "ancestral"])
+def test_caching_stays_exact_with_fixed_tokens(kind):
+    model = tiny_bert()
+    plain = run(kind, model.denoise, seed=4, top_k=3)
+    cached_kind = "cached" if kind == "ancestral" else kind
+    canvas = template_canvas(TEMPLATES, SPECIAL, CLS, SEP)
+    schedule = toy_schedule("spindle", T)
+    if cached_kind == "cached":
+        cached = run("cached", model.denoise, seed=4, top_k=3)
+    else:
+        cached = confidence_sample(
+            model.denoise, schedule, None, SPECIAL, CLS, SEP, canvas=canvas, grid=time_grid(T, 1), seed=4, top_k=3,
+            cache=True,
+        )  # fmt: skip
+    assert torch.equal(plain.tokens, cached.tokens)
+    gaps = torch.tensor([sum(tok is None for tok in t) for t in TEMPLATES])
+    assert (cached.row_calls <= gaps).all()  # a row is recomputed only after one of its gaps changed
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "spindle"])
+def test_the_conditional_chain_samples_the_exact_conditional_of_the_data(schedule_name):
+    """With the Bayes-optimal denoiser and x1 fixed, the ancestral chain over x2 alone must draw
+    x2 ~ p_data(x2 | x1): the reveal and token probabilities telescope to it exactly."""
+    torch.manual_seed(0)
+    schedule = toy_schedule(schedule_name, 8)
+    x1, n = 4, 1500
+    canvas = template_canvas([[x1, None]] * n, SPECIAL, CLS, SEP)
+    out = ancestral_sample(
+        BayesDenoiser(schedule), schedule, None, SPECIAL, CLS, SEP, canvas=canvas, grid=time_grid(8, 1), seed=1
+    )
+    assert (out.tokens[:, 1] == x1).all()
+    freq = torch.bincount(out.tokens[:, 2], minlength=VOCAB).double()[list(CONTENT)] / n
+    joint = torch.tensor([float(p) for (a, _b), p in zip(PAIRS, DATA_PROBS) if a == x1], dtype=torch.float64)
+    assert torch.allclose(freq, joint / joint.sum(), atol=0.045), (freq, joint / joint.sum())
+
+
+def test_confidence_sampler_reveals_what_the_linear_schedule_expects_each_step():
+    # Linear, T = 8, 8 gaps, one step per time step: the chain expects exactly one reveal per step.
+    out = confidence_sample(
+        ConstantDenoiser(torch.tensor([0, 0, 0, 0, 0.2, 0.5, 0.3])),
+        toy_schedule("linear", 8),
+        [8, 8, 8],
+        SPECIAL,
+        CLS,
+        SEP,
+        grid=time_grid(8, 1),
+        seed=0,
+    )
+    assert out.trace == [3 * m for m in range(7, -1, -1)]
+
+
+def test_reveal_counts_carry_the_fraction_so_slow_steps_still_reveal():
+    owed = torch.zeros(1, dtype=torch.float64)
+    counts = [int(reveal_counts(torch.tensor([10]), torch.tensor([0.3]), owed, last_step=False)[0]) for _ in range(10)]
+    assert sum(counts) == 3 and max(counts) == 1  # rounding each step alone would give 0 every time
+    assert int(reveal_counts(torch.tensor([7]), torch.tensor([0.1]), owed, last_step=True)[0]) == 7
+
+
+def test_confidence_sampler_reveals_the_surest_position_first():
+    class PeakedAtThree:
+        """Sure (p = 0.98) at content position 3, unsure (flat) everywhere else."""
+
+        def __call__(self, x_t, attention_mask, s, positions):
+            logits = torch.zeros(*x_t.shape, VOCAB)
+            logits[:, :, list(CONTENT)] = 0.0
+            logits[:, 3, 5] = 6.0
+            return logits[positions]
+
+    out = confidence_sample(
+        PeakedAtThree(), toy_schedule("linear", 8), [8], SPECIAL, CLS, SEP, grid=time_grid(8, 1), seed=0
+    )
+    assert out.trace[0] == 7 and out.tokens[0, 3] == 5  # the one reveal of step one is position 3
+    # ... which the first step fixed: every later call saw position 3 already revealed.
+
+
+def test_confidence_scores_rank_a_peaked_distribution_above_a_flat_one():
+    probs = torch.tensor([[0.9, 0.05, 0.05], [0.34, 0.33, 0.33]])
+    drawn = torch.tensor([0, 0])
+    for score in ("prob", "margin", "entropy"):
+        sure = confidence(probs, drawn, score)
+        assert sure[0] > sure[1], score
+    with pytest.raises(ValueError, match="unknown confidence score"):
+        confidence(probs, drawn, "vibes")
+
+
+def test_a_canvas_that_fixes_a_special_token_or_has_no_gap_is_refused():
+    with pytest.raises(ValueError, match="special token"):
+        template_canvas([[4, SEP, None]], SPECIAL, CLS, SEP)
+    with pytest.raises(ValueError, match="nothing to generate"):
+        template_canvas([[4, 5]], SPECIAL, CLS, SEP)
+    with pytest.raises(ValueError, match="special token"):
+        template_canvas([[MASK, None]], SPECIAL, CLS, SEP)
+
+
+def test_generated_spans_are_the_maximal_runs_of_gaps():
+    assert generated_spans([N, N, 4, N, 5, N, N]) == [(0, 2), (3, 4), (5, 7)]
+    assert generated_spans([4, 5, N]) == [(2, 3)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from pipeline.model.loading import load_tokenizer
+
+    return load_tokenizer("default")
+
+
+def test_infill_marks_one_wordpiece_per_mask_and_n_per_mask_star_n(tokenizer):
+    request = infill_template(tokenizer, "the [MASK*3] sat on the [MASK] .")
+    words = tokenizer("the", add_special_tokens=False)["input_ids"]
+    assert request.kind == "infill"
+    assert list(request.template[:4]) == [*words, N, N, N]
+    assert request.template.count(None) == 4
+    assert request.template[-1] == tokenizer.convert_tokens_to_ids(".")
+
+
+def test_a_prompt_is_followed_by_length_gaps(tokenizer):
+    request = prompt_template(tokenizer, "the president said", 5)
+    assert request.template[-5:] == (N,) * 5 and None not in request.template[:-5]
+    assert request_from_line(tokenizer, "a [MASK] b").kind == "infill"
+    assert request_from_line(tokenizer, "a b", 3).template[-3:] == (N, N, N)
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda tok: infill_template(tok, "no gap here"), "has no gap"),
+        (lambda tok: infill_template(tok, "zero [MASK*0] here"), "asks for no WordPiece"),
+        (lambda tok: infill_template(tok, "odd [MASK*x] here"), "malformed"),
+        (lambda tok: prompt_template(tok, "", 4), "empty"),
+        (lambda tok: prompt_template(tok, "hi", 0), "at least 1"),
+        (lambda tok: prompt_template(tok, "a [MASK] b", 3), "infill template instead"),
+    ],
+)
+def test_bad_requests_are_refused_with_the_reason(tokenizer, make, match):
+    with pytest.raises(TemplateError, match=match):
+        make(tokenizer)
+
+
+def test_a_request_longer_than_the_window_is_refused_by_number(tokenizer):
+    with pytest.raises(TemplateError, match="request 2 needs 12 WordPieces"):
+        check_fits([prompt_template(tokenizer, "hi", 2), prompt_template(tokenizer, "hi", 11)], 10)
