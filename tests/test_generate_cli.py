@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.test_cli import PARAMS, assert_one_line_error, invoke, tiny_model  # noqa: F401 - fixture
 
 SAMPLING = ("--steps", "4", "--top-k", "20", "--seed", "1")
@@ -66,3 +68,17 @@ def test_bad_requests_are_one_line_errors_naming_the_problem(tmp_path, tiny_mode
     assert_one_line_error(generate(tmp_path, tiny_model, "--prompt", long), "above the model's")
     assert_one_line_error(generate(tmp_path, tiny_model, "--sampler", "vibes"), "evaluate.sampler")
     assert_one_line_error(generate(tmp_path, tiny_model, "--format", "xml", "--prompt", "hi"), "--format")
+
+
+def test_the_three_line_api_completes_infills_and_samples(tiny_model):  # noqa: F811
+    from pipeline.api import load
+
+    model = load(tiny_model)
+    filled = model.infill(["the [MASK*2] said .", "[MASK] york"], num=2, steps=4, seed=3)
+    assert len(filled) == 4 and all(t.replace(" ", "").endswith("said.") for t in filled[:2])
+    assert all(t.replace(" ", "").endswith("york") for t in filled[2:])
+    assert model.infill(["the [MASK*2] said .", "[MASK] york"], num=2, steps=4, seed=3) == filled  # seeded
+    assert model.complete("once upon", length=3, steps=4)[0].startswith("once upon")
+    assert len(model.generate(3, 5, steps=4, sampler="confidence")) == 3
+    with pytest.raises(ValueError, match="unknown sampler"):
+        model.generate(1, 5, sampler="vibes")

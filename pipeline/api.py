@@ -1,0 +1,100 @@
+"""A trained model in three lines, for notebooks and scripts:
+
+    from pipeline.api import load
+    model = load("models/final")
+    model.infill("the [MASK*3] sat on the [MASK] .")
+
+`generate` samples unconditionally, `complete` continues prompts, `infill` fills the gaps of
+templates (`[MASK]` = one generated WordPiece, `[MASK*n]` = n). Fixed words never change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.eval.generation import SAMPLERS, Generation, generate
+from pipeline.eval.templates import DEFAULT_CONTINUATION, check_fits, infill_template, prompt_template
+
+
+@dataclass
+class SamplingOptions:
+    """How texts are drawn; the defaults are the evaluate stage's."""
+
+    steps: int = 128
+    sampler: str = "ancestral"
+    top_k: int = 30
+    top_p: float = 1.0
+    temperature: float = 1.0
+    seed: int = 0
+    confidence_score: str = "prob"
+    gibbs_sweeps: int = 2
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+
+class DiffusionBert:
+    """An exported model with its tokenizer and noise schedule, ready to sample."""
+
+    def __init__(self, model, tokenizer, schedule, source: str = "") -> None:
+        self.model, self.tokenizer, self.schedule, self.source = model, tokenizer, schedule, source
+
+    def __repr__(self) -> str:
+        design = self.model.config.time_design
+        return f"DiffusionBert({self.source!r}, schedule={self.schedule.describe()['schedule']}, time={design})"
+
+    def _sample(self, templates=None, lengths=None, **options: Any) -> Generation:
+        opts = SamplingOptions(**options)
+        return generate(
+            self.model,
+            self.tokenizer,
+            self.schedule,
+            templates=templates,
+            lengths=lengths,
+            steps=opts.steps,
+            sampler=opts.sampler,
+            top_k=opts.top_k,
+            top_p=opts.top_p,
+            temperature=opts.temperature,
+            seed=opts.seed,
+            confidence_score=opts.confidence_score,
+            gibbs_sweeps=opts.gibbs_sweeps,
+            device=self.model.device,
+        )
+
+    def generate(self, num: int = 4, length: int = 24, **options: Any) -> list[str]:
+        """`num` unconditional sentences of `length` WordPieces."""
+        return self._sample(lengths=[length] * num, **options).texts
+
+    def complete(
+        self, prompts: str | list[str], length: int = DEFAULT_CONTINUATION, num: int = 1, **options: Any
+    ) -> list[str]:
+        """Each prompt followed by `length` generated WordPieces, `num` samples per prompt."""
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        requests = [prompt_template(self.tokenizer, text, length) for text in texts]
+        return self._run(requests, num, **options).texts
+
+    def infill(self, templates: str | list[str], num: int = 1, **options: Any) -> list[str]:
+        """Each template with its [MASK] / [MASK*n] gaps filled, `num` samples per template."""
+        texts = [templates] if isinstance(templates, str) else list(templates)
+        requests = [infill_template(self.tokenizer, text) for text in texts]
+        return self._run(requests, num, **options).texts
+
+    def _run(self, requests: list, num: int, **options: Any) -> Generation:
+        if num < 1:
+            raise ValueError(f"num must be >= 1, got {num}")
+        check_fits(requests, self.model.max_positions - 2)
+        return self._sample(templates=[r.template for r in requests for _ in range(num)], **options)
+
+
+def load(path: str | Path = "models/final", device: str = "cpu") -> DiffusionBert:
+    """The export directory `path` (what `dbert train` writes to models/final)."""
+    from pipeline.model.export import load_exported
+
+    model, tokenizer, schedule = load_exported(path, device=device)
+    return DiffusionBert(model, tokenizer, schedule, source=str(path))
