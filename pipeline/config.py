@@ -152,6 +152,9 @@ class EvalParams(_Group):
     gibbs_sweeps: int = Field(2, ge=1)
     precision: Precision = "auto"
     compare_init: bool = True  # also bound the untrained initial model (seed 0) for comparison
+    # Prefix completion and infilling on this many test sentences (conditional bound with the
+    # first seed, and span fills with the sample settings); 0 = off.
+    conditional_sequences: int = Field(128, ge=0)
 
 
 class TuneParams(_Group):

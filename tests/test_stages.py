@@ -234,6 +234,9 @@ def test_train_and_evaluate_write_model_metrics_plots_and_log_them(project, monk
     out = root / "outputs/evaluate"
     flat = yaml.safe_load((out / "metrics.json").read_text())
     assert flat["bound.ppl_token_mean"] > 1 and "generation.bleu" in flat
+    for task in ("prefix", "infill"):  # the conditional numbers sit beside the unconditional ones
+        assert flat[f"conditional.{task}.ppl_token"] > 1 and flat[f"conditional.{task}.num_hidden_tokens"] > 0
+        assert 0 <= flat[f"conditional.{task}.token_accuracy"] <= 1
     assert len((out / "samples.txt").read_text().splitlines()) == 4
     assert set(report["plots"]) == {"bound.png", "quality_diversity.png", "steps_bound.png", "steps_quality.png"}
     assert all((out / "plots" / name).read_bytes()[:4] == b"\x89PNG" for name in report["plots"])

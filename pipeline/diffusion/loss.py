@@ -163,9 +163,13 @@ def sequence_bound(
     special: SpecialIds,
     grid: Sequence[int],
     generator: torch.Generator | None = None,
+    hidden: Tensor | None = None,
 ) -> Tensor:
     """NLL bound (nats) of each sequence under the reverse chain on `grid` (descending, T..0).
     [B] float64, on the CPU (computed on x0's device).
+
+    With `hidden` [B, L] bool, the conditional bound on -log p(hidden tokens | the others): the
+    chain runs over the hidden positions only, and every other token stays shown at every t.
 
     Every step t -> s of the chain is evaluated at one sampled x_t ~ q(x_t | x0); with a coarse
     grid this is the bound of that coarser chain (a(v) uses alpha_s, not k one-step KLs).
@@ -173,13 +177,18 @@ def sequence_bound(
     T = schedule.num_timesteps
     if grid[0] != T or grid[-1] != 0:
         raise ValueError(f"time grid must run from T={T} down to 0, got {grid[0]}..{grid[-1]}")
-    maskable = content_mask(x0, special, attention_mask)
-    context = (x0, maskable) if schedule.token_dependent else None
+    content = content_mask(x0, special, attention_mask)
+    # The per-sentence schedule (spindle_paper) always sees the whole sentence.
+    context = (x0, content) if schedule.token_dependent else None
+    hidden_content = None if hidden is None else hidden.to(content.device) & content
     total = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
     for t_step, s_step in zip(grid[:-1], grid[1:]):
         t = torch.full((x0.shape[0],), float(t_step), dtype=torch.float64, device=x0.device)
         s = torch.full_like(t, float(s_step))
-        x_t, masked = q_sample(x0, t, schedule, maskable, special.mask, generator)
+        x_t, masked = q_sample(x0, t, schedule, content, special.mask, generator)
+        if hidden_content is not None:  # same draws as the unconditional bound, shown tokens unmasked
+            masked &= hidden_content
+            x_t = torch.where(masked, x_t, x0)
         if not masked.any():
             continue
         batch_index = masked.nonzero(as_tuple=True)[0]

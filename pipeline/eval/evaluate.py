@@ -107,6 +107,7 @@ def evaluate_model(
         denoiser=denoise,
         sampler=ev.sampler,
         gibbs_sweeps=ev.gibbs_sweeps,
+        confidence_score=ev.confidence_score,
         progress=tick("generate", 2 * n),
     )
     samples, self_bleu_set = gen.texts[:n], gen.texts[n:]
@@ -134,6 +135,7 @@ def evaluate_model(
         references=references,
         params=params,
     )
+    conditional = _conditional(params, extra, scored, bound_format, tick)
     steps_table = steps_quality_table(**extra, progress=tick("steps table", len(ev.table_steps)))
     qd_curve = quality_diversity_curve(**extra, progress=tick("quality-diversity", len(ev.qd_top_k)))
     return {
@@ -153,9 +155,66 @@ def evaluate_model(
             "split": "test",
         },
         "bound": bound,
+        "conditional": conditional,
         "generation": quality,
         "samples": samples,
     }
+
+
+def _conditional(params: Params, extra: dict, scored, bound_format: str, tick) -> dict:
+    """Prefix completion and infilling (`pipeline.eval.conditional`) on the first
+    `evaluate.conditional_sequences` test sentences; {} when off or when the model scores
+    packed rows (no sentences to condition on)."""
+    from pipeline.eval.conditional import TASKS, conditional_bound, fill_spans, task_set
+
+    ev = params.evaluate
+    if ev.conditional_sequences == 0 or bound_format != "padded":
+        return {}
+    tokenizer = extra["tokenizer"]
+    test = extra["test"].head(min(ev.conditional_sequences, len(extra["test"])))
+    vocab = tokenizer.get_vocab()
+    continuation = np.zeros(max(vocab.values()) + 1, dtype=bool)
+    continuation[[i for token, i in vocab.items() if token.startswith("##")]] = True
+    out: dict[str, Any] = {}
+    for task in TASKS:
+        tasks = task_set(test, task, continuation)
+        if not tasks.index:
+            out[task] = {"skipped": f"no test sentence is long enough for {task}"}
+            continue
+        start = time.perf_counter()
+        with torch.no_grad():
+            report = conditional_bound(
+                extra["denoise"],
+                test,
+                tasks,
+                extra["schedule"],
+                extra["special"],
+                num_steps=ev.bound_steps,
+                seeds=tuple(ev.seeds[:1]),
+                batch_size=ev.batch_size,
+                progress=tick(f"{task} bound", len(tasks.index)),
+            )
+        report["fill"] = fill_spans(
+            extra["model"],
+            tokenizer,
+            extra["schedule"],
+            test,
+            tasks,
+            steps=ev.sample_steps,
+            top_k=ev.top_k,
+            top_p=ev.top_p,
+            temperature=ev.temperature,
+            seed=ev.sample_seed,
+            batch_size=ev.batch_size,
+            denoiser=extra["denoise"],
+            sampler=ev.sampler,
+            gibbs_sweeps=ev.gibbs_sweeps,
+            confidence_score=ev.confidence_score,
+            progress=tick(f"{task} fill", len(tasks.index)),
+        )
+        report["seconds"] = time.perf_counter() - start
+        out[task] = report
+    return out
 
 
 def _scored_text(params: Params, test: TokenizedSplit) -> tuple[TokenizedSplit | PackedRows, str]:
@@ -224,6 +283,7 @@ def _samples_quality(
         denoiser=denoise,
         sampler=ev.sampler,
         gibbs_sweeps=ev.gibbs_sweeps,
+        confidence_score=ev.confidence_score,
     )
     quality = generation_metrics(gen.texts[:n], references, self_bleu_samples=gen.texts[n:])
     kept = (
@@ -328,6 +388,14 @@ def summary_metrics(report: dict) -> dict:
     out["bound.num_truncated"] = b["runs"][0].get("num_truncated", 0)
     out["bound.num_words"] = b["runs"][0]["num_words"]
     out["bound.num_tokens"] = b["runs"][0]["num_tokens"]
+    for task, c in (report.get("conditional") or {}).items():
+        if "ppl_token_mean" not in c:
+            continue
+        out[f"conditional.{task}.ppl_token"] = c["ppl_token_mean"]
+        out[f"conditional.{task}.ppl_word"] = c["ppl_word_mean"]
+        out[f"conditional.{task}.num_hidden_tokens"] = c["num_hidden_tokens"]
+        out[f"conditional.{task}.token_accuracy"] = c["fill"]["token_accuracy"]
+        out[f"conditional.{task}.span_bleu"] = c["fill"]["span_bleu"]
     # flags as 0/1 so MLflow can chart them; a BLEU with no shared 4-gram is no measurement
     out.update(
         {

@@ -35,6 +35,7 @@ class Generation:
     # Per request, the text of each generated span (maximal run of [MASK] in its template), in
     # order; unconditional samples have one span, the whole text.
     spans: list[list[str]] = field(default_factory=list)
+    content_ids: list[list[int]] = field(default_factory=list)  # per request, its content WordPieces
 
 
 def generated_spans(template: Sequence[int | None]) -> list[tuple[int, int]]:
@@ -88,6 +89,7 @@ def generate(
     )
     texts: list[str] = []
     spans: list[list[str]] = []
+    content_ids: list[list[int]] = []
     calls, row_calls, seconds, model_seconds = 0, 0, 0.0, 0.0
     for start in range(0, len(requests), batch_size):
         chunk = requests[start : start + batch_size]
@@ -130,6 +132,7 @@ def generate(
         texts.extend(decode(out.tokens, tokenizer))
         for row, template in enumerate(chunk):
             content = out.tokens[row, 1 : len(template) + 1]
+            content_ids.append(content.tolist())
             spans.append([decode(content[None, a:b], tokenizer)[0] for a, b in generated_spans(template)])
         calls += out.model_calls
         row_calls += int(out.row_calls.sum())
@@ -137,7 +140,7 @@ def generate(
         model_seconds += out.model_seconds
         if progress is not None:
             progress(len(chunk))
-    return Generation(texts, [len(t) for t in requests], calls, row_calls, seconds, model_seconds, spans)
+    return Generation(texts, [len(t) for t in requests], calls, row_calls, seconds, model_seconds, spans, content_ids)
 
 
 def fixed_or_sampled_lengths(n: int, length: int, histogram: np.ndarray | None, seed: int) -> list[int]:

@@ -314,6 +314,18 @@ def pooled_self_bleu_tokens(samples: Sequence[Sequence[str]], max_n: int = 4) ->
     return _pooled(_self_counts(samples, max_n), max_n)
 
 
+def paired_corpus_bleu(
+    hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]], max_n: int = 4
+) -> float:
+    """One corpus BLEU where hypothesis i is scored against reference i only (counts pooled, as
+    sacreBLEU's corpus BLEU): for filled spans against their true spans, which are often shorter
+    than 4 words, so a per-span BLEU-4 would be ~0."""
+    if len(hypotheses) != len(references) or not hypotheses:
+        raise ValueError("need one reference per hypothesis, and at least one pair")
+    stats = [_reference_counts([h], [r], max_n)[0] for h, r in zip(hypotheses, references)]
+    return _pooled(stats, max_n)
+
+
 def bleu(hypotheses: list[str], references: list[str], max_n: int = 4) -> float:
     """BLEU-max_n of generated sentences against the held-out set (per-sample mean), on normalised words."""
     if not hypotheses:

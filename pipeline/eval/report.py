@@ -35,6 +35,15 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             f"bound counted: {summary['bound.num_tokens']} content WordPieces, {summary['bound.num_words']} words "
             f"({summary.get('bound.num_truncated', 0)} test lines cut at data.max_seq_len)"
         )
+    for task in ("prefix", "infill"):
+        key = f"conditional.{task}"
+        if f"{key}.ppl_token" in summary:
+            lines.append(
+                f"{key}: bound {summary[f'{key}.ppl_token']:.2f} per hidden WordPiece, "
+                f"{summary[f'{key}.ppl_word']:.2f} per hidden word ({int(summary[f'{key}.num_hidden_tokens'])} hidden "
+                f"WordPieces); fill accuracy {summary[f'{key}.token_accuracy']:.3f}, span BLEU-4 "
+                f"{summary[f'{key}.span_bleu']:.4f}"
+            )
     for metric in ("bleu", "self_bleu"):
         key = f"generation.{metric}"
         if key not in summary:
