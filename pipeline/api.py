@@ -29,6 +29,7 @@ class SamplingOptions:
     temperature: float = 1.0
     seed: int = 0
     confidence_score: str = "prob"
+    remdm_eta: float = 0.04
     gibbs_sweeps: int = 2
 
     def __post_init__(self) -> None:
@@ -63,6 +64,7 @@ class DiffusionBert:
             temperature=opts.temperature,
             seed=opts.seed,
             confidence_score=opts.confidence_score,
+            remdm_eta=opts.remdm_eta,
             gibbs_sweeps=opts.gibbs_sweeps,
             device=self.model.device,
         )

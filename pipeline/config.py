@@ -145,10 +145,11 @@ class EvalParams(_Group):
     table_samples: int = Field(32, ge=2)
     qd_top_k: list[int] = Field(default_factory=lambda: [1, 3, 10, 30, 0])  # 0 = no truncation
     qd_samples: int = Field(32, ge=2)
-    # ancestral: the model's chain; confidence: MaskGIT/LLaDA confidence-ordered unmasking;
-    # gibbs: BERT-Mouth. Only ancestral samples are the model's chain (no bound for the others).
-    sampler: Literal["ancestral", "confidence", "gibbs"] = "ancestral"
+    # ancestral: the model's chain; remdm: ancestral + ReMDM remasking; confidence: MaskGIT/LLaDA
+    # confidence-ordered unmasking; gibbs: BERT-Mouth. Only ancestral is the model's chain.
+    sampler: Literal["ancestral", "remdm", "confidence", "gibbs"] = "ancestral"
     confidence_score: Literal["prob", "margin", "entropy"] = "prob"  # the confidence sampler's order
+    remdm_eta: float = Field(0.04, ge=0.0, le=1.0)  # ReMDM-cap's remasking budget
     gibbs_sweeps: int = Field(2, ge=1)
     precision: Precision = "auto"
     compare_init: bool = True  # also bound the untrained initial model (seed 0) for comparison

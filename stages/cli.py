@@ -335,8 +335,8 @@ def generate_command(
     sampler: Annotated[
         str | None,
         typer.Option(
-            help="ancestral (the model's chain), confidence (MaskGIT/LLaDA order) or gibbs (BERT-Mouth); "
-            "sets evaluate.sampler."
+            help="ancestral (the model's chain), remdm (ancestral + ReMDM remasking, budget evaluate.remdm_eta), "
+            "confidence (MaskGIT/LLaDA order) or gibbs (BERT-Mouth); sets evaluate.sampler."
         ),
     ] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", help="Top-k, 0 = off; sets evaluate.top_k.")] = None,

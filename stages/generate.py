@@ -139,6 +139,7 @@ def run(
             sampler=settings["sampler"],
             gibbs_sweeps=flat["evaluate.gibbs_sweeps"],
             confidence_score=flat["evaluate.confidence_score"],
+            remdm_eta=flat["evaluate.remdm_eta"],
             progress=tick(progress, "generating", len(requests) or num),
         )
         rows = []

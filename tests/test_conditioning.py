@@ -55,12 +55,23 @@ def run(kind: str, denoiser, templates=TEMPLATES, seed: int = 0, **kw):
         return confidence_sample(
             denoiser, schedule, None, SPECIAL, CLS, SEP, canvas=canvas, grid=grid, seed=seed, score=score, **kw
         )
+    remask = 0.5 if kind == "remdm" else 0.0
     return ancestral_sample(
-        denoiser, schedule, None, SPECIAL, CLS, SEP, canvas=canvas, grid=grid, seed=seed, cache=kind == "cached", **kw
-    )
+        denoiser, schedule, None, SPECIAL, CLS, SEP, canvas=canvas, grid=grid, seed=seed, cache=kind == "cached",
+        remask=remask, **kw,
+    )  # fmt: skip
 
 
-KINDS = ["ancestral", "cached", "skipping", "confidence-prob", "confidence-margin", "confidence-entropy", "gibbs"]
+KINDS = [
+    "ancestral",
+    "cached",
+    "skipping",
+    "remdm",
+    "confidence-prob",
+    "confidence-margin",
+    "confidence-entropy",
+    "gibbs",
+]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -224,3 +235,36 @@ def test_bad_requests_are_refused_with_the_reason(tokenizer, make, match):
 def test_a_request_longer_than_the_window_is_refused_by_number(tokenizer):
     with pytest.raises(TemplateError, match="request 2 needs 12 WordPieces"):
         check_fits([prompt_template(tokenizer, "hi", 2), prompt_template(tokenizer, "hi", 11)], 10)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
+def test_remdm_keeps_the_forward_marginals_whatever_its_budget(eta):
+    """ReMDM's point: with remasking, a position is still [MASK] at step s with probability
+    1 - alpha_s, as in the forward process (the reveal chance a' compensates sigma)."""
+    T, n, rows = 8, 4, 3000
+    out = ancestral_sample(
+        ConstantDenoiser(torch.tensor([0, 0, 0, 0, 0.2, 0.5, 0.3])),
+        toy_schedule("linear", T),
+        [n] * rows,
+        SPECIAL,
+        CLS,
+        SEP,
+        grid=time_grid(T, 1),
+        seed=0,
+        remask=eta,
+    )
+    masked_share = torch.tensor(out.trace, dtype=torch.float64) / (n * rows)
+    expected = torch.arange(T - 1, -1, -1, dtype=torch.float64) / T  # 1 - alpha_s = s / T
+    assert torch.allclose(masked_share, expected, atol=0.015), (masked_share, expected)
+
+
+def test_remdm_sends_tokens_back_and_costs_more_calls_when_cached():
+    model = tiny_bert()
+    schedule = toy_schedule("spindle", T)
+    common = dict(grid=time_grid(T, 1), seed=2, cache=True, top_k=3)
+    plain = ancestral_sample(model.denoise, schedule, [6] * 4, SPECIAL, CLS, SEP, **common)
+    remdm = ancestral_sample(model.denoise, schedule, [6] * 4, SPECIAL, CLS, SEP, remask=0.5, **common)
+    assert any(b > a for a, b in zip(remdm.trace, remdm.trace[1:]))  # some step re-masked more than it revealed
+    assert remdm.trace[-1] == 0 and remdm.model_calls > plain.model_calls
+    with pytest.raises(ValueError, match="eta must lie in"):
+        ancestral_sample(model.denoise, schedule, [3], SPECIAL, CLS, SEP, grid=time_grid(T, 1), remask=1.5)

@@ -16,7 +16,7 @@ def generate(tmp_path, model, *args: str):
 
 
 def test_prompt_and_infill_keep_the_given_words_for_every_sampler(tmp_path, tiny_model):  # noqa: F811
-    for sampler in ("ancestral", "confidence", "gibbs"):
+    for sampler in ("ancestral", "remdm", "confidence", "gibbs"):
         result = generate(
             tmp_path,
             tiny_model,

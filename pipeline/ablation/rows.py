@@ -177,6 +177,7 @@ NEUTRAL_DEFAULTS = {
     ("train", "global_batch_size"): None,
     ("model", "family"): "bert",
     ("evaluate", "confidence_score"): "prob",  # read only by the confidence sampler
+    ("evaluate", "remdm_eta"): 0.04,  # read only by the remdm sampler
     ("evaluate", "conditional_sequences"): 128,  # adds the conditional numbers, changes none of the others
 }
 

@@ -174,8 +174,15 @@ def ancestral_sample(
     device: torch.device | str = "cpu",
     progress: Callable[[int], None] | None = None,
     canvas: tuple[Tensor, Tensor] | None = None,
+    remask: float = 0.0,
 ) -> SampleOutput:
     """Reverse process on a descending time grid (T ... 0; step skipping = a coarser grid).
+
+    `remask` = eta > 0 turns it into ReMDM (Wang et al. 2025, the "cap" schedule): each step also
+    sends a generated token back to [MASK] with probability sigma = min(eta, (1 - alpha_s) /
+    alpha_t), and reveals with a' = (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t) instead of a,
+    so every position is still [MASK] at s with probability 1 - alpha_s, as in the forward
+    process. Fixed tokens are never remasked. With remasking it is no longer the model's chain.
 
     Unconditional from `lengths`, or conditional from `canvas` (ids, attention; see
     `pipeline.diffusion.canvas`): only its [MASK] positions are ever written, which is the
@@ -184,12 +191,15 @@ def ancestral_sample(
     its number of [MASK] positions in model calls.
     """
     _check_grid(schedule, grid)
+    if not 0.0 <= remask <= 1.0:
+        raise ValueError(f"the remasking budget eta must lie in [0, 1], got {remask}")
     T = schedule.num_timesteps
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     x, attn = starting_canvas(lengths, canvas, special, cls_id, sep_id)
     batch, width = x.shape
     masked = x == special.mask  # [B, L]
+    free = masked.clone()  # the positions this sampler generates (and may remask)
     predictions = _Predictions(
         denoiser, special, top_k=top_k, top_p=top_p, temperature=temperature, cache=cache, device=device
     )
@@ -198,30 +208,42 @@ def ancestral_sample(
         # One set of uniforms per step, drawn before any early exit, keeps every path in lockstep.
         u_reveal = torch.rand(batch, width, generator=gen, dtype=torch.float64)
         u_token = torch.rand(batch, width, generator=gen, dtype=torch.float64)
-        if not masked.any():
+        u_remask = torch.rand(batch, width, generator=gen, dtype=torch.float64) if remask > 0 else None
+        if not masked.any() and u_remask is None:
             trace.append(0)
             continue
-        probs = predictions.refresh(x, attn, masked, t_step / T)
-        # Every row is at the same step: one [1, V] (or [1, 1]) reveal table serves the batch.
+        # Every row is at the same step: one [1, V] (or [1, 1]) table serves the batch.
         t = torch.full((1,), float(t_step), dtype=torch.float64)
         s = torch.full((1,), float(s_step), dtype=torch.float64)
-        reveal = schedule.reveal_probability(t, s)[0]  # [V] or [1]
-        b_idx, l_idx = masked.nonzero(as_tuple=True)  # [M]
-        if s_step == 0:  # alpha_0 = 1: a(v) = 1 for every v, so every [MASK] is revealed now
-            chance = torch.ones(len(b_idx), dtype=torch.float64)
-        elif reveal.shape[-1] == 1:
-            chance = reveal.expand(len(b_idx))  # sum_v p(v) a = a
+        sent_back = None
+        if u_remask is None:
+            reveal = schedule.reveal_probability(t, s)[0]  # [V] or [1]
         else:
-            chance = reveal_chance(probs, b_idx, l_idx, reveal)  # sum_v p(v) a(v), float64
-        hit = u_reveal[b_idx, l_idx] < chance
-        if hit.any():
-            hb, hl = b_idx[hit], l_idx[hit]
-            weights = probs[hb, hl].double()  # [H, V]
-            if reveal.shape[-1] != 1:
-                weights = weights * reveal[None, :]
-            x[hb, hl] = draw_categorical(weights, u_token[hb, hl])
-            masked[hb, hl] = False
-            predictions.changed(hb)
+            reveal, sigma = remdm_probabilities(schedule, t, s, remask)  # [V] or [1] each
+            decoded = free & ~masked  # generated before this step: each may go back to [MASK]
+            sent_back = decoded & (u_remask < (sigma[x] if sigma.shape[0] > 1 else sigma))
+        if masked.any():
+            probs = predictions.refresh(x, attn, masked, t_step / T)
+            b_idx, l_idx = masked.nonzero(as_tuple=True)  # [M]
+            if s_step == 0:  # alpha_0 = 1: a(v) = 1 for every v, so every [MASK] is revealed now
+                chance = torch.ones(len(b_idx), dtype=torch.float64)
+            elif reveal.shape[-1] == 1:
+                chance = reveal.expand(len(b_idx))  # sum_v p(v) a = a
+            else:
+                chance = reveal_chance(probs, b_idx, l_idx, reveal)  # sum_v p(v) a(v), float64
+            hit = u_reveal[b_idx, l_idx] < chance
+            if hit.any():
+                hb, hl = b_idx[hit], l_idx[hit]
+                weights = probs[hb, hl].double()  # [H, V]
+                if reveal.shape[-1] != 1:
+                    weights = weights * reveal[None, :]
+                x[hb, hl] = draw_categorical(weights, u_token[hb, hl])
+                masked[hb, hl] = False
+                predictions.changed(hb)
+        if sent_back is not None and sent_back.any():
+            x[sent_back] = special.mask
+            masked |= sent_back
+            predictions.changed(sent_back.any(1).nonzero(as_tuple=True)[0])
         trace.append(int(masked.sum()))
         if progress is not None:
             progress(step + 1)
@@ -236,6 +258,22 @@ def ancestral_sample(
         predictions.model_seconds,
         trace,
     )
+
+
+def remdm_probabilities(schedule: Schedule, t: Tensor, s: Tensor, eta: float) -> tuple[Tensor, Tensor]:
+    """ReMDM-cap's step t -> s: (a'(v), sigma(v)), each [V] or [1] float64.
+
+    sigma = min(eta, (1 - alpha_s) / alpha_t) is the chance a generated v is sent back to [MASK];
+    a' = (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t) the chance a [MASK] is revealed as v. The
+    cap keeps a' <= 1; together they keep q(position masked at s) = 1 - alpha_s."""
+    a_t = schedule.alpha_vocab(t)[0]
+    a_s = schedule.alpha_vocab(s)[0]
+    cap = torch.where(a_t > 0, (1.0 - a_s) / torch.where(a_t > 0, a_t, 1.0), torch.ones_like(a_t))
+    sigma = cap.clamp(max=eta).clamp_min(0.0)
+    denom = 1.0 - a_t
+    safe = denom > 0
+    reveal = torch.where(safe, (a_s - (1.0 - sigma) * a_t) / torch.where(safe, denom, 1.0), torch.ones_like(a_t))
+    return reveal.clamp(0.0, 1.0), sigma
 
 
 @torch.no_grad()

@@ -108,6 +108,7 @@ def evaluate_model(
         sampler=ev.sampler,
         gibbs_sweeps=ev.gibbs_sweeps,
         confidence_score=ev.confidence_score,
+        remdm_eta=ev.remdm_eta,
         progress=tick("generate", 2 * n),
     )
     samples, self_bleu_set = gen.texts[:n], gen.texts[n:]
@@ -210,6 +211,7 @@ def _conditional(params: Params, extra: dict, scored, bound_format: str, tick) -
             sampler=ev.sampler,
             gibbs_sweeps=ev.gibbs_sweeps,
             confidence_score=ev.confidence_score,
+            remdm_eta=ev.remdm_eta,
             progress=tick(f"{task} fill", len(tasks.index)),
         )
         report["seconds"] = time.perf_counter() - start
@@ -284,6 +286,7 @@ def _samples_quality(
         sampler=ev.sampler,
         gibbs_sweeps=ev.gibbs_sweeps,
         confidence_score=ev.confidence_score,
+        remdm_eta=ev.remdm_eta,
     )
     quality = generation_metrics(gen.texts[:n], references, self_bleu_samples=gen.texts[n:])
     kept = (

@@ -20,7 +20,7 @@ from pipeline.diffusion.samplers import (
 )
 from pipeline.diffusion.schedules import Schedule, grid_for_steps
 
-SAMPLERS = ("ancestral", "confidence", "gibbs")
+SAMPLERS = ("ancestral", "remdm", "confidence", "gibbs")
 CHAIN_SAMPLERS = ("ancestral",)  # the model's own reverse chain: the only ones a bound speaks for
 
 
@@ -67,6 +67,7 @@ def generate(
     cache: bool | None = None,
     gibbs_sweeps: int = 2,
     confidence_score: str = "prob",
+    remdm_eta: float = 0.04,
     device: torch.device | str = "cpu",
     denoiser: Callable | None = None,
     progress: Callable[[int], None] | None = None,
@@ -112,7 +113,11 @@ def generate(
                 device=device,
             )
         else:
-            chain = ancestral_sample if sampler == "ancestral" else partial(confidence_sample, score=confidence_score)
+            chain = {
+                "ancestral": ancestral_sample,
+                "remdm": partial(ancestral_sample, remask=remdm_eta),
+                "confidence": partial(confidence_sample, score=confidence_score),
+            }[sampler]
             out = chain(
                 denoise,
                 schedule,
