@@ -5,7 +5,8 @@
     model.infill("the [MASK*3] sat on the [MASK] .")
 
 `generate` samples unconditionally, `complete` continues prompts, `infill` fills the gaps of
-templates (`[MASK]` = one generated WordPiece, `[MASK*n]` = n). Fixed words never change.
+templates (`[MASK]` = one generated WordPiece, `[MASK*n]` = n). Fixed words never change. Texts
+longer than the model's window are written block by block (semi-autoregressive).
 """
 
 from __future__ import annotations
@@ -69,17 +70,61 @@ class DiffusionBert:
             device=self.model.device,
         )
 
-    def generate(self, num: int = 4, length: int = 24, **options: Any) -> list[str]:
-        """`num` unconditional sentences of `length` WordPieces."""
-        return self._sample(lengths=[length] * num, **options).texts
+    @property
+    def window(self) -> int:
+        """Content WordPieces the model sees at once (its positions minus [CLS] and [SEP])."""
+        return int(self.model.max_positions) - 2
+
+    def generate(self, num: int = 4, length: int = 24, block: int | None = None, **options: Any) -> list[str]:
+        """`num` unconditional sentences of `length` WordPieces; longer than the window (or with
+        `block`), written block by block (`pipeline.eval.blocks`; default block: half the window)."""
+        if block is None and length <= self.window:
+            return self._sample(lengths=[length] * num, **options).texts
+        return self._blocks([], num, length, block, **options)
 
     def complete(
-        self, prompts: str | list[str], length: int = DEFAULT_CONTINUATION, num: int = 1, **options: Any
+        self,
+        prompts: str | list[str],
+        length: int = DEFAULT_CONTINUATION,
+        num: int = 1,
+        block: int | None = None,
+        **options: Any,
     ) -> list[str]:
-        """Each prompt followed by `length` generated WordPieces, `num` samples per prompt."""
+        """Each prompt followed by `length` generated WordPieces, `num` samples per prompt; block
+        by block when prompt + length exceed the window (or with `block`)."""
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
         requests = [prompt_template(self.tokenizer, text, length) for text in texts]
-        return self._run(requests, num, **options).texts
+        if block is None and all(len(r.template) <= self.window for r in requests):
+            return self._run(requests, num, **options).texts
+        out: list[str] = []
+        for request in requests:
+            prompt = [int(tok) for tok in request.template if tok is not None]
+            out.extend(self._blocks(prompt, num, length, block, **options))
+        return out
+
+    def _blocks(self, prompt: list[int], num: int, length: int, block: int | None, **options: Any) -> list[str]:
+        from pipeline.eval.blocks import generate_blocks
+
+        opts = SamplingOptions(**options)
+        return generate_blocks(
+            self.model,
+            self.tokenizer,
+            self.schedule,
+            num=num,
+            length=length,
+            block=block or max(1, self.window // 2),
+            prompt=prompt,
+            steps=opts.steps,
+            sampler=opts.sampler,
+            top_k=opts.top_k,
+            top_p=opts.top_p,
+            temperature=opts.temperature,
+            seed=opts.seed,
+            confidence_score=opts.confidence_score,
+            remdm_eta=opts.remdm_eta,
+            gibbs_sweeps=opts.gibbs_sweeps,
+            device=self.model.device,
+        ).texts
 
     def infill(self, templates: str | list[str], num: int = 1, **options: Any) -> list[str]:
         """Each template with its [MASK] / [MASK*n] gaps filled, `num` samples per template."""

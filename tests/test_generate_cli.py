@@ -82,3 +82,37 @@ def test_the_three_line_api_completes_infills_and_samples(tiny_model):  # noqa: 
     assert len(model.generate(3, 5, steps=4, sampler="confidence")) == 3
     with pytest.raises(ValueError, match="unknown sampler"):
         model.generate(1, 5, sampler="vibes")
+
+
+def test_block_plan_shows_the_latest_context_and_covers_the_length():
+    from pipeline.eval.blocks import block_plan
+
+    assert block_plan(10, 4, 8) == [(0, 4), (4, 4), (6, 2)]  # as much context as the window holds
+    assert block_plan(5, 5, 8, prompt_length=6) == [(3, 5)]  # context cut to fit the window
+    with pytest.raises(ValueError, match="block must lie in"):
+        block_plan(10, 9, 8)
+
+
+def test_block_decoding_writes_past_the_window_and_keeps_the_prompt(tiny_model):  # noqa: F811
+    from pipeline.api import load
+    from pipeline.eval.blocks import generate_blocks
+
+    model = load(tiny_model)
+    window = model.model.max_positions - 2
+    prompt = model.tokenizer("once upon a time", add_special_tokens=False)["input_ids"]
+    out = generate_blocks(
+        model.model, model.tokenizer, model.schedule, num=2, length=window + 30, block=24, prompt=prompt, steps=4
+    )
+    assert out.lengths == [len(prompt) + window + 30] * 2  # longer than the model can see at once
+    assert all(ids[: len(prompt)] == prompt for ids in out.content_ids)
+    assert all(model.tokenizer.mask_token_id not in ids for ids in out.content_ids)
+    assert out.texts[0].startswith("once upon a time")
+
+
+def test_the_api_writes_long_texts_block_by_block(tiny_model):  # noqa: F811
+    from pipeline.api import load
+
+    model = load(tiny_model)
+    [text] = model.complete("once upon a time", length=model.window + 10, steps=4)
+    assert text.startswith("once upon a time") and len(model.tokenizer(text)["input_ids"]) > model.window
+    assert len(model.generate(2, model.window + 5, steps=4)) == 2
