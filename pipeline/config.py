@@ -156,6 +156,9 @@ class EvalParams(_Group):
     # Prefix completion and infilling on this many test sentences (conditional bound with the
     # first seed, and span fills with the sample settings); 0 = off.
     conditional_sequences: int = Field(128, ge=0)
+    # A causal LM (Hub id or local folder) that scores the samples' generative perplexity, reported
+    # with their entropy (pipeline/eval/judge.py); "" = off. The successors (MDLM, SEDD, ReMDM) use gpt2-large.
+    judge: str = ""
 
 
 class TuneParams(_Group):

@@ -179,6 +179,7 @@ NEUTRAL_DEFAULTS = {
     ("evaluate", "confidence_score"): "prob",  # read only by the confidence sampler
     ("evaluate", "remdm_eta"): 0.04,  # read only by the remdm sampler
     ("evaluate", "conditional_sequences"): 128,  # adds the conditional numbers, changes none of the others
+    ("evaluate", "judge"): "",  # adds the judge's numbers, changes none of the others
 }
 
 
