@@ -49,6 +49,10 @@ class Layout:
         return self.root / "outputs" / "evaluate"
 
     @property
+    def samplers_out(self) -> Path:
+        return self.root / "outputs" / "samplers"
+
+    @property
     def tune_out(self) -> Path:
         return self.root / "outputs" / "tune"
 

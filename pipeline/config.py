@@ -124,6 +124,13 @@ class TrainParams(_Group):
         return self.global_batch_size // per_step
 
 
+SamplerName = Literal["ancestral", "remdm", "confidence", "gibbs"]
+
+
+def _every_sampler() -> list[SamplerName]:
+    return ["ancestral", "remdm", "confidence", "gibbs"]
+
+
 class EvalParams(_Group):
     """`evaluate` stage: the bound on the test split and generation quality (PAPER §7)."""
 
@@ -145,9 +152,11 @@ class EvalParams(_Group):
     table_samples: int = Field(32, ge=2)
     qd_top_k: list[int] = Field(default_factory=lambda: [1, 3, 10, 30, 0])  # 0 = no truncation
     qd_samples: int = Field(32, ge=2)
+    # The samplers stage's rows: each at every table_steps (gibbs once).
+    compare_samplers: list[SamplerName] = Field(default_factory=_every_sampler)
     # ancestral: the model's chain; remdm: ancestral + ReMDM remasking; confidence: MaskGIT/LLaDA
     # confidence-ordered unmasking; gibbs: BERT-Mouth. Only ancestral is the model's chain.
-    sampler: Literal["ancestral", "remdm", "confidence", "gibbs"] = "ancestral"
+    sampler: SamplerName = "ancestral"
     confidence_score: Literal["prob", "margin", "entropy"] = "prob"  # the confidence sampler's order
     remdm_eta: float = Field(0.04, ge=0.0, le=1.0)  # ReMDM-cap's remasking budget
     gibbs_sweeps: int = Field(2, ge=1)
@@ -212,6 +221,8 @@ class TrackingParams(_Group):
     """MLflow: one experiment for every stage."""
 
     experiment: str = "diffusionbert"
+    # The train stage registers its model (an MLflow pyfunc) under this name; "" = log, do not register.
+    registered_model: str = "diffusion-bert"
 
 
 class Params(_Group):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pipeline.ablation.rows import RowRun, plan, plan_fingerprint
 from pipeline.artifacts import Layout, atomic_directory, read_json, write_json_atomic
-from pipeline.config import Params
+from pipeline.config import Params, with_values
 from pipeline.vocab import ProgressCallback
 from stages.common import code_paths, require, stage_run, tracking_root
 
@@ -195,7 +195,7 @@ def _train_and_evaluate(
     is not repeated, an interrupted one resumes from its checkpoint. Seconds per phase accumulate
     over resumptions."""
     from pipeline.train.ray.runs import last_run
-    from stages import evaluate, schedule, train
+    from stages import evaluate, samplers, schedule, train
 
     row_layout = Layout(row_root)
     timing_path = row_root / "timing.json"
@@ -210,6 +210,10 @@ def _train_and_evaluate(
             write_json_atomic(seconds, timing_path)
     start = time.perf_counter()
     evaluate.run(params, row_root, progress=progress, tracking_uri=uri)
+    if params.evaluate.table_steps or params.evaluate.qd_top_k:  # the detail rows: steps table, top-k curve
+        # ... of the ancestral chain only: the rows compare models, not samplers.
+        only_tables = with_values(params, {"evaluate.compare_samplers": []})
+        samplers.run(only_tables, row_root, progress=progress, tracking_uri=uri)
     seconds["evaluate"] = time.perf_counter() - start
     write_json_atomic(seconds, timing_path)
     return seconds

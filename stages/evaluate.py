@@ -7,11 +7,12 @@ Reads  params `evaluate.*`, `data.max_seq_len` (the length term, and the row len
        `diffusion.num_timesteps` and `diffusion.hybrid_lambda` (to rebuild the untrained model
        when `evaluate.compare_init`); models/final/ (or `--model`), data/prepared/test/,
        data/prepared/test.txt (BLEU references), data/token_stats/lengths.npy.
-Writes outputs/evaluate/metrics.json (flat numbers: bound.ppl_*, generation.*),
+Writes outputs/evaluate/metrics.json (flat numbers: bound.ppl_*, conditional.*, generation.*),
        outputs/evaluate/report.json (everything, with settings and the leaky flag),
        outputs/evaluate/samples.txt (one generated sentence per line) and
-       outputs/evaluate/plots/*.png (bound per seed and of the untrained model, quality vs
-       diversity over top-k, bound and BLEU against the number of reverse steps).
+       outputs/evaluate/plots/*.png (bound per seed and of the untrained model, BLEU vs
+       Self-BLEU of the sample set). The steps table and the sampler comparison are the
+       `samplers` stage's.
 """
 
 from __future__ import annotations
@@ -26,8 +27,33 @@ from stages.common import code_paths, require, same_path, stage_run
 STAGE = "evaluate"
 # model.* and diffusion.num_timesteps/hybrid_lambda: `evaluate.compare_init` rebuilds the untrained
 # model to bound it too; data.source and train.packed label the report.
+# evaluate.* but the samplers stage's own (table_*, qd_*, compare_samplers): changing the steps
+# table must not re-run the bound.
+EVALUATE_KEYS = (
+    "full",
+    "num_sequences",
+    "batch_size",
+    "bound_steps",
+    "seeds",
+    "num_samples",
+    "sample_length",
+    "sample_steps",
+    "top_k",
+    "top_p",
+    "temperature",
+    "num_references",
+    "sample_seed",
+    "sampler",
+    "confidence_score",
+    "remdm_eta",
+    "gibbs_sweeps",
+    "precision",
+    "compare_init",
+    "conditional_sequences",
+    "judge",
+)
 PARAMS = (
-    "evaluate",
+    *(f"evaluate.{key}" for key in EVALUATE_KEYS),
     "model",
     "diffusion.num_timesteps",
     "diffusion.hybrid_lambda",

@@ -19,7 +19,7 @@ from tests.dvc_fixtures import REPO, git, reproduced_repo, run  # noqa: F401 (fi
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("clean_env")]
 
-PIPELINE = ("prepare", "token_stats", "schedule", "train", "evaluate")
+PIPELINE = ("prepare", "token_stats", "schedule", "train", "evaluate", "samplers")
 
 
 def dvc_yaml() -> dict:
@@ -37,7 +37,7 @@ def _entries(items) -> dict[str, dict]:
     return out
 
 
-def test_the_pipeline_stages_are_the_five_and_tune_is_opt_in():
+def test_the_pipeline_stages_are_the_six_and_tune_is_opt_in():
     stages = dvc_yaml()["stages"]
     assert list(stages) == list(PIPELINE)
     for name, stage in stages.items():
@@ -56,6 +56,17 @@ def test_dvc_yaml_lists_exactly_the_code_data_and_params_the_stage_reads(name):
     assert stage.get("params", []) == list(module.PARAMS)
     for path in (*code, "params.yaml"):
         assert (REPO / path).is_file(), path
+
+
+def test_every_evaluate_param_reaches_the_evaluate_or_the_samplers_stage():
+    from pipeline.config import EvalParams
+    from stages import evaluate, samplers
+
+    declared = {p.removeprefix("evaluate.") for p in (*evaluate.PARAMS, *samplers.PARAMS) if p.startswith("evaluate.")}
+    assert set(EvalParams.model_fields) == declared
+    assert not {"table_steps", "qd_top_k", "compare_samplers"} & set(
+        evaluate.EVALUATE_KEYS
+    )  # the table is not evaluate's
 
 
 def test_outputs_metrics_and_plots_are_declared_as_documented():

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipeline.config import load_params
-from stages import evaluate, prepare, schedule, token_stats, train
+from stages import evaluate, prepare, samplers, schedule, token_stats, train
 from stages.common import select_params
 from tests import tiny
 from tests.env import without_project_env
@@ -238,9 +238,19 @@ def test_train_and_evaluate_write_model_metrics_plots_and_log_them(project, monk
         assert flat[f"conditional.{task}.ppl_token"] > 1 and flat[f"conditional.{task}.num_hidden_tokens"] > 0
         assert 0 <= flat[f"conditional.{task}.token_accuracy"] <= 1
     assert len((out / "samples.txt").read_text().splitlines()) == 4
-    assert set(report["plots"]) == {"bound.png", "quality_diversity.png", "steps_bound.png", "steps_quality.png"}
+    assert set(report["plots"]) == {"bound.png", "quality_diversity.png"}
     assert all((out / "plots" / name).read_bytes()[:4] == b"\x89PNG" for name in report["plots"])
     assert yaml.safe_load((out / "report.json").read_text())["label"] == "LM1B-sample"
+    assert "steps_table" not in yaml.safe_load((out / "report.json").read_text())  # the samplers stage's
+
+    compared = samplers.run(params, root)
+    table = (root / "outputs/samplers/table.md").read_text()
+    for sampler in params.evaluate.compare_samplers:
+        assert f"| {sampler} |" in table
+    assert "| ancestral | chain |" in table and "| confidence | no |" in table
+    flat = yaml.safe_load((root / "outputs/samplers/metrics.json").read_text())
+    assert flat["samplers.ancestral.2.model_calls_per_sample"] > 0 and "steps.2.ppl_token" in flat
+    assert {"steps_bound.png", "steps_quality.png", "samplers_bleu.png"} <= set(compared["plots"])
 
     runs = runs_by_stage(root)
     train_run = next(r for r in runs["train"] if r["run_id"] == metrics["mlflow_run_id"])

@@ -48,6 +48,8 @@ def collect_result(
     row_layout = Layout(row_root)
     train_metrics = read_json(row_layout.train_out / "metrics.json")
     report = read_json(row_layout.eval_out / "report.json")
+    compared = row_layout.samplers_out / "report.json"  # the detail rows' steps table and top-k curve
+    comparison = read_json(compared) if compared.is_file() else report  # rows evaluated before the split
     bound, generation = report["bound"], report["generation"]
     spec = row_run.row
     first = bound["runs"][0]
@@ -69,8 +71,8 @@ def collect_result(
         **{k: generation[k] for k in GENERATION_KEYS if k in generation},
         "sampler": row_run.params.evaluate.sampler,
         "top_k": row_run.params.evaluate.top_k,
-        "steps_table": report.get("steps_table") or [],
-        "quality_diversity": report.get("quality_diversity") or [],
+        "steps_table": comparison.get("steps_table") or [],
+        "quality_diversity": comparison.get("quality_diversity") or [],
         "samples": report.get("samples", [])[:8],
     }
     return {

@@ -178,8 +178,10 @@ NEUTRAL_DEFAULTS = {
     ("model", "family"): "bert",
     ("evaluate", "confidence_score"): "prob",  # read only by the confidence sampler
     ("evaluate", "remdm_eta"): 0.04,  # read only by the remdm sampler
+    ("evaluate", "compare_samplers"): ["ancestral", "remdm", "confidence", "gibbs"],  # the samplers stage's
     ("evaluate", "conditional_sequences"): 128,  # adds the conditional numbers, changes none of the others
     ("evaluate", "judge"): "",  # adds the judge's numbers, changes none of the others
+    ("tracking", "registered_model"): "diffusion-bert",  # where the model is registered, not what it computes
 }
 
 

@@ -137,13 +137,9 @@ def evaluate_model(
         params=params,
     )
     conditional = _conditional(params, extra, scored, bound_format, tick)
-    steps_table = steps_quality_table(**extra, progress=tick("steps table", len(ev.table_steps)))
-    qd_curve = quality_diversity_curve(**extra, progress=tick("quality-diversity", len(ev.qd_top_k)))
     return {
         "label": corpus_label(params),
         "packed": params.train.packed,
-        "steps_table": steps_table,
-        "quality_diversity": qd_curve,
         "leaky": schedule.leaky,
         "model_dir": str(model_dir),
         "time_design": model.config.time_design,
@@ -252,133 +248,6 @@ def _initial_model_bound(params: Params, schedule, test, special, settings: dict
             length_log_probs=length_lp,
         )
     return report["runs"][0]
-
-
-def _samples_quality(
-    model,
-    tokenizer,
-    schedule,
-    denoise,
-    histogram,
-    references,
-    params: Params,
-    *,
-    n: int,
-    steps: int,
-    top_k: int,
-    seed: int,
-) -> dict:
-    """BLEU / Self-BLEU of two disjoint sets of n samples, and their cost."""
-    ev = params.evaluate
-    lengths = fixed_or_sampled_lengths(2 * n, ev.sample_length, histogram, seed)
-    gen = generate(
-        model,
-        tokenizer,
-        schedule,
-        lengths=lengths,
-        steps=steps,
-        top_k=top_k,
-        top_p=ev.top_p,
-        temperature=ev.temperature,
-        seed=seed,
-        batch_size=ev.batch_size,
-        denoiser=denoise,
-        sampler=ev.sampler,
-        gibbs_sweeps=ev.gibbs_sweeps,
-        confidence_score=ev.confidence_score,
-        remdm_eta=ev.remdm_eta,
-    )
-    quality = generation_metrics(gen.texts[:n], references, self_bleu_samples=gen.texts[n:])
-    kept = (
-        "bleu",
-        "bleu_measured",
-        "bleu_p4",
-        "self_bleu",
-        "self_bleu_measured",
-        "self_bleu_p4",
-        "unigram_entropy_bits",
-        "num_references",
-    )
-    return {
-        **{k: quality[k] for k in kept},
-        "model_calls_per_sample": gen.row_calls / len(lengths),
-        "seconds_per_sample": gen.seconds / len(lengths),
-        "num_samples": n,
-    }
-
-
-def steps_quality_table(
-    *, model, tokenizer, schedule, special, denoise, test, histogram, references, params: Params, progress=None
-) -> list[dict]:
-    """PAPER Table 3 at this scale: for each number of reverse steps, the bound of that step
-    chain (first `table_sequences` test sentences, mean and std over `evaluate.seeds`) and the
-    quality, calls and time of samples drawn with the same steps."""
-    ev = params.evaluate
-    subset, _ = _scored_text(params, test.head(ev.table_sequences))
-    rows = []
-    for steps in ev.table_steps:
-        with torch.no_grad():
-            bound = perplexity_bound(
-                denoise, subset, schedule, special, num_steps=steps, seeds=tuple(ev.seeds), batch_size=ev.batch_size
-            )
-        row = {
-            "steps": min(steps, schedule.num_timesteps),
-            "ppl_token": bound["ppl_token_mean"],
-            "ppl_token_std": bound["ppl_token_std"],
-            "ppl_word": bound["ppl_word_mean"],
-            "ppl_word_std": bound["ppl_word_std"],
-            "seeds": list(ev.seeds),
-            "bound_sequences": len(subset),
-        }
-        row.update(
-            _samples_quality(
-                model,
-                tokenizer,
-                schedule,
-                denoise,
-                histogram,
-                references,
-                params,
-                n=ev.table_samples,
-                steps=steps,
-                top_k=ev.top_k,
-                seed=ev.sample_seed + 1,
-            )
-        )
-        rows.append(row)
-        if progress is not None:
-            progress(1)
-    return rows
-
-
-def quality_diversity_curve(
-    *, model, tokenizer, schedule, special, denoise, test, histogram, references, params: Params, progress=None
-) -> list[dict]:
-    """BLEU (quality) against Self-BLEU (diversity) as top-k varies, at `sample_steps` steps."""
-    del special, test
-    ev = params.evaluate
-    points = []
-    for top_k in ev.qd_top_k:
-        point = {"top_k": top_k}
-        point.update(
-            _samples_quality(
-                model,
-                tokenizer,
-                schedule,
-                denoise,
-                histogram,
-                references,
-                params,
-                n=ev.qd_samples,
-                steps=ev.sample_steps,
-                top_k=top_k,
-                seed=ev.sample_seed + 2,
-            )
-        )
-        points.append(point)
-        if progress is not None:
-            progress(1)
-    return points
 
 
 def summary_metrics(report: dict) -> dict:

@@ -113,8 +113,8 @@ def generate(
                 device=device,
             )
         else:
-            chain = {
-                "ancestral": ancestral_sample,
+            chain: Callable[..., SampleOutput] = {
+                "ancestral": partial(ancestral_sample),
                 "remdm": partial(ancestral_sample, remask=remdm_eta),
                 "confidence": partial(confidence_sample, score=confidence_score),
             }[sampler]

@@ -1,0 +1,271 @@
+"""The sampler comparison (its own DVC stage, after evaluate): the steps table (PAPER Table 3 at
+this scale: the bound of each k-step chain, and samples drawn with k steps), the
+quality-diversity curve over top-k, and every sampler at every number of steps.
+
+Only the ancestral sampler is the model's chain: the bound column speaks for it alone; the other
+samplers' rows (ReMDM, confidence-ordered, Gibbs) report quality, diversity and cost only.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.artifacts import Layout
+from pipeline.config import Params
+from pipeline.data.tokenize import TokenizedSplit
+from pipeline.diffusion.forward import SpecialIds
+from pipeline.eval.bound import perplexity_bound
+from pipeline.eval.evaluate import _scored_text, _test_lines, _with_precision, corpus_label
+from pipeline.eval.generation import CHAIN_SAMPLERS, fixed_or_sampled_lengths, generate
+from pipeline.eval.metrics import generation_metrics
+from pipeline.model.export import load_exported
+from pipeline.model.precision import resolve_precision
+from pipeline.vocab import ProgressCallback
+
+
+def _samples_quality(
+    model,
+    tokenizer,
+    schedule,
+    denoise,
+    histogram,
+    references,
+    params: Params,
+    *,
+    n: int,
+    steps: int,
+    top_k: int,
+    seed: int,
+    sampler: str | None = None,
+) -> dict:
+    """BLEU / Self-BLEU of two disjoint sets of n samples from `sampler` (default: the evaluate
+    stage's), and their cost."""
+    ev = params.evaluate
+    lengths = fixed_or_sampled_lengths(2 * n, ev.sample_length, histogram, seed)
+    gen = generate(
+        model,
+        tokenizer,
+        schedule,
+        lengths=lengths,
+        steps=steps,
+        top_k=top_k,
+        top_p=ev.top_p,
+        temperature=ev.temperature,
+        seed=seed,
+        batch_size=ev.batch_size,
+        denoiser=denoise,
+        sampler=sampler or ev.sampler,
+        gibbs_sweeps=ev.gibbs_sweeps,
+        confidence_score=ev.confidence_score,
+        remdm_eta=ev.remdm_eta,
+    )
+    quality = generation_metrics(gen.texts[:n], references, self_bleu_samples=gen.texts[n:])
+    kept = (
+        "bleu",
+        "bleu_measured",
+        "bleu_p4",
+        "self_bleu",
+        "self_bleu_measured",
+        "self_bleu_p4",
+        "unigram_entropy_bits",
+        "num_references",
+    )
+    return {
+        **{k: quality[k] for k in kept},
+        "model_calls_per_sample": gen.row_calls / len(lengths),
+        "seconds_per_sample": gen.seconds / len(lengths),
+        "num_samples": n,
+    }
+
+
+def steps_quality_table(
+    *, model, tokenizer, schedule, special, denoise, test, histogram, references, params: Params, progress=None
+) -> list[dict]:
+    """PAPER Table 3 at this scale: for each number of reverse steps, the bound of that step
+    chain (first `table_sequences` test sentences, mean and std over `evaluate.seeds`) and the
+    quality, calls and time of samples drawn with the same steps."""
+    ev = params.evaluate
+    subset, _ = _scored_text(params, test.head(ev.table_sequences))
+    rows = []
+    for steps in ev.table_steps:
+        with torch.no_grad():
+            bound = perplexity_bound(
+                denoise, subset, schedule, special, num_steps=steps, seeds=tuple(ev.seeds), batch_size=ev.batch_size
+            )
+        row = {
+            "steps": min(steps, schedule.num_timesteps),
+            "ppl_token": bound["ppl_token_mean"],
+            "ppl_token_std": bound["ppl_token_std"],
+            "ppl_word": bound["ppl_word_mean"],
+            "ppl_word_std": bound["ppl_word_std"],
+            "seeds": list(ev.seeds),
+            "bound_sequences": len(subset),
+        }
+        row.update(
+            _samples_quality(
+                model,
+                tokenizer,
+                schedule,
+                denoise,
+                histogram,
+                references,
+                params,
+                n=ev.table_samples,
+                steps=steps,
+                top_k=ev.top_k,
+                seed=ev.sample_seed + 1,
+            )
+        )
+        rows.append(row)
+        if progress is not None:
+            progress(1)
+    return rows
+
+
+def quality_diversity_curve(
+    *, model, tokenizer, schedule, special, denoise, test, histogram, references, params: Params, progress=None
+) -> list[dict]:
+    """BLEU (quality) against Self-BLEU (diversity) as top-k varies, at `sample_steps` steps."""
+    del special, test
+    ev = params.evaluate
+    points = []
+    for top_k in ev.qd_top_k:
+        point = {"top_k": top_k}
+        point.update(
+            _samples_quality(
+                model,
+                tokenizer,
+                schedule,
+                denoise,
+                histogram,
+                references,
+                params,
+                n=ev.qd_samples,
+                steps=ev.sample_steps,
+                top_k=top_k,
+                seed=ev.sample_seed + 2,
+            )
+        )
+        points.append(point)
+        if progress is not None:
+            progress(1)
+    return points
+
+
+def sampler_rows(
+    *, model, tokenizer, schedule, special, denoise, test, histogram, references, params: Params, progress=None
+) -> list[dict]:
+    """Every sampler of `evaluate.compare_samplers` at every `evaluate.table_steps` (Gibbs, whose
+    cost is sweeps not steps, once): quality, diversity, model calls and seconds per sample."""
+    del special, test
+    ev = params.evaluate
+    rows = []
+    for sampler in ev.compare_samplers:
+        for steps in [ev.sample_steps] if sampler == "gibbs" else ev.table_steps:
+            row: dict[str, Any] = {
+                "sampler": sampler,
+                "steps": None if sampler == "gibbs" else min(steps, schedule.num_timesteps),
+                "model_chain": sampler in CHAIN_SAMPLERS,
+            }
+            row.update(
+                _samples_quality(
+                    model,
+                    tokenizer,
+                    schedule,
+                    denoise,
+                    histogram,
+                    references,
+                    params,
+                    n=ev.table_samples,
+                    steps=steps,
+                    top_k=ev.top_k,
+                    seed=ev.sample_seed + 3,
+                    sampler=sampler,
+                )  # fmt: skip
+            )
+            rows.append(row)
+            if progress is not None:
+                progress(1)
+    return rows
+
+
+def comparison_size(params: Params) -> int:
+    """Units of work for the progress bar: table rows, curve points and sampler rows."""
+    ev = params.evaluate
+    per_sampler = [1 if name == "gibbs" else len(ev.table_steps) for name in ev.compare_samplers]
+    return len(ev.table_steps) + len(ev.qd_top_k) + sum(per_sampler)
+
+
+def compare_samplers(
+    params: Params, layout: Layout, model_dir: str | Path, progress: ProgressCallback | None = None
+) -> dict:
+    """The steps table, the quality-diversity curve and the sampler rows of the model in `model_dir`."""
+    ev = params.evaluate
+    model, tokenizer, schedule = load_exported(model_dir)
+    precision = resolve_precision(ev.precision, "cpu")
+    test = TokenizedSplit.load(layout.prepared / "test")
+    test_lines = _test_lines(layout)
+    extra: dict[str, Any] = dict(
+        model=model,
+        tokenizer=tokenizer,
+        schedule=schedule,
+        special=SpecialIds.from_tokenizer(tokenizer),
+        denoise=_with_precision(model.denoise, precision),
+        test=test,
+        histogram=np.load(layout.token_stats / "lengths.npy"),
+        references=test_lines[: ev.num_references] if ev.num_references > 0 else test_lines,
+        params=params,
+    )
+    total = comparison_size(params)
+    done = [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
+        if progress is not None:
+            progress("sampler comparison", n, total)
+
+    start = time.perf_counter()
+    steps_table = steps_quality_table(**extra, progress=tick)
+    qd_curve = quality_diversity_curve(**extra, progress=tick)
+    samplers = sampler_rows(**extra, progress=tick)
+    return {
+        "label": corpus_label(params),
+        "leaky": schedule.leaky,
+        "time_design": model.config.time_design,
+        "model_dir": str(model_dir),
+        "settings": {
+            "precision": precision,
+            "table_steps": list(ev.table_steps),
+            "table_samples": ev.table_samples,
+            "table_sequences": ev.table_sequences,
+            "qd_top_k": list(ev.qd_top_k),
+            "qd_samples": ev.qd_samples,
+            "samplers": list(ev.compare_samplers),
+            "top_k": ev.top_k,
+            "remdm_eta": ev.remdm_eta,
+            "confidence_score": ev.confidence_score,
+            "gibbs_sweeps": ev.gibbs_sweeps,
+        },
+        "steps_table": steps_table,
+        "quality_diversity": qd_curve,
+        "samplers": samplers,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def comparison_metrics(report: dict) -> dict[str, float]:
+    """Flat numbers for metrics.json / MLflow: `samplers.<name>.<steps>.<metric>`."""
+    out: dict[str, float] = {}
+    for row in report.get("samplers") or []:
+        key = f"samplers.{row['sampler']}.{row['steps'] if row['steps'] is not None else 'sweeps'}"
+        for metric in ("bleu", "self_bleu", "unigram_entropy_bits", "model_calls_per_sample", "seconds_per_sample"):
+            if isinstance(row.get(metric), (int, float)):
+                out[f"{key}.{metric}"] = float(row[metric])
+    for row in report.get("steps_table") or []:
+        out[f"steps.{row['steps']}.ppl_token"] = float(row["ppl_token"])
+    return out
