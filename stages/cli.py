@@ -468,6 +468,39 @@ def mlflow_server_command(
     raise typer.Exit(code)
 
 
+@app.command("publish")
+def publish_command(
+    repo_id: Annotated[str, typer.Option("--repo-id", help="USER/NAME on the Hugging Face Hub.")],
+    model: Annotated[Path, typer.Option("--model", help="Export directory.")] = Path("models/final"),
+    metrics: Annotated[
+        Path | None,
+        typer.Option(
+            "--metrics", help="Evaluate metrics for the card (default: outputs/evaluate/metrics.json if any)."
+        ),
+    ] = None,
+    private: Annotated[bool, typer.Option("--private", help="Create the repository private.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the files instead of uploading them.")] = False,
+) -> None:
+    """Upload an export folder with its model card (README.md, refreshed with the evaluate metrics) to the
+    Hugging Face Hub in one commit; needs network access and a token (`hf auth login` or HF_TOKEN)."""
+    from pipeline.model.publish import plan_publish, publish
+
+    with user_errors():
+        default = Path("outputs/evaluate/metrics.json")
+        plan = plan_publish(
+            model, repo_id, metrics if metrics is not None else (default if default.is_file() else None)
+        )
+        quoted = f", card metrics from {plan.metrics}" if plan.metrics else ", card without evaluate metrics"
+        if dry_run:
+            typer.echo(
+                f"would upload {len(plan.files)} files ({plan.size() / 1e6:.1f} MB) to {repo_id}{quoted}:", err=True
+            )
+            for name in plan.files:
+                typer.echo(name)
+            return
+        typer.echo(publish(plan, private=private))
+
+
 def main() -> None:
     app(prog_name="dbert")
 

@@ -4,14 +4,15 @@ Reads  params `model.*`, `diffusion.*`, `train.*`, `data.max_seq_len`; data/prep
        data/prepared/validation/, data/token_stats/counts.npy + summary.json, and
        data/schedule/schedule.json (train refuses to run when the checked schedule is not the
        one the params describe).
-Writes models/final/ (Hugging Face export: safetensors, tokenizer, schedule), and
+Writes models/final/ (Hugging Face export: safetensors, tokenizer, schedule, model card README.md), and
        outputs/train/metrics.json (final step, val_bound, val_ppl, tokens_per_s, precision,
        run_name, mlflow_run_id), outputs/train/history.csv (one row per report) and
        outputs/train/curve.png. Checkpoints go to checkpoints/ (not a DVC output), so
        `--resume` continues an interrupted run.
 
 The MLflow run of this stage is the one the Ray driver logs step metrics into; the exported
-model is logged as its artifact `model/`.
+model is logged as its artifact `model/`, and as an MLflow pyfunc (`pipeline.model.pyfunc`)
+registered as `tracking.registered_model` (best effort: a warning when the store has no registry).
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ def run(
     progress: ProgressCallback | None = None,
     tracking_uri: str | None = None,
 ) -> dict:
+    from pipeline.model.card import write_model_card
     from pipeline.tracking.log import log_artifact, log_metrics
+    from pipeline.tracking.registry import log_and_register
     from pipeline.train.history import final_metrics, history_table
     from pipeline.train.ray.driver import run_training
     from pipeline.viz import training_curves
@@ -93,6 +96,7 @@ def run(
             )
             history = list(outcome.history)
             metrics = final_metrics(history, outcome.precision, outcome.run_name, run_id)
+            write_model_card(export_dir, params, training=metrics)
             log_artifact(export_dir, "model", run_id=run_id)
             with atomic_directory(layout.train_out) as out:
                 write_json(metrics, out / "metrics.json")
@@ -103,4 +107,5 @@ def run(
                 log_metrics({f"final.{k}": v for k, v in metrics.items()}, run_id=run_id)
                 for name in ("metrics.json", "history.csv", "curve.png"):
                     log_artifact(out / name, run_id=run_id)
+        log_and_register(layout.model, params.tracking.registered_model)  # best effort, once the export is in place
     return {"stage": STAGE, "model": str(layout.model), "outputs": str(layout.train_out), **metrics}
