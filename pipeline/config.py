@@ -221,7 +221,8 @@ class TrackingParams(_Group):
     """MLflow: one experiment for every stage."""
 
     experiment: str = "diffusionbert"
-    # The train stage registers its model (an MLflow pyfunc) under this name; "" = log, do not register.
+    # The train stage logs its model as an MLflow pyfunc and registers it under this name (the
+    # Model Registry); "" = neither.
     registered_model: str = "diffusion-bert"
 
 

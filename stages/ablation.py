@@ -204,7 +204,9 @@ def _train_and_evaluate(
     if not ((row_layout.train_out / "metrics.json").is_file() and (row_layout.model / "config.json").is_file()):
         start = time.perf_counter()
         try:
-            train.run(params, row_root, resume=last_run(row_layout) is not None, progress=progress, tracking_uri=uri)
+            # The rows' models are compared, not served: no pyfunc, no registry version per row.
+            unserved = with_values(params, {"tracking.registered_model": ""})
+            train.run(unserved, row_root, resume=last_run(row_layout) is not None, progress=progress, tracking_uri=uri)
         finally:
             seconds["train"] += time.perf_counter() - start
             write_json_atomic(seconds, timing_path)

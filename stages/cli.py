@@ -19,13 +19,13 @@ from typing import Annotated
 
 import typer
 
-from stages import ablation, evaluate, generate, prepare, schedule, token_stats, train, tune
+from stages import ablation, evaluate, generate, prepare, samplers, schedule, token_stats, train, tune
 from stages.console import user_errors
 from stages.invoke import echo_summary, resolve, run_stage, stage_help
 
 app = typer.Typer(
     name="dbert",
-    help="DiffusionBERT pipeline: prepare -> token-stats -> schedule -> train -> evaluate (each a DVC stage "
+    help="DiffusionBERT pipeline: prepare -> token-stats -> schedule -> train -> evaluate -> samplers (each a DVC stage "
     "and an MLflow run), plus generate, tune, ablation, params, mlflow-ui and mlflow-server.",
     no_args_is_help=True,
     add_completion=False,
@@ -156,6 +156,27 @@ def evaluate_command(
     summary = run_stage(evaluate, params, set_, root, quiet_transformers=True, model_dir=model)
     for line in summary_lines(summary):
         typer.echo(line)
+    echo_summary(summary, ("outputs",))
+
+
+@app.command(
+    "samplers",
+    help=stage_help(
+        samplers,
+        "Compare the samplers on the trained model: the steps table (bound of each k-step chain, samples with k "
+        "steps), BLEU vs Self-BLEU over top-k, and every sampler of evaluate.compare_samplers at every "
+        "evaluate.table_steps (quality, diversity, model calls and seconds per sample).",
+        "--model compares another export directory instead of models/final. Only the ancestral sampler is the "
+        "model's chain; the table marks it.",
+    ),
+)
+def samplers_command(
+    params: ParamsOption = None,
+    set_: SetOption = None,
+    root: RootOption = None,
+    model: Annotated[Path | None, typer.Option("--model", help="Export directory (default: models/final).")] = None,
+) -> None:
+    summary = run_stage(samplers, params, set_, root, quiet_transformers=True, model_dir=model)
     echo_summary(summary, ("outputs",))
 
 

@@ -93,6 +93,7 @@ def run(
     from pipeline.eval.evaluate import evaluate_model
     from pipeline.eval.report import draw_plots, flat_metrics
     from pipeline.tracking.log import log_artifact, log_metrics
+    from pipeline.tracking.registry import attach_metrics
 
     layout = Layout(Path(root))
     model_dir = Path(model_dir) if model_dir is not None else layout.model
@@ -103,7 +104,7 @@ def run(
     require(layout.token_stats / "lengths.npy", "length histogram", "token-stats")
     deps: list[str | Path] = [*code_paths(__name__), *INPUTS[1:], model_dir]
     tags = _train_run_tag(layout, model_dir)
-    with stage_run(STAGE, params, root, PARAMS, deps, tags=tags, tracking_uri=tracking_uri):
+    with stage_run(STAGE, params, root, PARAMS, deps, tags=tags, tracking_uri=tracking_uri) as active:
         report = jsonable(evaluate_model(params, layout, model_dir, progress=progress))
         metrics = flat_metrics(report)
         with atomic_directory(layout.eval_out) as tmp:
@@ -113,6 +114,8 @@ def run(
             (tmp / "samples.txt").write_text("".join(s + "\n" for s in samples), encoding="utf-8")
             plots = draw_plots(report, tmp / "plots")
             log_metrics(metrics)
+            # The registered model version the train run made carries these numbers as tags.
+            attach_metrics(tags.get("train_mlflow_run_id"), metrics, evaluate_run_id=active.info.run_id)
             for name in ("metrics.json", "report.json", "samples.txt"):
                 log_artifact(tmp / name)
             log_artifact(tmp / "plots", "plots")

@@ -234,6 +234,7 @@ def test_train_and_evaluate_write_model_metrics_plots_and_log_them(project, monk
     out = root / "outputs/evaluate"
     flat = yaml.safe_load((out / "metrics.json").read_text())
     assert flat["bound.ppl_token_mean"] > 1 and "generation.bleu" in flat
+    assert flat["judge.status"].startswith("off") and "judge.gen_ppl" not in flat  # no judge model here
     for task in ("prefix", "infill"):  # the conditional numbers sit beside the unconditional ones
         assert flat[f"conditional.{task}.ppl_token"] > 1 and flat[f"conditional.{task}.num_hidden_tokens"] > 0
         assert 0 <= flat[f"conditional.{task}.token_accuracy"] <= 1
@@ -242,6 +243,10 @@ def test_train_and_evaluate_write_model_metrics_plots_and_log_them(project, monk
     assert all((out / "plots" / name).read_bytes()[:4] == b"\x89PNG" for name in report["plots"])
     assert yaml.safe_load((out / "report.json").read_text())["label"] == "LM1B-sample"
     assert "steps_table" not in yaml.safe_load((out / "report.json").read_text())  # the samplers stage's
+    import mlflow
+
+    [version] = mlflow.MlflowClient().search_model_versions(f"run_id = '{metrics['mlflow_run_id']}'")
+    assert float(version.tags["metric.bound.ppl_token_mean"]) == pytest.approx(flat["bound.ppl_token_mean"])
 
     compared = samplers.run(params, root)
     table = (root / "outputs/samplers/table.md").read_text()

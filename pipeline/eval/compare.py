@@ -20,7 +20,7 @@ from pipeline.config import Params
 from pipeline.data.tokenize import TokenizedSplit
 from pipeline.diffusion.forward import SpecialIds
 from pipeline.eval.bound import perplexity_bound
-from pipeline.eval.evaluate import _scored_text, _test_lines, _with_precision, corpus_label
+from pipeline.eval.evaluate import corpus_label, scored_text, test_lines_of, with_precision
 from pipeline.eval.generation import CHAIN_SAMPLERS, fixed_or_sampled_lengths, generate
 from pipeline.eval.metrics import generation_metrics
 from pipeline.model.export import load_exported
@@ -90,7 +90,7 @@ def steps_quality_table(
     chain (first `table_sequences` test sentences, mean and std over `evaluate.seeds`) and the
     quality, calls and time of samples drawn with the same steps."""
     ev = params.evaluate
-    subset, _ = _scored_text(params, test.head(ev.table_sequences))
+    subset, _ = scored_text(params, test.head(ev.table_sequences))
     rows = []
     for steps in ev.table_steps:
         with torch.no_grad():
@@ -209,13 +209,13 @@ def compare_samplers(
     model, tokenizer, schedule = load_exported(model_dir)
     precision = resolve_precision(ev.precision, "cpu")
     test = TokenizedSplit.load(layout.prepared / "test")
-    test_lines = _test_lines(layout)
+    test_lines = test_lines_of(layout)
     extra: dict[str, Any] = dict(
         model=model,
         tokenizer=tokenizer,
         schedule=schedule,
         special=SpecialIds.from_tokenizer(tokenizer),
-        denoise=_with_precision(model.denoise, precision),
+        denoise=with_precision(model.denoise, precision),
         test=test,
         histogram=np.load(layout.token_stats / "lengths.npy"),
         references=test_lines[: ev.num_references] if ev.num_references > 0 else test_lines,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.eval.report import _quality_plot, _steps_plots
+from pipeline.eval.report import quality_plot, steps_plots
 from pipeline.viz import line_plot
 
 
@@ -55,7 +55,7 @@ def draw_comparison_plots(report: dict, directory: Path) -> list[str]:
     """Bound and quality against steps, quality vs diversity over top-k, and each sampler's BLEU
     and model calls against steps. The names written."""
     directory.mkdir(parents=True, exist_ok=True)
-    written = _steps_plots(report, directory) + _quality_plot(report, directory)
+    written = steps_plots(report, directory) + quality_plot(report, directory)
     rows = [r for r in report.get("samplers") or [] if r.get("steps") is not None]
     steps = sorted({r["steps"] for r in rows})
     names = list(dict.fromkeys(r["sampler"] for r in rows))

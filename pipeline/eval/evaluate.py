@@ -20,6 +20,7 @@ from pipeline.data.tokenize import TokenizedSplit
 from pipeline.diffusion.forward import SpecialIds
 from pipeline.eval.bound import PackedRows, perplexity_bound
 from pipeline.eval.generation import fixed_or_sampled_lengths, generate
+from pipeline.eval.judge import judge_metrics
 from pipeline.eval.metrics import TOKENIZATION, generation_metrics
 from pipeline.model.export import load_exported
 from pipeline.model.precision import autocast, resolve_precision
@@ -55,14 +56,14 @@ def evaluate_model(
     settings = evaluation_settings(params)
     model, tokenizer, schedule = load_exported(model_dir)
     precision = resolve_precision(ev.precision, "cpu")
-    denoise = _with_precision(model.denoise, precision)
+    denoise = with_precision(model.denoise, precision)
     special = SpecialIds.from_tokenizer(tokenizer)
     test = TokenizedSplit.load(layout.prepared / "test")
     if settings["num_sequences"] is not None:
         test = test.head(settings["num_sequences"])
     histogram = np.load(layout.token_stats / "lengths.npy")
     length_lp: np.ndarray | None = length_log_probs(histogram, max_length=params.data.max_seq_len - 2)
-    scored, bound_format = _scored_text(params, test)
+    scored, bound_format = scored_text(params, test)
     if bound_format == "packed":
         length_lp = None  # rows are not sentences: no length term
 
@@ -88,7 +89,7 @@ def evaluate_model(
         bound["initial_model"] = _initial_model_bound(params, schedule, scored, special, settings, length_lp, precision)
         bound["reduction_vs_initial"] = 1.0 - bound["ppl_token_mean"] / bound["initial_model"]["ppl_token"]
 
-    test_lines = _test_lines(layout)
+    test_lines = test_lines_of(layout)
     references = test_lines[: ev.num_references] if ev.num_references > 0 else test_lines
     n = settings["num_samples"]
     lengths = fixed_or_sampled_lengths(2 * n, ev.sample_length, histogram, ev.sample_seed)
@@ -137,6 +138,9 @@ def evaluate_model(
         params=params,
     )
     conditional = _conditional(params, extra, scored, bound_format, tick)
+    # Generative perplexity under a causal LM, always beside the samples' entropy (gen-PPL alone
+    # rewards low diversity); off when evaluate.judge is empty, "unavailable" when it cannot load.
+    judge = judge_metrics(samples, ev.judge, batch_size=ev.batch_size)
     return {
         "label": corpus_label(params),
         "packed": params.train.packed,
@@ -153,6 +157,7 @@ def evaluate_model(
         },
         "bound": bound,
         "conditional": conditional,
+        "judge": judge,
         "generation": quality,
         "samples": samples,
     }
@@ -215,7 +220,7 @@ def _conditional(params: Params, extra: dict, scored, bound_format: str, tick) -
     return out
 
 
-def _scored_text(params: Params, test: TokenizedSplit) -> tuple[TokenizedSplit | PackedRows, str]:
+def scored_text(params: Params, test: TokenizedSplit) -> tuple[TokenizedSplit | PackedRows, str]:
     """What the bound scores: padded sentences, or - for a model trained packed - the same text
     packed into `data.max_seq_len` rows the way it was trained. The two are not comparable."""
     if params.train.packed:
@@ -223,7 +228,7 @@ def _scored_text(params: Params, test: TokenizedSplit) -> tuple[TokenizedSplit |
     return test, "padded"
 
 
-def _with_precision(denoise, precision: str):
+def with_precision(denoise, precision: str):
     def run(*args):
         with autocast("cpu", precision):
             return denoise(*args)
@@ -238,7 +243,7 @@ def _initial_model_bound(params: Params, schedule, test, special, settings: dict
     initial = build_model(params, schedule).eval()
     with torch.no_grad():
         report = perplexity_bound(
-            _with_precision(initial.denoise, precision),
+            with_precision(initial.denoise, precision),
             test,
             schedule,
             special,
@@ -260,6 +265,11 @@ def summary_metrics(report: dict) -> dict:
     out["bound.num_truncated"] = b["runs"][0].get("num_truncated", 0)
     out["bound.num_words"] = b["runs"][0]["num_words"]
     out["bound.num_tokens"] = b["runs"][0]["num_tokens"]
+    judge = report.get("judge") or {}
+    if judge.get("gen_ppl") is not None:
+        out["judge.gen_ppl"] = judge["gen_ppl"]
+        out["judge.token_entropy_bits"] = judge["token_entropy_bits"]
+        out["judge.num_tokens"] = judge["num_tokens"]
     for task, c in (report.get("conditional") or {}).items():
         if "ppl_token_mean" not in c:
             continue
@@ -279,6 +289,6 @@ def summary_metrics(report: dict) -> dict:
     return out
 
 
-def _test_lines(layout: Layout) -> list[str]:
+def test_lines_of(layout: Layout) -> list[str]:
     path = layout.prepared / "test.txt"
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -18,9 +18,14 @@ from pipeline.viz import bar_plot, line_plot, plot_spec, quality_diversity
 
 
 def flat_metrics(report: dict) -> dict[str, Any]:
-    """The small numbers for metrics.json and MLflow, with the leaky flag."""
+    """The small numbers for metrics.json and MLflow, with the leaky flag and the judge's name
+    and status (so a gen-PPL is never read without knowing which model gave it)."""
     metrics = dict(summary_metrics(report))
     metrics["leaky"] = bool(report.get("leaky", False))
+    judge = report.get("judge") or {}
+    if judge:
+        metrics["judge.name"] = judge.get("judge")
+        metrics["judge.status"] = judge.get("status")
     return jsonable(metrics)
 
 
@@ -35,6 +40,14 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             f"bound counted: {summary['bound.num_tokens']} content WordPieces, {summary['bound.num_words']} words "
             f"({summary.get('bound.num_truncated', 0)} test lines cut at data.max_seq_len)"
         )
+    if summary.get("judge.gen_ppl") is not None:
+        lines.append(
+            f"judge.gen_ppl: {summary['judge.gen_ppl']:.2f} under {summary.get('judge.name')} "
+            f"({int(summary['judge.num_tokens'])} judge tokens; sample entropy "
+            f"{summary['judge.token_entropy_bits']:.2f} bits per sample)"
+        )
+    elif summary.get("judge.status"):
+        lines.append(f"judge: {summary['judge.status']}")
     for task in ("prefix", "infill"):
         key = f"conditional.{task}"
         if f"{key}.ppl_token" in summary:
@@ -74,7 +87,7 @@ def draw_plots(report: dict, directory: Path) -> list[str]:
     report["plots"] (a plot spec for `pipeline.viz.plot_spec`, or the path of a PNG). The names
     written, sorted."""
     directory.mkdir(parents=True, exist_ok=True)
-    written = _bound_plot(report, directory) + _quality_plot(report, directory) + _steps_plots(report, directory)
+    written = _bound_plot(report, directory) + quality_plot(report, directory) + steps_plots(report, directory)
     for name, spec in (report.get("plots") or {}).items():
         target = directory / f"{_safe_name(name)}.png"
         if isinstance(spec, dict):
@@ -113,7 +126,7 @@ def _bound_plot(report: dict, directory: Path) -> list[str]:
     return ["bound.png"]
 
 
-def _quality_plot(report: dict, directory: Path) -> list[str]:
+def quality_plot(report: dict, directory: Path) -> list[str]:
     generation = report.get("generation", {})
     points = [
         {
@@ -138,7 +151,7 @@ def _quality_plot(report: dict, directory: Path) -> list[str]:
     return ["quality_diversity.png"]
 
 
-def _steps_plots(report: dict, directory: Path) -> list[str]:
+def steps_plots(report: dict, directory: Path) -> list[str]:
     table = [row for row in report.get("steps_table") or [] if row.get("steps") is not None]
     if not table:
         return []

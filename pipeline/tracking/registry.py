@@ -79,11 +79,14 @@ def _quiet_pickling_notes() -> Iterator[None]:
 
 
 def log_and_register(export_dir: str | Path, registered_model: str) -> Any | None:
-    """Log the pyfunc into the active run and register it as `registered_model` (not when empty).
+    """Log the pyfunc into the active run and register it as `registered_model`; an empty name
+    does neither (the ablation's rows: their models are compared, not served).
 
     The `ModelVersion`, or None: no active run, registration off, or a warning explained why not."""
     import mlflow
 
+    if not registered_model:
+        return None
     if mlflow.active_run() is None:
         log.warning("no active MLflow run: the model is not logged as a pyfunc nor registered")
         return None
@@ -92,15 +95,13 @@ def log_and_register(export_dir: str | Path, registered_model: str) -> Any | Non
     except Exception as err:  # noqa: BLE001 - the trained model must survive any logging failure
         log.warning("could not log the model as an MLflow pyfunc (%s: %s); the export stays", type(err).__name__, err)
         return None
-    if not registered_model:
-        return None
     try:
         return mlflow.register_model(info.model_uri, registered_model, tags={"source_stage": "train"})
     except Exception as err:  # noqa: BLE001 - e.g. a file store or a server without a registry
         log.warning(
             "could not register the model as %r in the MLflow Model Registry of %s (%s: %s); it is logged "
             "in the run as %s, register it later with mlflow.register_model(%r, %r), or set "
-            "tracking.registered_model='' to skip registration",
+            "tracking.registered_model='' to skip logging and registration",
             registered_model,
             mlflow.get_registry_uri(),
             type(err).__name__,
