@@ -43,8 +43,9 @@ class SamplingOptions:
 class DiffusionBert:
     """An exported model with its tokenizer and noise schedule, ready to sample."""
 
-    def __init__(self, model, tokenizer, schedule, source: str = "") -> None:
+    def __init__(self, model, tokenizer, schedule, source: str = "", length_histogram: str | None = None) -> None:
         self.model, self.tokenizer, self.schedule, self.source = model, tokenizer, schedule, source
+        self.length_histogram = length_histogram  # lengths.npy for [MASK*?] gaps; None = a flat prior
 
     def __repr__(self) -> str:
         design = self.model.config.time_design
@@ -130,6 +131,11 @@ class DiffusionBert:
         """Each template with its [MASK] / [MASK*n] gaps filled, `num` samples per template."""
         texts = [templates] if isinstance(templates, str) else list(templates)
         requests = [infill_template(self.tokenizer, text) for text in texts]
+        if any(r.auto_gap is not None for r in requests):  # [MASK*?]: the model's bound picks the length
+            from pipeline.eval.gap_length import length_prior, resolve_open_gap
+
+            prior = length_prior(self.length_histogram, int(self.model.max_positions))
+            requests = [resolve_open_gap(r, self.model, self.tokenizer, self.schedule, prior) for r in requests]
         return self._run(requests, num, **options).texts
 
     def _run(self, requests: list, num: int, **options: Any) -> Generation:
@@ -139,9 +145,13 @@ class DiffusionBert:
         return self._sample(templates=[r.template for r in requests for _ in range(num)], **options)
 
 
-def load(path: str | Path = "models/final", device: str = "cpu") -> DiffusionBert:
-    """The export directory `path` (what `dbert train` writes to models/final)."""
+def load(
+    path: str | Path = "models/final", device: str = "cpu", length_histogram: str | Path | None = None
+) -> DiffusionBert:
+    """The export directory `path` (what `dbert train` writes to models/final). `length_histogram`
+    (the project's data/token_stats/lengths.npy) is the length prior that `[MASK*?]` gaps use."""
     from pipeline.model.export import load_exported
 
     model, tokenizer, schedule = load_exported(path, device=device)
-    return DiffusionBert(model, tokenizer, schedule, source=str(path))
+    hist = None if length_histogram is None else str(length_histogram)
+    return DiffusionBert(model, tokenizer, schedule, source=str(path), length_histogram=hist)

@@ -154,3 +154,33 @@ def test_span_scores_are_perfect_for_the_truth_and_fall_for_wrong_fills():
     assert span_fill_quality(truth, truth, decode) == {"token_accuracy": 1.0, "span_bleu": 1.0, "num_spans": 2}
     wrong = span_fill_quality(truth, [[1, 2, 0, 0], [0, 0, 0, 0, 0]], decode)
     assert wrong["token_accuracy"] == pytest.approx(2 / 9) and wrong["span_bleu"] < 0.5
+
+
+def test_gap_length_follows_the_length_prior_when_the_model_ignores_context():
+    """A context-blind denoiser scores the shown words the same whatever the gap: the choice is
+    the length prior's mode (L = 5 -> a gap of 2 between 3 shown words)."""
+    from pipeline.eval.gap_length import choose_gap_length, gap_length_scores
+    from tests.toy import CLS, SEP, ConstantDenoiser
+
+    prior = np.log(np.array([1e-9, 0.05, 0.05, 0.1, 0.1, 0.6, 0.1]))
+    scores = gap_length_scores(
+        ConstantDenoiser(torch.tensor([0, 0, 0, 0, 0.2, 0.5, 0.3])), toy_schedule("linear", 8), SPECIAL, CLS, SEP,
+        [4, 5], [6], [1, 2, 3], prior, num_steps=8, seeds=(0, 1),
+    )  # fmt: skip
+    assert choose_gap_length(scores) == 2
+    shown = {n: scores[n] + prior[3 + n] for n in scores}  # the bound part alone
+    assert max(shown.values()) - min(shown.values()) < 0.5 and all(math.isfinite(v) for v in shown.values())
+
+
+def test_gap_length_scores_only_the_shown_words():
+    """Held at [MASK] in every step, the gap never enters the bound: the bound part of the score
+    of the Bayes denoiser's world is that of the one shown word."""
+    from pipeline.eval.gap_length import gap_length_scores
+    from tests.toy import CLS, SEP
+
+    schedule = toy_schedule("linear", 6)
+    flat = np.log(np.full(4, 0.25))
+    scores = gap_length_scores(BayesDenoiser(schedule), schedule, SPECIAL, CLS, SEP, [5], [], [1], flat, num_steps=6)
+    assert math.isfinite(scores[1]) and scores[1] > -math.log(0.25)
+    with pytest.raises(ValueError, match="shown words"):
+        gap_length_scores(BayesDenoiser(schedule), schedule, SPECIAL, CLS, SEP, [], [], [1], flat)

@@ -268,3 +268,16 @@ def test_remdm_sends_tokens_back_and_costs_more_calls_when_cached():
     assert remdm.trace[-1] == 0 and remdm.model_calls > plain.model_calls
     with pytest.raises(ValueError, match="eta must lie in"):
         ancestral_sample(model.denoise, schedule, [3], SPECIAL, CLS, SEP, grid=time_grid(T, 1), remask=1.5)
+
+
+def test_an_open_gap_is_marked_and_filled_to_the_chosen_length(tokenizer):
+    request = infill_template(tokenizer, "the [MASK*?] sat on the mat .")
+    words = tokenizer("the", add_special_tokens=False)["input_ids"]
+    assert request.auto_gap == len(words) and None not in request.template
+    assert request.with_gap(3).template == (*words, N, N, N, *request.template[len(words) :])
+    with pytest.raises(TemplateError, match="more than one"):
+        infill_template(tokenizer, "[MASK*?] and [MASK*?]")
+    with pytest.raises(TemplateError, match="only gap"):
+        infill_template(tokenizer, "[MASK*?] and [MASK]")
+    with pytest.raises(TemplateError, match="open"):
+        check_fits([request], 60)

@@ -116,3 +116,11 @@ def test_the_api_writes_long_texts_block_by_block(tiny_model):  # noqa: F811
     [text] = model.complete("once upon a time", length=model.window + 10, steps=4)
     assert text.startswith("once upon a time") and len(model.tokenizer(text)["input_ids"]) > model.window
     assert len(model.generate(2, model.window + 5, steps=4)) == 2
+
+
+def test_an_open_gap_gets_a_length_from_the_model_and_keeps_the_words(tmp_path, tiny_model):  # noqa: F811
+    result = generate(tmp_path, tiny_model, "--infill", "the [MASK*?] was closed .", "--format", "jsonl", *SAMPLING)
+    assert result.exit_code == 0, result.output
+    [row] = [json.loads(line) for line in result.stdout.splitlines()]
+    assert row["text"].replace(" ", "").startswith("the") and row["text"].replace(" ", "").endswith("wasclosed.")
+    assert len(row["generated"]) == 1 and row["generated"][0]
