@@ -74,6 +74,7 @@ class DiffusionParams(_Group):
     schedule: ScheduleName = "spindle"
     num_timesteps: int = Field(2048, ge=1, le=1_000_000)
     spindle_lambda: float = Field(0.3, ge=0.0)
+    power_gamma: float = Field(1.0, ge=0.0)  # the power schedule's strength (0 = linear; no cap)
     loglinear_eps: float = Field(1e-3, gt=0.0, lt=1.0)
     hybrid_lambda: float = Field(0.01, ge=0.0)
 
@@ -176,6 +177,7 @@ class TuneParams(_Group):
     time_designs: list[TimeDesign] = Field(default_factory=lambda: list(TIME_DESIGNS))
     lrs: list[float] = Field(default_factory=list)
     spindle_lambdas: list[float] = Field(default_factory=list)
+    power_gammas: list[float] = Field(default_factory=list)  # with diffusion.schedule: power
     num_samples: int = Field(1, ge=1)
     steps: int = Field(200, ge=1)
     grace_period: int = Field(50, ge=1)

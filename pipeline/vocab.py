@@ -16,7 +16,7 @@ TimeDesign = Literal["none", "prefix", "layerwise", "embedding"]
 TIME_DESIGNS: tuple[TimeDesign, ...] = get_args(TimeDesign)
 
 # Noise schedules (pipeline.diffusion.schedules); spindle_paper is the original code's leaky one.
-ScheduleName = Literal["linear", "cosine", "loglinear", "spindle", "spindle_paper"]
+ScheduleName = Literal["linear", "cosine", "loglinear", "spindle", "spindle_paper", "power"]
 SCHEDULES: tuple[ScheduleName, ...] = get_args(ScheduleName)
 
 # Floating-point precision of training and evaluation; auto picks bf16 where it is fast.

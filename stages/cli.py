@@ -108,7 +108,7 @@ def schedule_command(params: ParamsOption = None, set_: SetOption = None, root: 
         params,
         set_,
         root,
-        echo=("output", "schedule", "num_timesteps", "monotone", "limit", "lambda_times_max_h"),
+        echo=("output", "schedule", "num_timesteps", "monotone", "limit", "lambda_times_max_h", "token_spread"),
     )
 
 

@@ -1,7 +1,7 @@
 """schedule: build the noise schedule the params describe, check it, and draw alpha_t(v).
 
 Reads  params `diffusion.schedule`, `diffusion.num_timesteps`, `diffusion.spindle_lambda`,
-       `diffusion.loglinear_eps`; data/token_stats/counts.npy and summary.json.
+       `diffusion.power_gamma`, `diffusion.loglinear_eps`; data/token_stats/counts.npy and summary.json.
 Writes data/schedule/schedule.json (the schedule's description, the monotonicity limit
        1/(T sin(pi/T)) and the result of an exhaustive check: alpha_0 = 1, alpha_T = 0 and
        alpha_t(v) non-increasing in t for *every* vocabulary id at *every* step; alpha at a few t
@@ -22,7 +22,13 @@ from pipeline.vocab import ProgressCallback
 from stages.common import code_paths, require, stage_run
 
 STAGE = "schedule"
-PARAMS = ("diffusion.schedule", "diffusion.num_timesteps", "diffusion.spindle_lambda", "diffusion.loglinear_eps")
+PARAMS = (
+    "diffusion.schedule",
+    "diffusion.num_timesteps",
+    "diffusion.spindle_lambda",
+    "diffusion.power_gamma",
+    "diffusion.loglinear_eps",
+)
 INPUTS = ("data/token_stats/counts.npy", "data/token_stats/summary.json")
 OUTPUTS = ("data/schedule/schedule.json", "data/schedule/alpha_curves.csv", "data/schedule/alpha_curves.png")
 
@@ -71,5 +77,6 @@ def run(
         "num_timesteps": T,
         "monotone": check["monotone"],
         "limit": report["monotonicity"]["limit"],
-        "lambda_times_max_h": report["monotonicity"]["lambda_times_max_h"],
+        "lambda_times_max_h": report["monotonicity"].get("lambda_times_max_h"),
+        "token_spread": report["monotonicity"].get("token_spread"),
     }

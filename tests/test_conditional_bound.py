@@ -88,7 +88,7 @@ def data_conditional(pair, hidden: int) -> float:
     return joint[pair] / marginal
 
 
-@pytest.mark.parametrize("name", ["linear", "cosine", "spindle"])
+@pytest.mark.parametrize("name", ["linear", "cosine", "spindle", "power"])
 @pytest.mark.parametrize("num_steps", [6, 3])
 @pytest.mark.parametrize("hidden", [1, 2])
 def test_conditional_bound_is_at_least_the_exact_conditional_nll(name, num_steps, hidden):

@@ -113,7 +113,7 @@ def test_caching_stays_exact_with_fixed_tokens(kind):
     assert (cached.row_calls <= gaps).all()  # a row is recomputed only after one of its gaps changed
 
 
-@pytest.mark.parametrize("schedule_name", ["linear", "spindle"])
+@pytest.mark.parametrize("schedule_name", ["linear", "spindle", "power"])
 def test_the_conditional_chain_samples_the_exact_conditional_of_the_data(schedule_name):
     """With the Bayes-optimal denoiser and x1 fixed, the ancestral chain over x2 alone must draw
     x2 ~ p_data(x2 | x1): the reveal and token probabilities telescope to it exactly."""

@@ -272,7 +272,7 @@ def _exact_model_nll(denoiser, schedule, pair, grid) -> float:
     return -math.log(states.get((False, False), 0.0))
 
 
-@pytest.mark.parametrize("name", ["linear", "cosine", "spindle"])
+@pytest.mark.parametrize("name", ["linear", "cosine", "spindle", "power"])
 @pytest.mark.parametrize("num_steps", [6, 3])
 def test_bound_is_at_least_the_exact_model_nll_for_every_sequence(name, num_steps):
     schedule = toy_schedule(name, 6)
@@ -364,3 +364,21 @@ def test_training_loss_draws_stratified_times_uncorrelated_with_sentence_length(
         assert sorted(_strata(t.round(), T, batch)) == list(range(batch))  # every row its own stratum
         correlations.append(float(torch.corrcoef(torch.stack([lengths.double(), t]))[0, 1]))
     assert abs(sum(correlations) / len(correlations)) < 0.15, correlations
+
+
+def test_power_schedule_is_linear_at_gamma_zero_and_masks_informative_tokens_earlier_without_a_cap():
+    from tests.toy import centred_information
+
+    h = centred_information()
+    linear = build_schedule("linear", 16)
+    flat = build_schedule("power", 16, information=h, power_gamma=0.0)
+    t = torch.arange(17, dtype=torch.float64)
+    assert torch.allclose(flat.alpha_vocab(t), linear.alpha_vocab(t).expand(17, h.numel()))
+    strong = build_schedule("power", 16, information=h, power_gamma=3.0)  # far past spindle's 0.318 cap
+    alpha = strong.alpha_vocab(t)  # [17, V]
+    assert (alpha[1:] <= alpha[:-1] + 1e-12).all()  # monotone for every id
+    rare, common = int(h.argmax()), int(h.argmin())
+    assert (alpha[1:-1, rare] < alpha[1:-1, common]).all()  # the informative id is masked first
+    assert strong.token_spread() > build_schedule("spindle", 16, information=h, spindle_lambda=0.3).token_spread()
+    with pytest.raises(ScheduleError, match="power_gamma"):
+        build_schedule("power", 16, information=h, power_gamma=-1.0)

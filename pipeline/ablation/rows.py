@@ -176,6 +176,7 @@ PLUMBING = {"train": ("storage", "placement_timeout_s", "placement_strategy")}
 NEUTRAL_DEFAULTS = {
     ("train", "global_batch_size"): None,
     ("model", "family"): "bert",
+    ("diffusion", "power_gamma"): 1.0,  # read only by the power schedule
     ("evaluate", "confidence_score"): "prob",  # read only by the confidence sampler
     ("evaluate", "remdm_eta"): 0.04,  # read only by the remdm sampler
     ("evaluate", "compare_samplers"): ["ancestral", "remdm", "confidence", "gibbs"],  # the samplers stage's

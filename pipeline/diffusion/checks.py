@@ -182,9 +182,16 @@ def schedule_report(schedule: Schedule, check: dict[str, Any], tokens: list[dict
         "continuous": bool(schedule.continuous),
         "leaky": bool(schedule.leaky),
         "monotonicity": {
-            "limit": _round(max_spindle_lambda(T)) if T > 1 else None,
-            "limit_formula": "lambda * max|h(v)| <= 1 / (T sin(pi / T))",
-            "lambda_times_max_h": None if spread is None else _round(spread),
+            # Only the spindle has a cap: the others are monotone for every value of their parameter.
+            **(
+                {
+                    "limit": _round(max_spindle_lambda(T)) if T > 1 else None,
+                    "limit_formula": "lambda * max|h(v)| <= 1 / (T sin(pi / T))",
+                    "lambda_times_max_h": None if spread is None else _round(spread),
+                }
+                if schedule.name in ("spindle", "spindle_paper")
+                else {"limit": None, "token_spread": None if spread is None else _round(spread)}
+            ),
             **check,
         },
         "alpha_at": {"t": probe_t, "linear": [_round(1.0 - t / T) for t in probe_t], "tokens": tokens},

@@ -217,6 +217,47 @@ class SpindleSchedule(Schedule):
         return self.spindle_lambda * float(self.h.abs().max()) if self.h.numel() else 0.0
 
 
+class PowerSchedule(Schedule):
+    """Token-aware power schedule, exact for every gamma (MD4's state-dependent family):
+
+    alpha_t(v) = 1 - s^w(v),  w(v) = exp(-gamma * h(v)),  h(v) = centred information in [-1, 1].
+    Informative ids (h > 0) get w < 1, so s^w > s: masked earlier in the forward process and
+    generated last, as the spindle intends, but with no cap on the strength: alpha is monotone in
+    s for every w > 0, so any gamma >= 0 is a valid schedule. gamma = 0 is linear.
+    """
+
+    name = "power"
+    token_dependent = True
+
+    def __init__(self, num_timesteps: int, information: Tensor, gamma: float = 1.0) -> None:
+        super().__init__(num_timesteps)
+        h = torch.as_tensor(information, dtype=torch.float64).reshape(-1)
+        if not (math.isfinite(gamma) and gamma >= 0):
+            raise ScheduleError(f"power_gamma must be finite and >= 0, got {gamma}")
+        if not torch.isfinite(h).all():
+            raise ScheduleError("power: the centred information h(v) has non-finite entries")
+        self.h = h  # [V]
+        self.w = torch.exp(-float(gamma) * h)  # [V] exponents, all > 0
+        self.gamma = float(gamma)
+
+    def _alpha(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor:
+        w = self._table("w", s.device)
+        return 1.0 - s[:, None] ** w[None, :]  # 0^w = 0: alpha_0 = 1 for every id
+
+    def _dalpha(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor:
+        w = self._table("w", s.device)
+        return -w[None, :] * s[:, None].clamp_min(1e-12) ** (w[None, :] - 1.0)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "power_gamma": self.gamma}
+
+    def token_spread(self) -> float:
+        """Largest |alpha(v) - (1 - s)| at s = 1/2 over the ids (spindle's spread is comparable)."""
+        if not self.h.numel():
+            return 0.0
+        return float((0.5**self.w - 0.5).abs().max())
+
+
 class SpindlePaperSchedule(Schedule):
     """The authors' per-sentence spindle (ablation only; its bound is LEAKY, PAPER §3).
 
@@ -276,8 +317,9 @@ def build_schedule(
     counts: Tensor | None = None,
     spindle_lambda: float = 0.3,
     eps: float = 1e-3,
+    power_gamma: float = 1.0,
 ) -> Schedule:
-    """Schedule by name; spindle needs the centred information h(v), spindle_paper the counts."""
+    """Schedule by name; spindle and power need the centred information h(v), spindle_paper the counts."""
     if name == "linear":
         return LinearSchedule(num_timesteps)
     if name == "cosine":
@@ -288,6 +330,10 @@ def build_schedule(
         if information is None:
             raise ScheduleError("spindle needs token statistics (the centred information h(v))")
         return SpindleSchedule(num_timesteps, information, spindle_lambda)
+    if name == "power":
+        if information is None:
+            raise ScheduleError("power needs token statistics (the centred information h(v))")
+        return PowerSchedule(num_timesteps, information, power_gamma)
     if name == "spindle_paper":
         if counts is None:
             raise ScheduleError("spindle_paper needs token statistics (the token counts)")
@@ -322,4 +368,5 @@ def schedule_from_params(
         counts=None if counts is None else torch.as_tensor(counts),
         spindle_lambda=diffusion.spindle_lambda,
         eps=diffusion.loglinear_eps,
+        power_gamma=diffusion.power_gamma,
     )

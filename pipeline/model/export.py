@@ -120,6 +120,7 @@ def load_schedule(directory: str | Path) -> Schedule:
         information=torch.from_numpy(np.load(info)) if info.is_file() else None,
         counts=torch.from_numpy(np.load(counts)) if counts.is_file() else None,
         spindle_lambda=spec.get("spindle_lambda", 0.3),
+        power_gamma=spec.get("power_gamma", 1.0),
         eps=spec.get("eps", 1e-3),
     )
 

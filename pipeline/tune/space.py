@@ -1,5 +1,6 @@
-"""What Tune searches: the grid from params (time design, and lr and the spindle lambda when
-params list them), what every trial changes besides, and one trial's params."""
+"""What Tune searches: the grid from params (time design, and lr, the spindle lambda and the
+power schedule's gamma when params list them), what every trial changes besides, and one
+trial's params."""
 
 from __future__ import annotations
 
@@ -36,6 +37,13 @@ def search_values(params: Params) -> dict[str, list]:
                 f"lambda that keeps alpha_t monotone for diffusion.num_timesteps={steps}"
             )
         values["diffusion.spindle_lambda"] = [float(v) for v in dict.fromkeys(tn.spindle_lambdas)]
+    if tn.power_gammas:
+        if params.diffusion.schedule != "power":
+            raise TuneConfigError(
+                f"tune.power_gammas is set but diffusion.schedule is {params.diffusion.schedule!r}: gamma only "
+                "acts on the power schedule (set diffusion.schedule: power)"
+            )
+        values["diffusion.power_gamma"] = [float(v) for v in dict.fromkeys(tn.power_gammas)]
     return values
 
 
