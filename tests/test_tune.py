@@ -39,6 +39,15 @@ def test_a_spindle_lambda_that_breaks_monotonicity_is_refused_naming_the_limit()
         search_values(params)
 
 
+def test_power_gammas_are_searched_only_with_the_power_schedule():
+    params = tiny_params("diffusion.schedule=power", "tune.time_designs=[none]", "tune.power_gammas=[0.5, 2.0]")
+    assert search_values(params)["diffusion.power_gamma"] == [0.5, 2.0]
+    trial = trial_params(params, {"model.time_design": "none", "diffusion.power_gamma": 2.0})
+    assert trial.diffusion.power_gamma == 2.0
+    with pytest.raises(TuneConfigError, match="only acts on the power schedule"):
+        search_values(tiny_params("tune.power_gammas=[1.0]"))
+
+
 def test_a_two_trial_tune_writes_the_table_the_proposal_and_nested_mlflow_runs(ray_cluster, layout, monkeypatch):
     import mlflow
 
