@@ -4,7 +4,7 @@ On test sentences of at least 6 content WordPieces, hide a word-aligned middle s
 length m (the infill task's span, capped at `--max-gap`), score every candidate length 1..max-gap
 with the bound on the shown words plus the length prior, and compare the argmin with m. Two
 baselines from the same sentences: always the most common true length (mode), and the length
-prior alone (argmin of -log p_len(L)). Counted: sentences, exact hits, mean |chosen - m|.
+prior alone (argmin of -log p_len(L)); and the bound without the prior. Counted: sentences, exact hits, mean |chosen - m|.
 
     python -m benchmarks.gap_length --project /tmp/fc2/X --sentences 48 --out benchmarks/results/gap_length.json
 """
@@ -61,8 +61,14 @@ def main() -> None:
             candidates, prior, num_steps=args.steps, seeds=tuple(range(args.seeds)),
         )  # fmt: skip
         prior_only = {n: -float(prior[len(left) + n + len(right)]) for n in candidates}
+        bound_only = {n: scores[n] - prior_only[n] for n in candidates}
         rows.append(
-            {"true": span.end - span.start, "bound": choose_gap_length(scores), "prior": choose_gap_length(prior_only)}
+            {
+                "true": span.end - span.start,
+                "bound": choose_gap_length(scores),
+                "prior": choose_gap_length(prior_only),
+                "bound_without_prior": choose_gap_length(bound_only),
+            }
         )
     seconds = time.perf_counter() - start
     truth = np.array([r["true"] for r in rows])
@@ -80,6 +86,7 @@ def main() -> None:
         f"candidates 1..{args.max_gap}, {args.steps}-step bound, {args.seeds} seeds",
         "bound_plus_prior": summary(np.array([r["bound"] for r in rows])),
         "prior_only": summary(np.array([r["prior"] for r in rows])),
+        "bound_without_prior": summary(np.array([r["bound_without_prior"] for r in rows])),
         "always_the_mode": {**summary(np.full_like(truth, mode)), "mode": int(mode)},
         "true_length_histogram": dict(sorted(Counter(truth.tolist()).items())),
         "seconds_per_sentence": seconds / max(len(rows), 1),
