@@ -163,6 +163,8 @@ def _schedule_text(schedule: Mapping[str, Any]) -> str:
     name = str(schedule.get("schedule"))
     if name == "spindle":
         return f"spindle (token-information-ordered, lambda={schedule.get('spindle_lambda')})"
+    if name == "power":
+        return f"power (alpha = 1 - s^exp(-gamma h(v)), gamma={schedule.get('power_gamma')})"
     return name
 
 
