@@ -16,7 +16,7 @@ export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv repro push pull test test-unit test-fast lint format typecheck deps ablation clean
+.PHONY: venv repro push pull test test-unit test-fast lint format typecheck deps ablation schedules clean
 
 venv: $(STAMP)
 
@@ -47,6 +47,15 @@ ablation: $(STAMP)
 	test -d .dvc || $(BIN)/dvc init -q
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro token_stats
 	$(BIN)/dbert ablation
+
+# Issue 13's schedule experiment: linear, spindle (lambda at its cap), the exact power schedule and
+# the MDLM recipe (+ LTE/PTE for claim 3), TAD, 2,000 steps, 3 training seeds each, 1,024 test
+# sentences; resumable like the ablation, in outputs/schedules/ (days on 2 CPU cores; hours on a GPU).
+SCHEDULE_ROWS := [dbert_linear_tad,dbert_spindle_tad,dbert_power_tad,mdlm_loglinear_tad,dbert_linear_lte,dbert_linear_pte]
+schedules: $(STAMP)
+	test -d .dvc || $(BIN)/dvc init -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro token_stats
+	$(BIN)/dbert ablation --set ablation.out=outputs/schedules --set ablation.rows=$(SCHEDULE_ROWS) --set ablation.repeat_rows=$(SCHEDULE_ROWS) --set ablation.seeds=[0,1,2] --set ablation.train_steps=2000 --set ablation.detail_rows=[] --set evaluate.num_sequences=1024 --set diffusion.spindle_lambda=0.318
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -184,7 +184,7 @@ class TuneParams(_Group):
     max_concurrent: int = Field(1, ge=1)
 
 
-ABLATION_ROWS = (
+PAPER_ROWS = (  # PAPER §8's table at this scale: the default `ablation.rows`
     "dbert_spindle_tad",
     "dbert_linear_tad",
     "d3pm_linear_tad",
@@ -195,12 +195,15 @@ ABLATION_ROWS = (
     "dbert_spindle_paper_tad",
     "dbert_spindle_tad_packed",
 )
+# Every row `ablation.rows` may name: the paper's, and the schedule experiment's (`make schedules`):
+# the exact power schedule and the successor's recipe (MDLM: log-linear, continuous-time loss).
+ABLATION_ROWS = (*PAPER_ROWS, "dbert_power_tad", "mdlm_loglinear_tad")
 
 
 class AblationParams(_Group):
     """`dbert ablation` (opt-in): the paper's rows (PAPER §8) as configurations, same budget each."""
 
-    rows: list[Literal[ABLATION_ROWS]] = Field(default_factory=lambda: list(ABLATION_ROWS))  # type: ignore[valid-type]
+    rows: list[Literal[ABLATION_ROWS]] = Field(default_factory=lambda: list(PAPER_ROWS))  # type: ignore[valid-type]
     train_steps: int = Field(300, ge=1)  # the per-row training budget (optimizer steps)
     seeds: list[int] = Field(default_factory=lambda: [0, 1])  # training seeds of the repeated rows
     repeat_rows: list[Literal[ABLATION_ROWS]] = Field(  # type: ignore[valid-type]
@@ -211,6 +214,9 @@ class AblationParams(_Group):
     )  # also get the steps table and the top-k curve
     table_sequences: int = Field(128, ge=1)  # test sentences per steps-table bound (detail rows)
     detail_samples: int = Field(64, ge=2)  # samples per steps-table row and top-k point (detail rows)
+    # Where the rows, the state and the report go: another folder keeps a second experiment (the
+    # schedule experiment: `make schedules`) apart from the paper's table.
+    out: str = "outputs/ablation"
 
     @model_validator(mode="after")
     def _seeds_unique(self) -> AblationParams:

@@ -65,7 +65,7 @@ def run(
     runs = plan(params, only)  # an unknown row is named before anything else is checked
     for path in INPUTS:
         require(layout.root / path, path, "token-stats" if "token_stats" in path else "prepare")
-    out = layout.ablation_out
+    out = layout.root / params.ablation.out
     if fresh and out.exists():
         shutil.rmtree(out)
     state_path = out / "state.json"
@@ -125,7 +125,7 @@ def _run_row(
     from pipeline.tracking.log import log_metrics
     from pipeline.tracking.runs import start_stage_run
 
-    row_root = layout.ablation_out / "rows" / row_run.key
+    row_root = layout.root / row_run.params.ablation.out / "rows" / row_run.key
     parent_id = state["parent_run_id"]
     record = state["rows"].get(row_run.key, {})
     result_path = row_root / "result.json"

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.ablation import report as rep
 from pipeline.ablation.rows import ROWS, plan, row_params
-from pipeline.config import ABLATION_ROWS, ParamsError, load_params
+from pipeline.config import ABLATION_ROWS, PAPER_ROWS, ParamsError, load_params
 from tests.env import without_project_env
 from tests.test_stages import REPO, tiny_params
 
@@ -55,6 +55,27 @@ def test_the_rows_set_what_the_paper_table_names():
     assert row_params(base, ROWS["dbert_spindle_paper_tad"], 0).diffusion.schedule == "spindle_paper"
 
 
+def test_the_schedule_experiment_preset_plans_three_seeds_of_each_schedule_in_its_own_folder():
+    import shlex
+    import subprocess
+
+    make = subprocess.run(["make", "-n", "schedules"], capture_output=True, text=True, check=True).stdout
+    line = next(line for line in make.splitlines() if "dbert ablation" in line)
+    sets = [a.split("=", 1) for a in shlex.split(line) if "=" in a and not a.startswith("PATH")]
+    base = load_params(None, [f"{k}={v}" for k, v in sets])
+    runs = plan(base)
+    schedules = {r.params.diffusion.schedule for r in runs}
+    assert {"linear", "spindle", "power", "loglinear"} <= schedules
+    for schedule in schedules - {"spindle_paper"}:
+        seeds = {
+            r.seed for r in runs if r.params.diffusion.schedule == schedule and r.params.model.time_design == "none"
+        }
+        assert len(seeds) >= 3, schedule
+    assert all(r.params.train.steps >= 2000 and r.params.evaluate.num_sequences >= 1024 for r in runs)
+    assert base.ablation.out != "outputs/ablation"  # never mixes with the paper's table
+    assert row_params(base, ROWS["mdlm_loglinear_tad"], 0).diffusion.schedule == "loglinear"
+
+
 def test_one_param_switches_every_row_to_another_bert():
     base = load_params(None, ["model.name_or_path=bert-base-uncased"])
     assert {r.params.model.name_or_path for r in plan(base)} == {"bert-base-uncased"}
@@ -63,8 +84,10 @@ def test_one_param_switches_every_row_to_another_bert():
 def test_plan_repeats_the_spindle_linear_pair_with_the_second_training_seed():
     runs = plan(load_params(None))
     keys = [r.key for r in runs]
-    assert keys[: len(ABLATION_ROWS)] == list(load_params(None).ablation.rows)
-    assert keys[len(ABLATION_ROWS) :] == ["dbert_spindle_tad.seed1", "dbert_linear_tad.seed1"]
+    rows = list(load_params(None).ablation.rows)
+    assert rows == list(PAPER_ROWS)  # the default plan is the paper's table; the schedule rows are opt-in
+    assert keys[: len(rows)] == rows
+    assert keys[len(rows) :] == ["dbert_spindle_tad.seed1", "dbert_linear_tad.seed1"]
     assert [r.params.train.seed for r in runs[-2:]] == [1, 1]
     assert len({r.fingerprint for r in runs}) == len(runs)
 

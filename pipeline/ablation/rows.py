@@ -96,6 +96,24 @@ ROWS: dict[str, RowSpec] = {
             {"model.time_design": "none", "diffusion.schedule": "spindle"},
         ),
         RowSpec(
+            "dbert_power_tad",
+            "DiffusionBERT (power)",
+            "BERT",
+            "power",
+            "TAD",
+            {"model.time_design": "none", "diffusion.schedule": "power"},
+            note="the exact token-aware power schedule (diffusion.power_gamma); not in the paper",
+        ),
+        RowSpec(
+            "mdlm_loglinear_tad",
+            "MDLM recipe",
+            "BERT",
+            "loglinear",
+            "TAD",
+            {"model.time_design": "none", "diffusion.schedule": "loglinear"},
+            note="the successor's recipe: log-linear schedule, continuous-time loss; not in the paper",
+        ),
+        RowSpec(
             "dbert_spindle_paper_tad",
             "DiffusionBERT",
             "BERT",
@@ -177,6 +195,7 @@ NEUTRAL_DEFAULTS = {
     ("train", "global_batch_size"): None,
     ("model", "family"): "bert",
     ("diffusion", "power_gamma"): 1.0,  # read only by the power schedule
+    ("ablation", "out"): "outputs/ablation",  # where, not what
     ("evaluate", "confidence_score"): "prob",  # read only by the confidence sampler
     ("evaluate", "remdm_eta"): 0.04,  # read only by the remdm sampler
     ("evaluate", "compare_samplers"): ["ancestral", "remdm", "confidence", "gibbs"],  # the samplers stage's
