@@ -91,7 +91,7 @@ MUTATIONS = [
     Mutation(
         "1",
         "cached sampler: no cache refresh after a reveal",
-        (Edit(SAMPLERS, "stale[hb] = True", "pass  # MUTANT: the cache is never refreshed", line=True),),
+        (Edit(SAMPLERS, "predictions.changed(hb)", "pass  # MUTANT: the cache is never refreshed", line=True),),
         (CACHE, CHAIN),
     ),
     Mutation(
@@ -103,7 +103,14 @@ MUTATIONS = [
     Mutation(
         "2b",
         "spindle sampler: reveal chance mean(a) instead of sum_v p(v) a(v)",
-        (Edit(SAMPLERS, "chance = reveal_chance(", "chance = reveal.mean().expand(len(b_idx))  # MUTANT", line=True),),
+        (
+            Edit(
+                SAMPLERS,
+                "# sum_v p(v) a(v), float64",  # the ancestral sampler's line (the confidence sampler has its own)
+                "chance = reveal.mean().expand(len(b_idx))  # MUTANT",
+                line=True,
+            ),
+        ),
         (CHAIN, REVEALS),
     ),
     Mutation(
@@ -145,7 +152,7 @@ MUTATIONS = [
             Edit(SAMPLERS, "if s_step == 0:", "if False:  # MUTANT", line=True),
             Edit(
                 SAMPLERS,
-                "chance = reveal_chance(",
+                "# sum_v p(v) a(v), float64",
                 "chance = (probs @ reveal.to(probs.dtype))[b_idx, l_idx].double()  # MUTANT",
                 line=True,
             ),

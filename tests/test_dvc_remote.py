@@ -85,7 +85,7 @@ def test_a_second_clone_pulls_every_output_and_reproduces_nothing(reproduced_rep
     assert "storage" in run(second, "dvc", "remote", "list").stdout
     assert not (second / "models" / "final").exists()
     missing = json.loads(run(second, "dvc", "status", "--json").stdout or "{}")
-    assert set(missing) == {"prepare", "token_stats", "schedule", "train", "evaluate"}
+    assert set(missing) == {"prepare", "token_stats", "schedule", "train", "evaluate", "samplers"}
 
     # ... and `dvc pull` brings the rest: nothing to reproduce.
     run(second, "dvc", "pull")

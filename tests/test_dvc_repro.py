@@ -139,16 +139,17 @@ def test_repro_runs_each_stage_once_and_params_reach_exactly_their_stages(reprod
         "diffusion.spindle_lambda=0.2": {"schedule", "train"},  # evaluate reads the schedule from the model
         "diffusion.hybrid_lambda=0.02": {"train", "evaluate"},
         "train.lr=0.0002": {"train"},
-        "data.max_seq_len=24": {"prepare", "train", "evaluate"},
-        "evaluate.top_k=5": {"evaluate"},
+        "data.max_seq_len=24": {"prepare", "train", "evaluate", "samplers"},
+        "evaluate.top_k=5": {"evaluate", "samplers"},
+        "evaluate.qd_samples=3": {"samplers"},  # the sampler comparison never re-runs the bound
         "tracking.experiment=elsewhere": set(),
         "tune.steps=10": set(),
     }
     assert {k: status_after(repo, k) for k in expected} == expected
 
-    # A train param reruns train and, through the new model, evaluate - nothing upstream.
+    # A train param reruns train and, through the new model, evaluate and samplers - nothing upstream.
     experiment = run(repo, "dvc", "exp", "run", "-S", "train.lr=0.0002")
-    assert ran(experiment) == {"train", "evaluate"}, experiment.stdout
+    assert ran(experiment) == {"train", "evaluate", "samplers"}, experiment.stdout
     assert "Data and pipelines are up to date" in run(repo, "dvc", "status").stdout
 
     # In a `--temp` copy (under .dvc/tmp/exps) the relative corpus path still resolves against the
