@@ -8,9 +8,15 @@ temperature) acts on p_theta(x0 | x_t) only, never on the reveal chance. Draws a
 inverse-CDF draws from a seeded generator, one uniform per position per step whether or not the
 model was called, so the cached sampler returns exactly the tokens of the uncached one.
 
+Sparse top-k: with 0 < top_k < V everything after the forward works on the kept entries only
+(`Kept`: probabilities [.., K] at vocabulary ids [.., K], ids ascending). The probabilities are
+the ones the dense [.., V] rows hold (`truncated_probs` scatters the same numbers), and a float64
+CDF over the kept ids in id order has the dense CDF's values at those ids (the dense one only adds
+zeros in between), so the inverse-CDF draw picks the same token. top_k = 0 keeps dense rows.
+
 Devices: everything handed to the denoiser is on `device`, and truncation runs there; the
-canvas, the [B, L, V] probabilities (host memory) and the seeded draws stay on the CPU, so the
-only copies per model call are the inputs up and one [N, V] float32 table down.
+canvas, the kept probabilities (host memory) and the seeded draws stay on the CPU, so the only
+copies per model call are the inputs up and one [N, K] table (plus its ids) down.
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ from pipeline.diffusion.canvas import starting_canvas
 from pipeline.diffusion.forward import Denoiser, SpecialIds
 from pipeline.diffusion.schedules import Schedule
 
+# False: keep dense [.., V] rows even under top-k (the reference the exactness tests and
+# benchmarks/bench_sampler.py compare the sparse path with). Same tokens either way.
+_SPARSE_TOP_K = True
+
 
 @dataclass
 class SampleOutput:
@@ -42,55 +52,199 @@ class SampleOutput:
     trace: list[int] = field(default_factory=list)  # masked positions left after each step
 
 
+@dataclass
+class Kept:
+    """Truncated p_theta(x0 | x_t): `probs` [.., K] float32 at vocabulary ids `ids` [.., K].
+
+    Sparse: ids ascending along the last dim, K = top_k (more when the k-th logit is tied);
+    zero-probability padding (id 0) may follow, which no sum or CDF notices. Dense: ids None,
+    K = V, column j is id j."""
+
+    probs: Tensor
+    ids: Tensor | None = None
+
+    def at(self, b_idx: Tensor, l_idx: Tensor) -> Kept:
+        """Positions (b_idx, l_idx) [M] of a [B, L, K] table: [M, K]. index_select on the flattened
+        table, not advanced indexing, which goes through the thread pool (milliseconds a call on a
+        busy CPU)."""
+        width, k = self.probs.shape[1], self.probs.shape[-1]
+        flat = b_idx * width + l_idx  # [M]
+        ids = None if self.ids is None else self.ids.view(-1, k).index_select(0, flat)
+        return Kept(self.probs.view(-1, k).index_select(0, flat), ids)
+
+    def put(self, b_idx: Tensor, l_idx: Tensor, rows: Kept) -> None:
+        """Write rows [M, K] at positions (b_idx, l_idx) [M] of this [B, L, K] table, in place."""
+        width, k = self.probs.shape[1], self.probs.shape[-1]
+        flat = b_idx * width + l_idx  # [M]
+        self.probs.view(-1, k).index_copy_(0, flat, rows.probs)
+        if self.ids is not None and rows.ids is not None:
+            self.ids.view(-1, k).index_copy_(0, flat, rows.ids)
+
+    def vocab_ids(self, columns: Tensor) -> Tensor:
+        """Column of each row [M] -> its vocabulary id [M]."""
+        if self.ids is None:
+            return columns
+        return self.ids.gather(-1, columns[:, None]).squeeze(-1)
+
+    def at_entries(self, per_id: Tensor) -> Tensor:
+        """A per-id table [V] read at every entry: [.., K] (dense: the [V] table itself)."""
+        return per_id if self.ids is None else per_id.index_select(0, self.ids.reshape(-1)).view(self.ids.shape)
+
+
+def _scaled_logits(logits: Tensor, forbidden_ids: Sequence[int], temperature: float) -> Tensor:
+    """float32 logits / temperature with the forbidden ids at -inf (SUBS). [N, V]"""
+    logits = logits.float() / temperature  # a new tensor: the model's output is left alone
+    if forbidden_ids:
+        logits.index_fill_(-1, torch.as_tensor(list(forbidden_ids), device=logits.device), float("-inf"))
+    return logits
+
+
+def _top_p_mask(logits: Tensor, top_p: float) -> Tensor:
+    """Nucleus truncation of logits [N, K]: keep the most likely entries up to and including the
+    one whose cumulative probability crosses top_p (ties ordered by column). [N, K]"""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+    p_sorted = torch.softmax(sorted_logits, -1)
+    drop_sorted = p_sorted.cumsum(-1) - p_sorted >= top_p  # keep the token that crosses p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+# Raw logits taken beyond the k + 1 a top-k needs, to step over forbidden ids among the largest.
+_MARGIN = 8
+
+
+def _top_k_entries(
+    logits: Tensor, forbidden_ids: Sequence[int], top_k: int, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """The entries of `_scaled_logits` that a dense top-k keeps (every one >= the k-th largest):
+    (values [N, K], ids [N, K]), ids ascending; K = top_k unless a tie widens it.
+
+    Usually one pass over [N, V]: the top k + 1 + m raw logits (m = min(F, 8), F forbidden ids).
+    Scaling is monotone, so when every row has k + 1 allowed ids among them and its k-th and
+    (k+1)-th scaled values differ, its k largest are exactly the kept set. Otherwise (a tie, or
+    forbidden ids crowding the top) `_dense_top_k_entries` scales the whole rows."""
+    vocab = logits.shape[-1]
+    forbidden = torch.as_tensor(list(forbidden_ids), dtype=torch.long, device=logits.device)
+    raw, ids = torch.topk(logits, min(top_k + 1 + min(len(forbidden), _MARGIN), vocab), dim=-1)  # [N, n]
+    banned = torch.zeros(vocab, dtype=torch.bool, device=logits.device).index_fill_(0, forbidden, True)
+    is_banned = banned.index_select(0, ids.reshape(-1)).view(ids.shape)  # [N, n]
+    values = (raw.float() / temperature).masked_fill(is_banned, float("-inf"))
+    values, order = values.sort(dim=-1, descending=True, stable=True)  # n >= k + 1 as top_k < V
+    kth = values[:, top_k - 1]  # [N]
+    crowded = (~is_banned).sum(-1) <= top_k  # [N] fewer than k + 1 allowed candidates
+    tied = (values[:, top_k] == kth) & kth.isfinite()  # [N]
+    if bool((crowded | tied).any()):
+        return _dense_top_k_entries(_scaled_logits(logits, forbidden_ids, temperature), top_k)
+    ids, by_id = ids.gather(-1, order[:, :top_k]).sort(-1)  # [N, k]
+    return values[:, :top_k].gather(-1, by_id), ids
+
+
+def _dense_top_k_entries(scaled: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """Every entry of scaled logits [N, V] >= its row's k-th largest, all tied ids included:
+    (values [N, K], ids [N, K]), ids ascending; a row's entries beyond its own set are -inf."""
+    kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]  # [N, 1]
+    counts = (scaled >= kth).sum(-1)  # [N]
+    counts = torch.where(kth[:, 0].isfinite(), counts, top_k)  # a -inf k-th: its finite ones fit in k
+    values, ids = torch.topk(scaled, int(counts.max()), dim=-1)  # [N, K]
+    values = values.masked_fill(values < kth, float("-inf"))
+    ids, by_id = ids.sort(-1)
+    return values.gather(-1, by_id), ids
+
+
+def sparse_truncation(
+    logits: Tensor, forbidden_ids: Sequence[int], top_k: int, top_p: float = 1.0, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """p_theta(x0 | x_t) after SUBS, temperature, top-k (0 < top_k < V) and then top-p, on the
+    kept entries only: (probs [N, K] float32, ids [N, K] ascending)."""
+    values, ids = _top_k_entries(logits, forbidden_ids, top_k, temperature)
+    if top_p < 1.0:
+        values = _top_p_mask(values, top_p)
+    return torch.softmax(values, dim=-1), ids
+
+
 def truncated_probs(
     logits: Tensor, forbidden_ids: Sequence[int], top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0
 ) -> Tensor:
     """p_theta(x0 | x_t) after SUBS, temperature, top-k and top-p. [N, V] float32.
 
+    Under top-k these are `sparse_truncation`'s numbers scattered into zeros, bit for bit.
     Probabilities are accurate to float32 (1e-7 relative); the draws that use them accumulate
     their CDF in float64 (`draw_categorical`), which is what keeps tails from being cut off.
     """
-    logits = logits.float() / temperature
-    if forbidden_ids:
-        logits = logits.index_fill(-1, torch.as_tensor(list(forbidden_ids), device=logits.device), float("-inf"))
     if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [N, 1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs, ids = sparse_truncation(logits, forbidden_ids, top_k, top_p, temperature)  # [N, K] each
+        return torch.zeros(logits.shape, dtype=torch.float32, device=logits.device).scatter_(-1, ids, probs)
+    logits = _scaled_logits(logits, forbidden_ids, temperature)
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
-        drop_sorted = cum - torch.softmax(sorted_logits, -1) >= top_p  # keep the token that crosses p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = _top_p_mask(logits, top_p)
     return torch.softmax(logits, dim=-1)
 
 
+def truncate(
+    logits: Tensor,
+    forbidden_ids: Sequence[int],
+    top_k: int,
+    top_p: float,
+    temperature: float,
+    sparse: bool = True,
+) -> Kept:
+    """Truncated p_theta(x0 | x_t) of one forward, on the host: sparse under top-k (unless
+    `sparse` is False), dense otherwise. [N, K]"""
+    if sparse and 0 < top_k < logits.shape[-1]:
+        probs, ids = sparse_truncation(logits, forbidden_ids, top_k, top_p, temperature)
+        return Kept(probs.cpu(), ids.cpu())
+    return Kept(truncated_probs(logits, forbidden_ids, top_k, top_p, temperature).cpu())
+
+
 def draw_categorical(weights: Tensor, uniforms: Tensor) -> Tensor:
-    """Inverse-CDF draw from unnormalised weights [N, V] with float64 uniforms [N]; the CDF is
-    accumulated in float64. [N]"""
+    """Inverse-CDF draw from unnormalised weights [N, K] with float64 uniforms [N]; the CDF is
+    accumulated in float64, left to right, so zero weights between two entries change nothing.
+    The column drawn. [N]"""
     cdf = weights.double().cumsum(-1)
     target = uniforms * cdf[:, -1]
     index = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)
     return index.clamp_max(weights.shape[-1] - 1)
 
 
-def reveal_chance(probs: Tensor, b_idx: Tensor, l_idx: Tensor, reveal: Tensor, chunk: int = 512) -> Tensor:
-    """sum_v p(v) a(v) at the masked positions (b_idx, l_idx), accumulated in float64. [M]
+def draw_token(rows: Kept, uniforms: Tensor, reveal: Tensor | None = None) -> Tensor:
+    """A token per row [M] from p(v), or from p(v) a(v) given a per-id `reveal` [V]. [M] ids"""
+    weights = rows.probs.double()  # [M, K]
+    if reveal is not None:
+        reveal_at = rows.at_entries(reveal)  # [M, K] (dense: [V])
+        weights = weights * reveal_at
+    return rows.vocab_ids(draw_categorical(weights, uniforms))
+
+
+def reveal_chance(table: Kept, b_idx: Tensor, l_idx: Tensor, reveal: Tensor, chunk: int = 512) -> Tensor:
+    """sum_v p(v) a(v) at the masked positions (b_idx, l_idx) of a [B, L, K] table, accumulated
+    in float64. [M]
 
     In float32 a sum over 30,522 ids is off by ~5e-6: a chance that must be 1 comes out below
     it, and a position can stay masked when it must be revealed. Chunks of `chunk` positions
-    bound the float64 copy at chunk * V * 8 bytes.
+    bound the float64 copy at chunk * K * 8 bytes.
     """
     reveal = reveal.to(torch.float64)
     out = torch.empty(len(b_idx), dtype=torch.float64)
     for start in range(0, len(b_idx), chunk):
-        rows = probs[b_idx[start : start + chunk], l_idx[start : start + chunk]].double()  # [c, V]
-        out[start : start + chunk] = rows @ reveal
+        rows = table.at(b_idx[start : start + chunk], l_idx[start : start + chunk])  # [c, K]
+        p = rows.probs.double()
+        out[start : start + chunk] = p @ reveal if rows.ids is None else (p * rows.at_entries(reveal)).sum(-1)
     return out.clamp_(0.0, 1.0)
 
 
+def _timed_forward(denoiser: Denoiser, x: Tensor, attn: Tensor, s_frac: Tensor, sel: Tensor) -> tuple[Tensor, float]:
+    """The denoiser's logits [N, V] and its wall seconds. On an accelerator it waits for the
+    result: otherwise the seconds count the launch only, and the copy down after truncation
+    absorbs the forward (a sampler would look like all overhead)."""
+    tick = time.perf_counter()
+    logits = denoiser(x, attn, s_frac, sel)
+    if logits.is_cuda:
+        torch.cuda.synchronize(logits.device)
+    return logits, time.perf_counter() - tick
+
+
 class _Predictions:
-    """p_theta(x0 | x_t) after truncation at every masked position, [B, L, V] float32 on the host.
+    """Truncated p_theta(x0 | x_t) at every masked position: a [B, L, K] `Kept` table on the host.
 
     `refresh` calls the denoiser on the rows that need it: every row with a [MASK] left, or, with
     `cache` (exact only for a time-agnostic denoiser), only the rows changed since their last call.
@@ -110,12 +264,12 @@ class _Predictions:
         self.denoiser, self.cache, self.device = denoiser, cache, device
         self.forbidden = special.forbidden_outputs
         self.truncation = (top_k, top_p, temperature)
-        self.probs: Tensor | None = None  # [B, L, V]; valid where masked
+        self.table: Kept | None = None  # [B, L, K]; valid where masked
         self.stale: Tensor | None = None  # [B] rows whose cached output is out of date
         self.row_calls: Tensor | None = None  # [B]
         self.calls, self.model_seconds = 0, 0.0
 
-    def refresh(self, x: Tensor, attn: Tensor, masked: Tensor, s_value: float) -> Tensor:
+    def refresh(self, x: Tensor, attn: Tensor, masked: Tensor, s_value: float) -> Kept:
         batch, width = x.shape
         if self.stale is None:
             self.stale = torch.ones(batch, dtype=torch.bool)
@@ -126,20 +280,30 @@ class _Predictions:
             rows = need.nonzero(as_tuple=True)[0]
             s_frac = torch.full((len(rows),), s_value, dtype=torch.float32, device=self.device)
             sel = masked[rows].to(self.device)
-            tick = time.perf_counter()
-            logits = self.denoiser(x[rows].to(self.device), attn[rows].to(self.device), s_frac, sel)  # [N, V]
-            self.model_seconds += time.perf_counter() - tick
+            logits, seconds = _timed_forward(
+                self.denoiser, x[rows].to(self.device), attn[rows].to(self.device), s_frac, sel
+            )  # [N, V]
+            self.model_seconds += seconds
             self.calls += 1
             self.row_calls[rows] += 1
-            # Truncation runs where the logits are; one [N, V] copy to the CPU bookkeeping per call.
-            p = truncated_probs(logits, self.forbidden, *self.truncation).cpu()  # [N, V] fp32
-            if self.probs is None:
-                self.probs = torch.zeros(batch, width, p.shape[-1], dtype=torch.float32)
+            # Truncation runs where the logits are; one [N, K] copy to the CPU bookkeeping per call.
+            kept = truncate(logits, self.forbidden, *self.truncation, sparse=_SPARSE_TOP_K)  # [N, K]
             sel_b, sel_l = masked[rows].nonzero(as_tuple=True)  # = sel, without a device -> host copy
-            self.probs[rows[sel_b], sel_l] = p  # in place, row-major like the model's output
+            self._store(rows[sel_b], sel_l, kept, batch, width)
             self.stale[rows] = False
-        assert self.probs is not None  # every row is stale at the first step
-        return self.probs
+        assert self.table is not None  # every row is stale at the first step
+        return self.table
+
+    def _store(self, b_idx: Tensor, l_idx: Tensor, kept: Kept, batch: int, width: int) -> None:
+        """Write kept [N, K] at positions (b_idx, l_idx) [N] of the [B, L, K'] table, padding the
+        narrower of the two with zero-probability entries (K differs only after a top-k tie)."""
+        k = kept.probs.shape[-1]
+        if self.table is None:
+            ids = None if kept.ids is None else torch.zeros(batch, width, k, dtype=torch.long)
+            self.table = Kept(torch.zeros(batch, width, k, dtype=torch.float32), ids)
+        if self.table.probs.shape[-1] < k:
+            self.table = _pad(self.table, k)
+        self.table.put(b_idx, l_idx, _pad(kept, self.table.probs.shape[-1]))
 
     def changed(self, rows: Tensor) -> None:
         """Rows that had a position revealed: their cached output is out of date."""
@@ -148,6 +312,18 @@ class _Predictions:
 
     def counts(self, batch: int) -> Tensor:
         return self.row_calls if self.row_calls is not None else torch.zeros(batch, dtype=torch.long)
+
+
+def _pad(kept: Kept, k: int) -> Kept:
+    """Sparse entries [.., K] -> [.., k] (k >= K) by zero-probability entries at id 0."""
+    extra = k - kept.probs.shape[-1]
+    if extra == 0 or kept.ids is None:
+        return kept
+    shape = (*kept.probs.shape[:-1], extra)
+    return Kept(
+        torch.cat([kept.probs, kept.probs.new_zeros(shape)], -1),
+        torch.cat([kept.ids, kept.ids.new_zeros(shape)], -1),
+    )
 
 
 def _check_grid(schedule: Schedule, grid: Sequence[int]) -> None:
@@ -223,21 +399,19 @@ def ancestral_sample(
             decoded = free & ~masked  # generated before this step: each may go back to [MASK]
             sent_back = decoded & (u_remask < (sigma[x] if sigma.shape[0] > 1 else sigma))
         if masked.any():
-            probs = predictions.refresh(x, attn, masked, t_step / T)
+            table = predictions.refresh(x, attn, masked, t_step / T)  # [B, L, K]
             b_idx, l_idx = masked.nonzero(as_tuple=True)  # [M]
             if s_step == 0:  # alpha_0 = 1: a(v) = 1 for every v, so every [MASK] is revealed now
                 chance = torch.ones(len(b_idx), dtype=torch.float64)
             elif reveal.shape[-1] == 1:
                 chance = reveal.expand(len(b_idx))  # sum_v p(v) a = a
             else:
-                chance = reveal_chance(probs, b_idx, l_idx, reveal)  # sum_v p(v) a(v), float64
+                chance = reveal_chance(table, b_idx, l_idx, reveal)  # sum_v p(v) a(v), float64
             hit = u_reveal[b_idx, l_idx] < chance
             if hit.any():
                 hb, hl = b_idx[hit], l_idx[hit]
-                weights = probs[hb, hl].double()  # [H, V]
-                if reveal.shape[-1] != 1:
-                    weights = weights * reveal[None, :]
-                x[hb, hl] = draw_categorical(weights, u_token[hb, hl])
+                per_id = reveal if reveal.shape[-1] != 1 else None  # p(v) a(v), or p(v) when a is one number
+                x[hb, hl] = draw_token(table.at(hb, hl), u_token[hb, hl], per_id)
                 masked[hb, hl] = False
                 predictions.changed(hb)
         if sent_back is not None and sent_back.any():
@@ -322,13 +496,12 @@ def gibbs_sample(
             sel = torch.zeros_like(x, dtype=torch.bool)
             sel[rows, pos] = True
             s_frac = torch.ones(batch, dtype=torch.float32, device=device)
-            tick = time.perf_counter()
-            logits = denoiser(x.to(device), attn.to(device), s_frac, sel.to(device))  # [B, V]
-            model_seconds += time.perf_counter() - tick
+            logits, seconds = _timed_forward(denoiser, x.to(device), attn.to(device), s_frac, sel.to(device))  # [B, V]
+            model_seconds += seconds
             calls += 1
-            p = truncated_probs(logits, forbidden, top_k, top_p, temperature).cpu()  # [B, V] fp32
+            kept = truncate(logits, forbidden, top_k, top_p, temperature, sparse=_SPARSE_TOP_K)  # [B, K]
             u = torch.rand(batch, generator=gen, dtype=torch.float64)
-            x[rows, pos] = draw_categorical(p, u)
+            x[rows, pos] = draw_token(kept, u)
     return SampleOutput(x, attn, calls, torch.full((batch,), calls), time.perf_counter() - start, model_seconds)
 
 
@@ -337,12 +510,14 @@ CONFIDENCE_SCORES = ("prob", "margin", "entropy")
 
 def confidence(probs: Tensor, drawn: Tensor, score: str) -> Tensor:
     """How sure the model is at each position, higher = surer: the drawn token's probability,
-    the gap between the two most likely tokens, or minus the entropy. probs [M, V], drawn [M] -> [M]"""
+    the gap between the two most likely tokens, or minus the entropy. probs [M, K] (dense rows,
+    or the kept entries: the other ids have probability 0), drawn [M] columns of probs -> [M]"""
     if score == "prob":
         return probs.gather(1, drawn[:, None]).squeeze(1).double()
     if score == "margin":
-        top2 = probs.topk(2, dim=-1).values.double()  # [M, 2]
-        return top2[:, 0] - top2[:, 1]
+        top2 = probs.topk(min(2, probs.shape[-1]), dim=-1).values.double()  # [M, 2] ([M, 1] when top_k = 1)
+        second = top2[:, 1] if top2.shape[-1] == 2 else torch.zeros_like(top2[:, 0])
+        return top2[:, 0] - second
     if score == "entropy":
         p = probs.double()
         return (p * p.clamp_min(1e-300).log()).sum(-1)  # -H(p)
@@ -411,7 +586,7 @@ def confidence_sample(
         if not masked.any():
             trace.append(0)
             continue
-        probs = predictions.refresh(x, attn, masked, t_step / T)
+        table = predictions.refresh(x, attn, masked, t_step / T)  # [B, L, K]
         b_idx, l_idx = masked.nonzero(as_tuple=True)  # [M]
         t = torch.full((1,), float(t_step), dtype=torch.float64)
         s = torch.full((1,), float(s_step), dtype=torch.float64)
@@ -419,11 +594,13 @@ def confidence_sample(
         if reveal.shape[-1] == 1:
             chance = reveal.expand(len(b_idx))
         else:
-            chance = reveal_chance(probs, b_idx, l_idx, reveal)
+            chance = reveal_chance(table, b_idx, l_idx, reveal)
         expected = torch.zeros(batch, dtype=torch.float64).index_add_(0, b_idx, chance)  # [B]
         counts = reveal_counts(masked.sum(1), expected, owed, last_step=s_step == 0)  # [B]
-        drawn = draw_categorical(probs[b_idx, l_idx].double(), u_token[b_idx, l_idx])  # [M]
-        sure = confidence(probs[b_idx, l_idx], drawn, score)  # [M]
+        rows = table.at(b_idx, l_idx)  # [M, K]
+        column = draw_categorical(rows.probs, u_token[b_idx, l_idx])  # [M]
+        drawn = rows.vocab_ids(column)  # [M]
+        sure = confidence(rows.probs, column, score)  # [M]
         scores = torch.full((batch, width), float("-inf"), dtype=torch.float64)
         scores[b_idx, l_idx] = sure
         # Rank each row's masked positions by confidence (ties by position) and keep the top counts[b].
