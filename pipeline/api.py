@@ -11,7 +11,7 @@ longer than the model's window are written block by block (semi-autoregressive).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,23 +52,14 @@ class DiffusionBert:
         return f"DiffusionBert({self.source!r}, schedule={self.schedule.describe()['schedule']}, time={design})"
 
     def _sample(self, templates=None, lengths=None, **options: Any) -> Generation:
-        opts = SamplingOptions(**options)
         return generate(
             self.model,
             self.tokenizer,
             self.schedule,
             templates=templates,
             lengths=lengths,
-            steps=opts.steps,
-            sampler=opts.sampler,
-            top_k=opts.top_k,
-            top_p=opts.top_p,
-            temperature=opts.temperature,
-            seed=opts.seed,
-            confidence_score=opts.confidence_score,
-            remdm_eta=opts.remdm_eta,
-            gibbs_sweeps=opts.gibbs_sweeps,
             device=self.model.device,
+            **asdict(SamplingOptions(**options)),  # its fields are generate's keywords
         )
 
     @property
@@ -106,7 +97,6 @@ class DiffusionBert:
     def _blocks(self, prompt: list[int], num: int, length: int, block: int | None, **options: Any) -> list[str]:
         from pipeline.eval.blocks import generate_blocks
 
-        opts = SamplingOptions(**options)
         return generate_blocks(
             self.model,
             self.tokenizer,
@@ -115,16 +105,8 @@ class DiffusionBert:
             length=length,
             block=block or max(1, self.window // 2),
             prompt=prompt,
-            steps=opts.steps,
-            sampler=opts.sampler,
-            top_k=opts.top_k,
-            top_p=opts.top_p,
-            temperature=opts.temperature,
-            seed=opts.seed,
-            confidence_score=opts.confidence_score,
-            remdm_eta=opts.remdm_eta,
-            gibbs_sweeps=opts.gibbs_sweeps,
             device=self.model.device,
+            **asdict(SamplingOptions(**options)),  # its fields are generate's keywords
         ).texts
 
     def infill(self, templates: str | list[str], num: int = 1, **options: Any) -> list[str]:
