@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.data.batching import pack_sequences, pad_batch
+from pipeline.data.batching import pack_sequences, pad_batch, sorted_batches
 from pipeline.data.tokenize import TokenizedSplit
 from pipeline.diffusion.forward import Denoiser, SpecialIds
 from pipeline.diffusion.loss import sequence_bound
@@ -74,11 +74,11 @@ def bound_per_sequence(
     grid = grid_for_steps(schedule.num_timesteps, num_steps)
     generator = torch.Generator().manual_seed(seed)
     out = np.zeros(len(split), dtype=np.float64)
-    for start in range(0, len(split), batch_size):
-        index = range(start, min(start + batch_size, len(split)))
+    lengths = [len(split[i]) for i in range(len(split))]
+    for index in sorted_batches(lengths, batch_size):  # near-equal lengths: half the padding
         ids, attn = pad_batch([split[i] for i in index], special.pad)
         nll = sequence_bound(denoiser, ids.to(device), attn.to(device), schedule, special, grid, generator)
-        out[start : start + len(index)] = nll.numpy()
+        out[index] = nll.numpy()
         if progress is not None:
             progress(len(index))
     return out

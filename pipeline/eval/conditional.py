@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.data.batching import pad_batch
+from pipeline.data.batching import pad_batch, sorted_batches
 from pipeline.data.tokenize import TokenizedSplit
 from pipeline.diffusion.forward import Denoiser, SpecialIds
 from pipeline.diffusion.loss import sequence_bound
@@ -107,8 +107,7 @@ def conditional_bound(
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
         total = 0.0
-        for start in range(0, len(tasks.index), batch_size):
-            rows = range(start, min(start + batch_size, len(tasks.index)))
+        for rows in sorted_batches(content, batch_size):  # near-equal lengths: half the padding
             ids, attn = pad_batch([split[tasks.index[r]] for r in rows], special.pad)
             hidden = torch.zeros_like(ids, dtype=torch.bool)
             for b, r in enumerate(rows):

@@ -9,6 +9,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from pipeline.data.batching import sorted_batches
 from pipeline.diffusion.canvas import template_canvas
 from pipeline.diffusion.forward import SpecialIds
 from pipeline.diffusion.samplers import (
@@ -88,13 +89,14 @@ def generate(
     requests: list[Sequence[int | None]] = (
         list(templates) if templates is not None else [[None] * int(n) for n in lengths or []]
     )
-    texts: list[str] = []
-    spans: list[list[str]] = []
-    content_ids: list[list[int]] = []
+    texts: list[str] = [""] * len(requests)
+    spans: list[list[str]] = [[] for _ in requests]
+    content_ids: list[list[int]] = [[] for _ in requests]
     calls, row_calls, seconds, model_seconds = 0, 0, 0.0, 0.0
-    for start in range(0, len(requests), batch_size):
-        chunk = requests[start : start + batch_size]
-        chunk_seed = seed * 1_000_003 + start
+    # Batches of near-equal length (half the padded positions); results go back in request order.
+    for number, order in enumerate(sorted_batches([len(r) for r in requests], batch_size)):
+        chunk = [requests[i] for i in order]
+        chunk_seed = seed * 1_000_003 + number * batch_size
         chunk_lengths = [len(t) for t in chunk] if templates is None else None
         canvas = None if templates is None else template_canvas(chunk, special, cls_id, sep_id)
         if sampler == "gibbs":
@@ -134,11 +136,10 @@ def generate(
                 seed=chunk_seed,
                 device=device,
             )
-        texts.extend(decode(out.tokens, tokenizer))
-        for row, template in enumerate(chunk):
+        for row, (index, text, template) in enumerate(zip(order, decode(out.tokens, tokenizer), chunk)):
             content = out.tokens[row, 1 : len(template) + 1]
-            content_ids.append(content.tolist())
-            spans.append([decode(content[None, a:b], tokenizer)[0] for a, b in generated_spans(template)])
+            texts[index], content_ids[index] = text, content.tolist()
+            spans[index] = [decode(content[None, a:b], tokenizer)[0] for a, b in generated_spans(template)]
         calls += out.model_calls
         row_calls += int(out.row_calls.sum())
         seconds += out.seconds
