@@ -55,7 +55,7 @@ SCHEDULE_ROWS := [dbert_linear_tad,dbert_spindle_tad,dbert_power_tad,mdlm_loglin
 schedules: $(STAMP)
 	test -d .dvc || $(BIN)/dvc init -q
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro token_stats
-	$(BIN)/dbert ablation --set ablation.out=outputs/schedules --set ablation.rows=$(SCHEDULE_ROWS) --set ablation.repeat_rows=$(SCHEDULE_ROWS) --set ablation.seeds=[0,1,2] --set ablation.train_steps=2000 --set ablation.detail_rows=[] --set evaluate.num_sequences=1024 --set diffusion.spindle_lambda=0.318
+	$(BIN)/dbert ablation --set ablation.out=outputs/schedules --set ablation.rows=$(SCHEDULE_ROWS) --set ablation.repeat_rows=$(SCHEDULE_ROWS) --set ablation.seeds=[0,1,2] --set ablation.train_steps=2000 --set ablation.detail_rows=[] --set ablation.num_sequences=1024 --set diffusion.spindle_lambda=0.318
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -136,7 +136,7 @@ class EvalParams(_Group):
     """`evaluate` stage: the bound on the test split and generation quality (PAPER §7)."""
 
     full: bool = False
-    num_sequences: int = Field(256, ge=1)
+    num_sequences: int = Field(128, ge=1)
     batch_size: int = Field(32, ge=1)
     bound_steps: int = Field(32, ge=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
@@ -153,8 +153,10 @@ class EvalParams(_Group):
     table_samples: int = Field(32, ge=2)
     qd_top_k: list[int] = Field(default_factory=lambda: [1, 3, 10, 30, 0])  # 0 = no truncation
     qd_samples: int = Field(32, ge=2)
-    # The samplers stage's rows: each at every table_steps (gibbs once).
+    # The samplers stage's rows: the ancestral sampler at every table_steps (the steps table's own
+    # samples), the others at every compare_steps (gibbs once: its cost is sweeps, not steps).
     compare_samplers: list[SamplerName] = Field(default_factory=_every_sampler)
+    compare_steps: list[int] = Field(default_factory=lambda: [16, 128])
     # ancestral: the model's chain; remdm: ancestral + ReMDM remasking; confidence: MaskGIT/LLaDA
     # confidence-ordered unmasking; gibbs: BERT-Mouth. Only ancestral is the model's chain.
     sampler: SamplerName = "ancestral"
@@ -162,7 +164,7 @@ class EvalParams(_Group):
     remdm_eta: float = Field(0.04, ge=0.0, le=1.0)  # ReMDM-cap's remasking budget
     gibbs_sweeps: int = Field(2, ge=1)
     precision: Precision = "auto"
-    compare_init: bool = True  # also bound the untrained initial model (seed 0) for comparison
+    compare_init: bool = False  # also bound the untrained initial model (seed 0) for comparison
     # Prefix completion and infilling on this many test sentences (conditional bound with the
     # first seed, and span fills with the sample settings); 0 = off.
     conditional_sequences: int = Field(128, ge=0)
@@ -214,6 +216,10 @@ class AblationParams(_Group):
     )  # also get the steps table and the top-k curve
     table_sequences: int = Field(128, ge=1)  # test sentences per steps-table bound (detail rows)
     detail_samples: int = Field(64, ge=2)  # samples per steps-table row and top-k point (detail rows)
+    # The ablation's own evaluation size (every row): the default run scores fewer sentences to stay
+    # fast, while the rows keep the protocol they were measured with.
+    num_sequences: int = Field(256, ge=1)  # test sentences each row's bound scores
+    num_samples: int = Field(128, ge=2)  # samples for BLEU (and as many for Self-BLEU) per row
     # Where the rows, the state and the report go: another folder keeps a second experiment (the
     # schedule experiment: `make schedules`) apart from the paper's table.
     out: str = "outputs/ablation"

@@ -165,7 +165,8 @@ def evaluate_command(
         samplers,
         "Compare the samplers on the trained model: the steps table (bound of each k-step chain, samples with k "
         "steps), BLEU vs Self-BLEU over top-k, and every sampler of evaluate.compare_samplers at every "
-        "evaluate.table_steps (quality, diversity, model calls and seconds per sample).",
+        "evaluate.compare_steps (quality, diversity, model calls and seconds per sample; the ancestral sampler at "
+        "every evaluate.table_steps).",
         "--model compares another export directory instead of models/final. Only the ancestral sampler is the "
         "model's chain; the table marks it.",
     ),

@@ -28,6 +28,7 @@ PARAMS = (
     "evaluate.qd_top_k",
     "evaluate.qd_samples",
     "evaluate.compare_samplers",
+    "evaluate.compare_steps",
     "evaluate.sample_steps",
     "evaluate.sample_length",
     "evaluate.sample_seed",

@@ -38,9 +38,13 @@ def test_every_paper_row_is_a_valid_configuration_that_changes_only_its_columns(
             "evaluate.table_sequences",
             "evaluate.table_samples",
             "evaluate.qd_samples",
+            "evaluate.num_sequences",
+            "evaluate.num_samples",
         }
         assert changed <= allowed, (name, changed - allowed)
         assert params.train.steps == base.ablation.train_steps
+        assert params.evaluate.num_sequences == base.ablation.num_sequences  # the rows' own protocol
+        assert params.evaluate.num_samples == base.ablation.num_samples
 
 
 def test_the_rows_set_what_the_paper_table_names():

@@ -199,6 +199,7 @@ NEUTRAL_DEFAULTS = {
     ("evaluate", "confidence_score"): "prob",  # read only by the confidence sampler
     ("evaluate", "remdm_eta"): 0.04,  # read only by the remdm sampler
     ("evaluate", "compare_samplers"): ["ancestral", "remdm", "confidence", "gibbs"],  # the samplers stage's
+    ("evaluate", "compare_steps"): [16, 128],  # the samplers stage's
     ("evaluate", "conditional_sequences"): 128,  # adds the conditional numbers, changes none of the others
     ("evaluate", "judge"): "",  # adds the judge's numbers, changes none of the others
     ("tracking", "registered_model"): "diffusion-bert",  # where the model is registered, not what it computes
@@ -232,6 +233,8 @@ def row_params(base: Params, row: RowSpec, seed: int) -> Params:
         "train.steps": ab.train_steps,
         "train.seed": seed,
         "evaluate.compare_init": False,
+        "evaluate.num_sequences": ab.num_sequences,
+        "evaluate.num_samples": ab.num_samples,
         **row.overrides,
     }
     if row.name in ab.detail_rows and seed == ab.seeds[0]:

@@ -21,8 +21,8 @@ def markdown_table(report: dict) -> str:
         f"precision {s.get('precision', '?')})",
         "",
         f"Each sampler row: {s.get('table_samples', '?')} samples for BLEU-4 (against the test references) and "
-        f"{s.get('table_samples', '?')} more for Self-BLEU, top-k {s.get('top_k', '?')}; seconds and model calls "
-        "per sample. Only samplers marked *chain* draw from the model's own reverse chain, so only they are "
+        f"{s.get('table_samples', '?')} more for Self-BLEU, top-k {s.get('top_k', '?')} (the ancestral rows are "
+        "the steps table's samples); seconds and model calls per sample. Only samplers marked *chain* draw from the model's own reverse chain, so only they are "
         "described by the bound; ReMDM (eta "
         f"{s.get('remdm_eta', '?')}), confidence-ordered ({s.get('confidence_score', '?')}) and Gibbs "
         "(BERT-Mouth) are not.",
@@ -41,7 +41,8 @@ def markdown_table(report: dict) -> str:
     if table:
         lines += [
             "",
-            f"Bound of the k-step chain (first {s.get('table_sequences', '?')} test sentences; mean over seeds):",
+            f"Bound of the k-step chain (first {s.get('table_sequences', '?')} test sentences; "
+            f"chain seed {', '.join(map(str, table[0].get('seeds', ['?'])))}):",
             "",
             "| steps | PPL bound / WordPiece | PPL bound / word |",
             "|---|---|---|",
