@@ -153,7 +153,7 @@ MUTATIONS = [
             Edit(
                 SAMPLERS,
                 "# sum_v p(v) a(v), float64",
-                "rows = table.at(b_idx, l_idx); chance = (rows.probs * rows.at_entries(reveal.float())).sum(-1).double()  # MUTANT",
+                "rows = table.at(b_idx, l_idx); chance = (rows.probs @ reveal.to(rows.probs.dtype)).double()  # MUTANT",
                 line=True,
             ),
         ),
