@@ -9,6 +9,7 @@ samplers' rows (ReMDM, confidence-ordered, Gibbs) report quality, diversity and 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,98 +29,97 @@ from pipeline.model.precision import resolve_precision
 from pipeline.vocab import ProgressCallback
 
 
-def _samples_quality(
-    model,
-    tokenizer,
-    schedule,
-    denoise,
-    histogram,
-    references,
-    params: Params,
-    *,
-    n: int,
-    steps: int,
-    top_k: int,
-    seed: int,
-    sampler: str | None = None,
-    memo: dict | None = None,
-) -> dict:
-    """BLEU / Self-BLEU of two disjoint sets of n samples from `sampler` (default: the evaluate
-    stage's), and their cost. With `memo`, rows of one comparison that ask for the same samples
-    (sampler, steps, top-k, n, seed) share one draw: the steps table's rows are the ancestral
-    sampler's rows, and its `sample_steps` row is the curve's point at `evaluate.top_k`."""
-    ev = params.evaluate
-    key = (sampler or ev.sampler, steps, top_k, n, seed)
-    if memo is not None and key in memo:
-        return dict(memo[key])
-    lengths = fixed_or_sampled_lengths(2 * n, ev.sample_length, histogram, seed)
-    gen = generate(
-        model,
-        tokenizer,
-        schedule,
-        lengths=lengths,
-        steps=steps,
-        top_k=top_k,
-        top_p=ev.top_p,
-        temperature=ev.temperature,
-        seed=seed,
-        batch_size=ev.batch_size,
-        denoiser=denoise,
-        sampler=sampler or ev.sampler,
-        gibbs_sweeps=ev.gibbs_sweeps,
-        confidence_score=ev.confidence_score,
-        remdm_eta=ev.remdm_eta,
-    )
-    quality = generation_metrics(gen.texts[:n], references, self_bleu_samples=gen.texts[n:])
-    kept = (
-        "bleu",
-        "bleu_measured",
-        "bleu_p4",
-        "self_bleu",
-        "self_bleu_measured",
-        "self_bleu_p4",
-        "unigram_entropy_bits",
-        "num_references",
-    )
-    row = {
-        **{k: quality[k] for k in kept},
-        "model_calls_per_sample": gen.row_calls / len(lengths),
-        "seconds_per_sample": gen.seconds / len(lengths),
-        "num_samples": n,
-    }
-    if memo is not None:
-        memo[key] = dict(row)
-    return row
+@dataclass
+class Comparison:
+    """What every part of the comparison reads: the model, the test data and params, and the
+    sample sets drawn so far (`memo`): rows that ask for the same samples (sampler, steps,
+    top-k, n) share one draw, so the steps table's rows are the ancestral sampler's rows and its
+    `sample_steps` row is the curve's point at `evaluate.top_k`."""
+
+    model: Any
+    tokenizer: Any
+    schedule: Any
+    special: SpecialIds
+    denoise: Any
+    test: TokenizedSplit
+    histogram: np.ndarray
+    references: list[str]
+    params: Params
+    memo: dict = field(default_factory=dict)
+
+    def samples_quality(self, *, n: int, steps: int, top_k: int, sampler: str | None = None) -> dict:
+        """BLEU / Self-BLEU of two disjoint sets of n samples from `sampler` (default: the
+        evaluate stage's), and their cost. One sample seed for every row (`sample_seed + 1`)."""
+        ev = self.params.evaluate
+        sampler = sampler or ev.sampler
+        key = (sampler, steps, top_k, n)
+        if key not in self.memo:
+            self.memo[key] = self._draw(n=n, steps=steps, top_k=top_k, sampler=sampler)
+        return dict(self.memo[key])
+
+    def _draw(self, *, n: int, steps: int, top_k: int, sampler: str) -> dict:
+        ev = self.params.evaluate
+        seed = ev.sample_seed + 1
+        lengths = fixed_or_sampled_lengths(2 * n, ev.sample_length, self.histogram, seed)
+        gen = generate(
+            self.model,
+            self.tokenizer,
+            self.schedule,
+            lengths=lengths,
+            steps=steps,
+            top_k=top_k,
+            top_p=ev.top_p,
+            temperature=ev.temperature,
+            seed=seed,
+            batch_size=ev.batch_size,
+            denoiser=self.denoise,
+            sampler=sampler,
+            gibbs_sweeps=ev.gibbs_sweeps,
+            confidence_score=ev.confidence_score,
+            remdm_eta=ev.remdm_eta,
+        )
+        quality = generation_metrics(gen.texts[:n], self.references, self_bleu_samples=gen.texts[n:])
+        return {
+            **{k: quality[k] for k in _KEPT},
+            "model_calls_per_sample": gen.row_calls / len(lengths),
+            "seconds_per_sample": gen.seconds / len(lengths),
+            "num_samples": n,
+        }
 
 
-def steps_quality_table(
-    *,
-    model,
-    tokenizer,
-    schedule,
-    special,
-    denoise,
-    test,
-    histogram,
-    references,
-    params: Params,
-    memo=None,
-    progress=None,
-) -> list[dict]:
+_KEPT = (
+    "bleu",
+    "bleu_measured",
+    "bleu_p4",
+    "self_bleu",
+    "self_bleu_measured",
+    "self_bleu_p4",
+    "unigram_entropy_bits",
+    "num_references",
+)
+
+
+def steps_quality_table(ctx: Comparison, progress=None) -> list[dict]:
     """PAPER Table 3 at this scale: for each number of reverse steps, the bound of that step
     chain (first `table_sequences` test sentences, the first of `evaluate.seeds`: the 128-step
     chain is most of this stage's cost, and its spread over seeds is the evaluate stage's to
     report) and the quality, calls and time of samples drawn with the same steps."""
-    ev = params.evaluate
-    subset, _ = scored_text(params, test.head(ev.table_sequences))
+    ev = ctx.params.evaluate
+    subset, _ = scored_text(ctx.params, ctx.test.head(ev.table_sequences))
     rows = []
     for steps in ev.table_steps:
         with torch.no_grad():
             bound = perplexity_bound(
-                denoise, subset, schedule, special, num_steps=steps, seeds=tuple(ev.seeds[:1]), batch_size=ev.batch_size
+                ctx.denoise,
+                subset,
+                ctx.schedule,
+                ctx.special,
+                num_steps=steps,
+                seeds=tuple(ev.seeds[:1]),
+                batch_size=ev.batch_size,
             )
         row = {
-            "steps": min(steps, schedule.num_timesteps),
+            "steps": min(steps, ctx.schedule.num_timesteps),
             "ppl_token": bound["ppl_token_mean"],
             "ppl_token_std": bound["ppl_token_std"],
             "ppl_word": bound["ppl_word_mean"],
@@ -127,115 +127,39 @@ def steps_quality_table(
             "seeds": list(ev.seeds[:1]),
             "bound_sequences": len(subset),
         }
-        row.update(
-            _samples_quality(
-                model,
-                tokenizer,
-                schedule,
-                denoise,
-                histogram,
-                references,
-                params,
-                n=ev.table_samples,
-                steps=steps,
-                top_k=ev.top_k,
-                seed=ev.sample_seed + 1,
-                memo=memo,
-            )
-        )
+        row.update(ctx.samples_quality(n=ev.table_samples, steps=steps, top_k=ev.top_k))
         rows.append(row)
         if progress is not None:
             progress(1)
     return rows
 
 
-def quality_diversity_curve(
-    *,
-    model,
-    tokenizer,
-    schedule,
-    special,
-    denoise,
-    test,
-    histogram,
-    references,
-    params: Params,
-    memo=None,
-    progress=None,
-) -> list[dict]:
+def quality_diversity_curve(ctx: Comparison, progress=None) -> list[dict]:
     """BLEU (quality) against Self-BLEU (diversity) as top-k varies, at `sample_steps` steps."""
-    del special, test
-    ev = params.evaluate
+    ev = ctx.params.evaluate
     points = []
     for top_k in ev.qd_top_k:
-        point = {"top_k": top_k}
-        point.update(
-            _samples_quality(
-                model,
-                tokenizer,
-                schedule,
-                denoise,
-                histogram,
-                references,
-                params,
-                n=ev.qd_samples,
-                steps=ev.sample_steps,
-                top_k=top_k,
-                seed=ev.sample_seed + 1,
-                memo=memo,
-            )
-        )
-        points.append(point)
+        points.append({"top_k": top_k, **ctx.samples_quality(n=ev.qd_samples, steps=ev.sample_steps, top_k=top_k)})
         if progress is not None:
             progress(1)
     return points
 
 
-def sampler_rows(
-    *,
-    model,
-    tokenizer,
-    schedule,
-    special,
-    denoise,
-    test,
-    histogram,
-    references,
-    params: Params,
-    memo=None,
-    progress=None,
-) -> list[dict]:
+def sampler_rows(ctx: Comparison, progress=None) -> list[dict]:
     """Every sampler of `evaluate.compare_samplers`: the ancestral sampler at every
-    `evaluate.table_steps` (the steps table's samples, shared through `memo`), the others at every
-    `evaluate.compare_steps` (Gibbs, whose cost is sweeps not steps, once): quality, diversity,
-    model calls and seconds per sample."""
-    del special, test
-    ev = params.evaluate
+    `evaluate.table_steps` (the steps table's samples, shared through the memo), the others at
+    every `evaluate.compare_steps` (Gibbs, whose cost is sweeps not steps, once): quality,
+    diversity, model calls and seconds per sample."""
+    ev = ctx.params.evaluate
     rows = []
     for sampler in ev.compare_samplers:
         for steps in _steps_of(sampler, ev):
             row: dict[str, Any] = {
                 "sampler": sampler,
-                "steps": None if sampler == "gibbs" else min(steps, schedule.num_timesteps),
+                "steps": None if sampler == "gibbs" else min(steps, ctx.schedule.num_timesteps),
                 "model_chain": sampler in CHAIN_SAMPLERS,
+                **ctx.samples_quality(n=ev.table_samples, steps=steps, top_k=ev.top_k, sampler=sampler),
             }
-            row.update(
-                _samples_quality(
-                    model,
-                    tokenizer,
-                    schedule,
-                    denoise,
-                    histogram,
-                    references,
-                    params,
-                    n=ev.table_samples,
-                    steps=steps,
-                    top_k=ev.top_k,
-                    seed=ev.sample_seed + 1,
-                    memo=memo,
-                    sampler=sampler,
-                )  # fmt: skip
-            )
             rows.append(row)
             if progress is not None:
                 progress(1)
@@ -266,7 +190,7 @@ def compare_samplers(
     precision = resolve_precision(ev.precision, "cpu")
     test = TokenizedSplit.load(layout.prepared / "test")
     test_lines = test_lines_of(layout)
-    extra: dict[str, Any] = dict(
+    ctx = Comparison(
         model=model,
         tokenizer=tokenizer,
         schedule=schedule,
@@ -276,7 +200,6 @@ def compare_samplers(
         histogram=np.load(layout.token_stats / "lengths.npy"),
         references=test_lines[: ev.num_references] if ev.num_references > 0 else test_lines,
         params=params,
-        memo={},  # rows asking for the same samples share one draw
     )
     total = comparison_size(params)
     done = [0]
@@ -287,9 +210,9 @@ def compare_samplers(
             progress("sampler comparison", n, total)
 
     start = time.perf_counter()
-    steps_table = steps_quality_table(**extra, progress=tick)
-    qd_curve = quality_diversity_curve(**extra, progress=tick)
-    samplers = sampler_rows(**extra, progress=tick)
+    steps_table = steps_quality_table(ctx, progress=tick)
+    qd_curve = quality_diversity_curve(ctx, progress=tick)
+    samplers = sampler_rows(ctx, progress=tick)
     return {
         "label": corpus_label(params),
         "leaky": schedule.leaky,
