@@ -37,7 +37,7 @@ def build_report(params: Params, results: list[dict], parent_run_id: str) -> dic
             "training_seeds": ab.seeds,
             "repeat_rows": ab.repeat_rows,
             "evaluation": {
-                **evaluation_settings(params),
+                **_row_evaluation_size(params),
                 "seeds": ev.seeds,
                 "split": "test",
                 "sample_steps": ev.sample_steps,
@@ -53,6 +53,15 @@ def build_report(params: Params, results: list[dict], parent_run_id: str) -> dic
         "claims": check_claims(results),
         "rows": results,
     }
+
+
+def _row_evaluation_size(params: Params) -> dict:
+    """What every row's evaluation scored: the ablation's own size (`row_params`), not the
+    default run's, unless `evaluate.full` asks for the paper-sized one."""
+    settings = evaluation_settings(params)
+    if not params.evaluate.full:
+        settings.update(num_sequences=params.ablation.num_sequences, num_samples=params.ablation.num_samples)
+    return settings
 
 
 def parent_metrics(report: dict) -> dict[str, float]:
