@@ -22,7 +22,7 @@ from pipeline.data.tokenize import TokenizedSplit
 from pipeline.diffusion.forward import SpecialIds
 from pipeline.eval.bound import perplexity_bound
 from pipeline.eval.evaluate import corpus_label, scored_text, test_lines_of, with_precision
-from pipeline.eval.generation import CHAIN_SAMPLERS, fixed_or_sampled_lengths, generate
+from pipeline.eval.generation import CHAIN_SAMPLERS, fixed_or_sampled_lengths, generate, sampler_settings
 from pipeline.eval.metrics import generation_metrics
 from pipeline.model.export import load_exported
 from pipeline.model.precision import resolve_precision
@@ -68,15 +68,10 @@ class Comparison:
             lengths=lengths,
             steps=steps,
             top_k=top_k,
-            top_p=ev.top_p,
-            temperature=ev.temperature,
             seed=seed,
-            batch_size=ev.batch_size,
             denoiser=self.denoise,
             sampler=sampler,
-            gibbs_sweeps=ev.gibbs_sweeps,
-            confidence_score=ev.confidence_score,
-            remdm_eta=ev.remdm_eta,
+            **sampler_settings(ev),
         )
         quality = generation_metrics(gen.texts[:n], self.references, self_bleu_samples=gen.texts[n:])
         return {

@@ -19,7 +19,7 @@ from pipeline.data.stats import length_log_probs
 from pipeline.data.tokenize import TokenizedSplit
 from pipeline.diffusion.forward import SpecialIds
 from pipeline.eval.bound import PackedRows, perplexity_bound
-from pipeline.eval.generation import fixed_or_sampled_lengths, generate
+from pipeline.eval.generation import fixed_or_sampled_lengths, generate, sampler_settings
 from pipeline.eval.judge import judge_metrics
 from pipeline.eval.metrics import TOKENIZATION, generation_metrics
 from pipeline.model.export import load_exported
@@ -101,15 +101,10 @@ def evaluate_model(
         lengths=lengths,
         steps=ev.sample_steps,
         top_k=ev.top_k,
-        top_p=ev.top_p,
-        temperature=ev.temperature,
         seed=ev.sample_seed,
-        batch_size=ev.batch_size,
         denoiser=denoise,
         sampler=ev.sampler,
-        gibbs_sweeps=ev.gibbs_sweeps,
-        confidence_score=ev.confidence_score,
-        remdm_eta=ev.remdm_eta,
+        **sampler_settings(ev),
         progress=tick("generate", 2 * n),
     )
     samples, self_bleu_set = gen.texts[:n], gen.texts[n:]

@@ -149,6 +149,19 @@ def generate(
     return Generation(texts, [len(t) for t in requests], calls, row_calls, seconds, model_seconds, spans, content_ids)
 
 
+def sampler_settings(ev) -> dict:
+    """The `evaluate.*` sampler settings every evaluation draw shares (steps, top-k, seed and
+    sampler vary by caller): keyword arguments of `generate`."""
+    return {
+        "top_p": ev.top_p,
+        "temperature": ev.temperature,
+        "batch_size": ev.batch_size,
+        "gibbs_sweeps": ev.gibbs_sweeps,
+        "confidence_score": ev.confidence_score,
+        "remdm_eta": ev.remdm_eta,
+    }
+
+
 def fixed_or_sampled_lengths(n: int, length: int, histogram: np.ndarray | None, seed: int) -> list[int]:
     """`length` > 0: every sample that long; else draw from the training length histogram."""
     if length > 0:
