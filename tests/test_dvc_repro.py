@@ -147,9 +147,11 @@ def test_repro_runs_each_stage_once_and_params_reach_exactly_their_stages(reprod
     }
     assert {k: status_after(repo, k) for k in expected} == expected
 
-    # A train param reruns train and, through the new model, evaluate and samplers - nothing upstream.
-    experiment = run(repo, "dvc", "exp", "run", "-S", "train.lr=0.0002")
-    assert ran(experiment) == {"train", "evaluate", "samplers"}, experiment.stdout
+    # An experiment reruns only the stage its param reaches (the statuses above say which); the
+    # model's downstream stages follow from their models/final dep, which the dvc.yaml test checks.
+    # (A train param here would retrain and re-evaluate: a minute of this suite for DVC's own logic.)
+    experiment = run(repo, "dvc", "exp", "run", "-S", "evaluate.qd_samples=3")
+    assert ran(experiment) == {"samplers"}, experiment.stdout
     assert "Data and pipelines are up to date" in run(repo, "dvc", "status").stdout
 
     # In a `--temp` copy (under .dvc/tmp/exps) the relative corpus path still resolves against the

@@ -25,8 +25,10 @@ from pipeline.train.ray import faults
 from pipeline.train.ray.driver import run_training
 from pipeline.train.ray.runs import checkpoint_step, last_run
 from pipeline.train.ray.storage import StorageError
-from tests.ray_fixtures import layout, tiny_data, tiny_params  # noqa: F401 (fixtures)
+from pipeline.train.ray.worker import weights_checksum
+from tests.ray_fixtures import checkpoint_model, layout, tiny_data, tiny_params  # noqa: F401 (fixtures)
 from tests.test_mlflow_server import mlflow_server  # noqa: F401 (fixture: a real `dbert mlflow-server`)
+from tests.test_tune import check_tune_outputs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -76,7 +78,7 @@ def _train_worker_nodes(run_name: str | None = None) -> list[str]:
     return [a.node_id for a in actors]
 
 
-def test_a_node_removed_mid_run_resumes_on_the_remaining_and_a_new_node_and_ends_at_the_step_budget(
+def test_a_node_removed_mid_run_resumes_on_the_remaining_and_a_new_node_and_ends_at_the_step_budget_in_sync(
     cluster, layout, tmp_path, monkeypatch
 ):
     storage = tmp_path / "shared-storage"  # one filesystem for all nodes of this machine
@@ -150,8 +152,14 @@ def test_a_node_removed_mid_run_resumes_on_the_remaining_and_a_new_node_and_ends
     # 160 training lines / (8 x 2 workers) = 10 batches an epoch: 14 steps end 4 batches into epoch 1
     assert (progress["epoch"], progress["batch_in_epoch"]) == (1, 4)
 
+    # DDP over gloo across the nodes: the ranks (seeded differently) end with the same weights,
+    # and the checkpoint rank 0 wrote holds those very weights
+    by_rank = result.history[-1]["weights_sha256_by_rank"]
+    assert len(by_rank) == 2 and by_rank[0] == by_rank[1]
+    assert weights_checksum(checkpoint_model(params, layout, result.checkpoint_dir)) == by_rank[0]
 
-def test_two_tune_trials_train_on_different_nodes_and_log_through_an_mlflow_server(
+
+def test_two_tune_trials_train_on_different_nodes_log_through_an_mlflow_server_and_propose_the_best(
     cluster, layout, mlflow_server, monkeypatch
 ):
     from ray.util.state import list_actors
@@ -194,6 +202,7 @@ def test_two_tune_trials_train_on_different_nodes_and_log_through_an_mlflow_serv
     assert client.get_run(parent.info.run_id).data.metrics["best_val_bound"] == pytest.approx(
         outcome.best["best_val_bound"]
     )
+    check_tune_outputs(outcome, layout, client, parent, designs={"none", "embedding"}, steps=4)
 
 
 def test_storage_one_node_cannot_see_is_refused_before_training_starts(cluster, layout, tmp_path):

@@ -25,18 +25,6 @@ def _steps(history: list[dict]) -> list[int]:
     return [int(h["step"]) for h in history]
 
 
-def _checkpoint_model(params, layout, directory):
-    """The model a checkpoint holds, rebuilt the way the driver does."""
-    from pipeline.data.stats import TokenStatistics
-    from pipeline.model.loading import build_model
-    from pipeline.train.checkpoint import load_checkpoint
-    from pipeline.train.loop import build_schedule_for
-
-    model = build_model(params, build_schedule_for(params, TokenStatistics.load(layout.token_stats)))
-    load_checkpoint(directory, model)
-    return model
-
-
 SLOW_POLL_REPLY_S = 3.0
 
 
@@ -108,18 +96,6 @@ def test_local_mode_training_reaches_the_configured_steps_logs_to_mlflow_and_exp
     generation = generate(model, tokenizer, schedule, lengths=[6, 6], steps=4, seed=0)
     assert len(generation.texts) == 2
     assert all(text.strip() for text in generation.texts)
-
-
-def test_two_worker_ddp_over_gloo_finishes_with_identical_models_on_both_ranks(ray_cluster, layout):
-    params = tiny_params("train.steps=4", "train.num_workers=2", "train.cpus_per_worker=1")
-    seen: list[dict] = []
-    outcome = run_training(params, layout, progress=seen.append)
-
-    assert _steps(outcome.history) == _steps(seen) == [1, 2, 4]  # rank 0's reports, through the controller
-    by_rank = outcome.history[-1]["weights_sha256_by_rank"]
-    assert len(by_rank) == 2 and by_rank[0] == by_rank[1]  # ranks start from different seeds
-    # and the checkpoint rank 0 wrote is those very weights
-    assert weights_checksum(_checkpoint_model(params, layout, outcome.checkpoint_dir)) == by_rank[0]
 
 
 def test_a_worker_killed_mid_run_resumes_from_its_checkpoint_and_finishes_at_the_configured_steps(

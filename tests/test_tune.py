@@ -1,18 +1,16 @@
-"""pipeline.tune.driver: the search space from params, and a real 2-trial Ray Tune run over Ray
-Train workers with ASHA, nested MLflow runs in a sqlite store under tmp (no mocks)."""
+"""pipeline.tune: the search space from params, and what a real 2-trial Ray Tune run over Ray Train
+workers with ASHA must leave (`check_tune_outputs`, applied to the multi-node run of
+tests/test_multinode.py: trials on two nodes, nested MLflow runs through a real server)."""
 
 from __future__ import annotations
-
-import csv
 
 import pytest
 import yaml
 
-from pipeline.tune.driver import run_tune
 from pipeline.tune.space import TuneConfigError, search_space, search_values, trial_params
-from tests.ray_fixtures import layout, ray_cluster, tiny_data, tiny_params  # noqa: F401 (fixtures)
+from tests.ray_fixtures import tiny_params
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 
 def test_the_search_space_grids_time_designs_and_adds_lr_and_lambda_only_when_asked():
@@ -48,62 +46,42 @@ def test_power_gammas_are_searched_only_with_the_power_schedule():
         search_values(tiny_params("tune.power_gammas=[1.0]"))
 
 
-def test_a_two_trial_tune_writes_the_table_the_proposal_and_nested_mlflow_runs(ray_cluster, layout, monkeypatch):
-    import mlflow
+def check_tune_outputs(outcome, layout, client, parent, designs: set[str], steps: int) -> None:
+    """What a finished tune leaves: the trials table, the proposal (never params.yaml itself) and
+    one nested MLflow run per trial. The real 2-trial run that these checks follow is
+    tests/test_multinode.py's (Tune trials on two nodes, logging through an MLflow server): one
+    Ray Tune run serves both, as each costs most of a minute of worker start-ups here."""
+    import csv
 
-    from pipeline.tracking import runs, store
+    # the table: one row per trial, config + best bound + steps + status
+    with open(layout.tune_out / "trials.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 == len(outcome.table)
+    assert {r["model.time_design"] for r in rows} == designs
+    for row in rows:
+        assert float(row["best_val_bound"]) > 0
+        assert int(row["steps"]) >= 2  # ASHA may stop the worse trial at its grace period
+        assert row["status"] in ("completed", "stopped_early")
+    assert (layout.tune_out / "results.json").is_file()
 
-    monkeypatch.setenv("DBERT_PROJECT_ROOT", str(layout.root))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{layout.root / 'mlflow.db'}")
-    params = tiny_params(
-        "tune.time_designs=[none, layerwise]",
-        "tune.steps=4",
-        "tune.grace_period=2",
-        "tune.max_concurrent=2",
-        "train.num_workers=1",
-        "train.cpus_per_worker=0.5",
-    )
-    params_yaml_before = (layout.root / "params.yaml").exists()
-    try:
-        with runs.start_stage_run("tune", params, root=layout.root) as parent:
-            outcome = run_tune(params, layout, parent_run_id=parent.info.run_id)
-        parent_id = parent.info.run_id
+    # the proposal: only the overrides, with how to apply them
+    text = outcome.proposal_path.read_text()
+    assert outcome.proposal_path == layout.tune_out / "best_params.yaml"
+    assert "dbert tune --apply" in text and "dvc exp run --temp -S model.time_design=" in text
+    proposal = yaml.safe_load(text)
+    assert proposal == outcome.best["overrides"] == {"model.time_design": outcome.best["model.time_design"]}
+    assert outcome.best["best_val_bound"] == min(r["best_val_bound"] for r in outcome.table)
+    assert not (layout.root / "params.yaml").exists()  # never written
 
-        # the table: one row per trial, config + best bound + steps + status
-        with open(layout.tune_out / "trials.csv", newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        assert len(rows) == 2 == len(outcome.table)
-        assert {r["model.time_design"] for r in rows} == {"none", "layerwise"}
-        for row in rows:
-            assert float(row["best_val_bound"]) > 0
-            assert int(row["steps"]) >= 2  # ASHA may stop the worse trial at its grace period
-            assert row["status"] in ("completed", "stopped_early")
-        assert (layout.tune_out / "results.json").is_file()
-
-        # the proposal: only the overrides, with how to apply them
-        text = outcome.proposal_path.read_text()
-        assert outcome.proposal_path == layout.tune_out / "best_params.yaml"
-        assert "dbert tune --apply" in text and "dvc exp run --temp -S model.time_design=" in text
-        proposal = yaml.safe_load(text)
-        assert proposal == outcome.best["overrides"] == {"model.time_design": outcome.best["model.time_design"]}
-        assert outcome.best["best_val_bound"] == min(r["best_val_bound"] for r in outcome.table)
-        assert (layout.root / "params.yaml").exists() == params_yaml_before  # never written
-
-        # nested MLflow runs: one per trial, under the parent, with the trial's params and metrics
-        client = mlflow.MlflowClient(tracking_uri=store.tracking_uri())
-        children = client.search_runs(
-            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
-        )
-        assert len(children) == 2
-        assert {c.data.tags["trial_id"] for c in children} == {r["trial_id"] for r in outcome.table}
-        for child in children:
-            assert child.info.status == "FINISHED"
-            assert child.data.params["model.time_design"] == child.data.tags["trial.model.time_design"]
-            assert child.data.params["train.steps"] == "4"
-            assert child.data.metrics["val_bound"] > 0
-            assert child.data.tags["tune_status"] in ("completed", "stopped_early")
-        assert client.get_run(parent_id).data.metrics["best_val_bound"] == outcome.best["best_val_bound"]
-    finally:
-        while mlflow.active_run() is not None:
-            mlflow.end_run()
-        mlflow.set_tracking_uri(None)
+    # nested MLflow runs: one per trial, under the parent, with the trial's params and metrics
+    parent_id = parent.info.run_id
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert len(children) == 2
+    assert {c.data.tags["trial_id"] for c in children} == {r["trial_id"] for r in outcome.table}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.params["model.time_design"] == child.data.tags["trial.model.time_design"]
+        assert child.data.params["train.steps"] == str(steps)
+        assert child.data.metrics["val_bound"] > 0
+        assert child.data.tags["tune_status"] in ("completed", "stopped_early")
+    assert client.get_run(parent_id).data.metrics["best_val_bound"] == outcome.best["best_val_bound"]

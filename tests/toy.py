@@ -64,32 +64,39 @@ class BayesDenoiser:
     def __init__(self, schedule) -> None:
         self.schedule = schedule
         self.calls = 0
+        self._memo: dict[tuple, torch.Tensor] = {}  # (row, s) -> logits: the toy has few distinct rows
 
     def __call__(self, x_t, attention_mask, s, positions):
         self.calls += 1
-        T = self.schedule.num_timesteps
         out = []
         for row in range(x_t.shape[0]):
-            t = torch.tensor([float(s[row]) * T], dtype=torch.float64)
-            post = torch.zeros(2, VOCAB, dtype=torch.float64)
-            for pair, p in zip(PAIRS, DATA_PROBS):
-                x0 = sequence(pair)[None, :]
-                alpha = self.schedule.alpha(t, x0)[0]  # [4]
-                like = 1.0
-                for i in (1, 2):
-                    if x_t[row, i] == MASK:
-                        like *= float(1 - alpha[i])
-                    elif x_t[row, i] == x0[0, i]:
-                        like *= float(alpha[i])
-                    else:
-                        like = 0.0
-                post[0, pair[0]] += p * like
-                post[1, pair[1]] += p * like
-            logits = torch.full((x_t.shape[1], VOCAB), -30.0, dtype=torch.float64)
-            for i in (1, 2):
-                logits[i] = torch.log(post[i - 1].clamp_min(1e-300))
-            out.append(logits[positions[row]])
+            key = (tuple(x_t[row].tolist()), float(s[row]))
+            if key not in self._memo:
+                self._memo[key] = self._posterior_logits(x_t[row], float(s[row]))
+            out.append(self._memo[key][positions[row]])
         return torch.cat(out).float()
+
+    def _posterior_logits(self, x_row, s: float) -> torch.Tensor:
+        T = self.schedule.num_timesteps
+        t = torch.tensor([s * T], dtype=torch.float64)
+        post = torch.zeros(2, VOCAB, dtype=torch.float64)
+        for pair, p in zip(PAIRS, DATA_PROBS):
+            x0 = sequence(pair)[None, :]
+            alpha = self.schedule.alpha(t, x0)[0]  # [4]
+            like = 1.0
+            for i in (1, 2):
+                if x_row[i] == MASK:
+                    like *= float(1 - alpha[i])
+                elif x_row[i] == x0[0, i]:
+                    like *= float(alpha[i])
+                else:
+                    like = 0.0
+            post[0, pair[0]] += p * like
+            post[1, pair[1]] += p * like
+        logits = torch.full((x_row.shape[0], VOCAB), -30.0, dtype=torch.float64)
+        for i in (1, 2):
+            logits[i] = torch.log(post[i - 1].clamp_min(1e-300))
+        return logits
 
 
 class ConstantDenoiser:
