@@ -213,9 +213,8 @@ def _train_and_evaluate(
     start = time.perf_counter()
     evaluate.run(params, row_root, progress=progress, tracking_uri=uri)
     if params.evaluate.table_steps or params.evaluate.qd_top_k:  # the detail rows: steps table, top-k curve
-        # ... of the ancestral chain only: the rows compare models, not samplers.
-        only_tables = with_values(params, {"evaluate.compare_samplers": []})
-        samplers.run(only_tables, row_root, progress=progress, tracking_uri=uri)
+        # ... of the ancestral chain only: the rows compare models, not samplers (row_params).
+        samplers.run(params, row_root, progress=progress, tracking_uri=uri)
     seconds["evaluate"] = time.perf_counter() - start
     write_json_atomic(seconds, timing_path)
     return seconds

@@ -40,11 +40,16 @@ def test_every_paper_row_is_a_valid_configuration_that_changes_only_its_columns(
             "evaluate.qd_samples",
             "evaluate.num_sequences",
             "evaluate.num_samples",
+            "evaluate.seeds",
+            "evaluate.conditional_sequences",
+            "evaluate.compare_samplers",
         }
         assert changed <= allowed, (name, changed - allowed)
         assert params.train.steps == base.ablation.train_steps
         assert params.evaluate.num_sequences == base.ablation.num_sequences  # the rows' own protocol
         assert params.evaluate.num_samples == base.ablation.num_samples
+        assert params.evaluate.seeds == base.ablation.bound_seeds
+        assert params.evaluate.conditional_sequences == 0 and params.evaluate.compare_samplers == []  # NOT_IN_ROWS
 
 
 def test_the_rows_set_what_the_paper_table_names():
@@ -278,7 +283,10 @@ TINY_ABLATION = [
     "ablation.rows=[dbert_spindle_tad,dbert_linear_tad,d3pm_linear_tad,dbert_spindle_tad_packed]",
     "ablation.train_steps=4",
     "ablation.table_sequences=4",
-    "evaluate.seeds=[0,1]",
+    "ablation.num_sequences=16",  # the rows' own evaluation sizes (defaults 256 and 128: minutes here)
+    "ablation.num_samples=4",
+    "ablation.detail_samples=4",
+    "ablation.bound_seeds=[0,1]",
 ]
 
 

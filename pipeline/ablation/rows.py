@@ -189,6 +189,9 @@ def digest(obj: Any) -> str:
 
 # Where and how Ray places and stores a run: never part of what a row measures.
 PLUMBING = {"train": ("storage", "placement_timeout_s", "placement_strategy")}
+# Evaluation a row never runs (`row_params` turns it off): rows compare models, so they report no
+# conditional numbers and compare no samplers; the default run's sizes of these are free to move.
+NOT_IN_ROWS = {"evaluate": ("conditional_sequences", "compare_samplers", "compare_steps")}
 # Params added after rows were first measured, at the value that computes exactly what the code
 # computed before them: hashed only when set otherwise, so finished rows stay reusable.
 NEUTRAL_DEFAULTS = {
@@ -196,11 +199,11 @@ NEUTRAL_DEFAULTS = {
     ("model", "family"): "bert",
     ("diffusion", "power_gamma"): 1.0,  # read only by the power schedule
     ("ablation", "out"): "outputs/ablation",  # where, not what
+    ("ablation", "bound_seeds"): [0, 1, 2],  # the evaluate.seeds the rows were measured with
+    ("ablation", "table_steps"): [2, 8, 16, 64, 128],  # the detail row's, as measured
+    ("ablation", "qd_top_k"): [1, 3, 10, 30, 0],
     ("evaluate", "confidence_score"): "prob",  # read only by the confidence sampler
     ("evaluate", "remdm_eta"): 0.04,  # read only by the remdm sampler
-    ("evaluate", "compare_samplers"): ["ancestral", "remdm", "confidence", "gibbs"],  # the samplers stage's
-    ("evaluate", "compare_steps"): [16, 128],  # the samplers stage's
-    ("evaluate", "conditional_sequences"): 128,  # adds the conditional numbers, changes none of the others
     ("evaluate", "judge"): "",  # adds the judge's numbers, changes none of the others
     ("tracking", "registered_model"): "diffusion-bert",  # where the model is registered, not what it computes
 }
@@ -210,7 +213,7 @@ def result_dump(params: Params, **kwargs: Any) -> dict:
     """`params.model_dump(**kwargs)` without plumbing and without later params at their neutral
     defaults: what a row's fingerprints hash."""
     dump = params.model_dump(**kwargs)
-    for group, names in PLUMBING.items():
+    for group, names in (*PLUMBING.items(), *NOT_IN_ROWS.items()):
         for name in names:
             dump.get(group, {}).pop(name, None)
     for (group, name), neutral in NEUTRAL_DEFAULTS.items():
@@ -233,21 +236,31 @@ def row_params(base: Params, row: RowSpec, seed: int) -> Params:
         "train.steps": ab.train_steps,
         "train.seed": seed,
         "evaluate.compare_init": False,
+        "evaluate.conditional_sequences": 0,  # NOT_IN_ROWS
+        "evaluate.compare_samplers": [],
         "evaluate.num_sequences": ab.num_sequences,
         "evaluate.num_samples": ab.num_samples,
+        "evaluate.seeds": ab.bound_seeds,
         **row.overrides,
     }
     if row.name in ab.detail_rows and seed == ab.seeds[0]:
         overrides.update(
             {
+                "evaluate.table_steps": ab.table_steps,
                 "evaluate.table_sequences": ab.table_sequences,
                 "evaluate.table_samples": ab.detail_samples,
+                "evaluate.qd_top_k": ab.qd_top_k,
                 "evaluate.qd_samples": ab.detail_samples,
             }
         )
     else:
-        overrides.update({"evaluate.table_steps": [], "evaluate.qd_top_k": []})
+        overrides.update({"evaluate.table_steps": [], "evaluate.qd_top_k": [], **UNREAD_TABLE_SIZES})
     return with_values(base, overrides)
+
+
+# Without a steps table or a top-k curve a row never reads their sizes; they stay at the values the
+# measured rows hashed, so the default run's (smaller) sizes do not make finished rows look stale.
+UNREAD_TABLE_SIZES = {"evaluate.table_sequences": 32, "evaluate.table_samples": 32, "evaluate.qd_samples": 32}
 
 
 def plan(base: Params, only: list[str] | None = None) -> list[RowRun]:
