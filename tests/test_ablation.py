@@ -287,6 +287,8 @@ TINY_ABLATION = [
     "ablation.num_samples=4",
     "ablation.detail_samples=4",
     "ablation.bound_seeds=[0,1]",
+    "ablation.table_steps=[2,4]",  # the detail row's own table and curve (the tiny evaluate.* ones are ignored)
+    "ablation.qd_top_k=[1,0]",
 ]
 
 
