@@ -192,6 +192,9 @@ PLUMBING = {"train": ("storage", "placement_timeout_s", "placement_strategy")}
 # Evaluation a row never runs (`row_params` turns it off): rows compare models, so they report no
 # conditional numbers and compare no samplers; the default run's sizes of these are free to move.
 NOT_IN_ROWS = {"evaluate": ("conditional_sequences", "compare_samplers", "compare_steps")}
+# Without a steps table or a top-k curve a row never reads their sizes; they stay at the values the
+# measured rows hashed, so the default run's (smaller) sizes do not make finished rows look stale.
+UNREAD_TABLE_SIZES = {"evaluate.table_sequences": 32, "evaluate.table_samples": 32, "evaluate.qd_samples": 32}
 # Params added after rows were first measured, at the value that computes exactly what the code
 # computed before them: hashed only when set otherwise, so finished rows stay reusable.
 NEUTRAL_DEFAULTS = {
@@ -256,11 +259,6 @@ def row_params(base: Params, row: RowSpec, seed: int) -> Params:
     else:
         overrides.update({"evaluate.table_steps": [], "evaluate.qd_top_k": [], **UNREAD_TABLE_SIZES})
     return with_values(base, overrides)
-
-
-# Without a steps table or a top-k curve a row never reads their sizes; they stay at the values the
-# measured rows hashed, so the default run's (smaller) sizes do not make finished rows look stale.
-UNREAD_TABLE_SIZES = {"evaluate.table_sequences": 32, "evaluate.table_samples": 32, "evaluate.qd_samples": 32}
 
 
 def plan(base: Params, only: list[str] | None = None) -> list[RowRun]:
