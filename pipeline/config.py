@@ -226,6 +226,10 @@ class AblationParams(_Group):
     # Where the rows, the state and the report go: another folder keeps a second experiment (the
     # schedule experiment: `make schedules`) apart from the paper's table.
     out: str = "outputs/ablation"
+    # A committed folder (e.g. reports/schedules) that gets each finished row's result.json and the
+    # report so far as rows land; a checkout without `out` reuses the rows published there (same
+    # fingerprint) instead of re-measuring them. "" = off.
+    publish: str = ""
 
     @model_validator(mode="after")
     def _seeds_unique(self) -> AblationParams:

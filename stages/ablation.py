@@ -8,11 +8,14 @@ Writes outputs/ablation/rows/<key>/ - each row's own checkout-shaped root (data/
        project's; its schedule, checkpoints, model, train and evaluate outputs) with result.json
        when it is done - outputs/ablation/state.json (MLflow run ids, for resuming) and
        outputs/ablation/report/ (report.json, report.md, curves.png, quality_diversity.png).
+       With `ablation.publish` (a committed folder), also rows/<key>/result.json there as each row
+       finishes and report/ with the rows so far (marked partial until the last one).
 MLflow: one parent run `ablation`, one child per row (its table numbers as metrics), and under
        each child the row's schedule, train and evaluate stage runs.
 
-Resumable: run it again and finished rows (same params fingerprint) are reused, an interrupted
-row's training continues from its last checkpoint, and the MLflow runs are reopened.
+Resumable: run it again and finished rows (same params fingerprint) are reused, also from
+`ablation.publish` in a checkout that has no outputs/, an interrupted row's training continues
+from its last checkpoint, and the MLflow runs are reopened.
 """
 
 from __future__ import annotations
@@ -87,15 +90,22 @@ def run(
         )
         state.setdefault("rows", {})
         write_json_atomic(state, state_path)
+        publish = layout.root / params.ablation.publish if params.ablation.publish else None
         results = []
         for index, row_run in enumerate(runs):
+            if publish is not None:
+                _reuse_published(row_run, layout, publish)
             results.append(_run_row(row_run, layout, state, state_path, index, len(runs), progress, on_row, uri))
+            if publish is not None and index + 1 < len(runs):  # the last one gets the final report below
+                _publish(results, publish, build_report(params, results, parent.info.run_id, planned=len(runs)))
         report = build_report(params, results, parent.info.run_id)
         with atomic_directory(out / "report") as tmp:
             write_report(report, tmp)
             log_metrics(parent_metrics(report))
             for name in sorted(p.name for p in tmp.iterdir()):
                 log_artifact(tmp / name, "report")
+        if publish is not None:
+            _publish(results, publish, report)
     return {
         "stage": STAGE,
         "report": str(out / "report"),
@@ -218,6 +228,30 @@ def _train_and_evaluate(
     seconds["evaluate"] = time.perf_counter() - start
     write_json_atomic(seconds, timing_path)
     return seconds
+
+
+def _reuse_published(row_run: RowRun, layout: Layout, publish: Path) -> None:
+    """A row finished in another checkout and committed under `ablation.publish` is copied into
+    `ablation.out` when this checkout has no result for it (or a stale one), so `_run_row`
+    reuses it like a row finished here; a published result with other params is ignored."""
+    published = publish / "rows" / row_run.key / "result.json"
+    local = layout.root / row_run.params.ablation.out / "rows" / row_run.key / "result.json"
+    if not published.is_file() or read_json(published).get("fingerprint") != row_run.fingerprint:
+        return
+    if local.is_file() and read_json(local).get("fingerprint") == row_run.fingerprint:
+        return
+    write_json_atomic(read_json(published), local)
+
+
+def _publish(results: list[dict], publish: Path, report: dict) -> None:
+    """Every finished row's result.json and the report so far into `ablation.publish` (meant to be
+    committed): partial results land as rows finish, and a fresh checkout reuses them."""
+    from pipeline.ablation.writeup import write_report
+
+    for result in results:
+        write_json_atomic(result, publish / "rows" / result["key"] / "result.json")
+    with atomic_directory(publish / "report") as tmp:
+        write_report(report, tmp)
 
 
 def _link_shared_data(layout: Layout, row_root: Path) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.ablation import report as rep
 from pipeline.ablation.rows import ROWS, plan, row_params
+from pipeline.artifacts import Layout, read_json
 from pipeline.config import ABLATION_ROWS, PAPER_ROWS, ParamsError, load_params
 from tests.env import without_project_env
 from tests.test_stages import REPO, tiny_params
@@ -289,6 +290,7 @@ TINY_ABLATION = [
     "ablation.bound_seeds=[0,1]",
     "ablation.table_steps=[2,4]",  # the detail row's own table and curve (the tiny evaluate.* ones are ignored)
     "ablation.qd_top_k=[1,0]",
+    "ablation.publish=reports/tiny",  # finished rows and the report so far, as a committed folder gets them
 ]
 
 
@@ -303,9 +305,17 @@ def ablated(tmp_path_factory, lm1b_dir):
     prepare.run(params, root)
     token_stats.run(params, root)
     seen: list[tuple[str, str]] = []
-    summary = ablation.run(params, root, on_row=lambda i, n, key, status: seen.append((key, status)))
+    published_before: list[int] = []  # rows the published report held when each row began
+
+    def on_row(index: int, total: int, key: str, status: str) -> None:
+        seen.append((key, status))
+        report = root / "reports/tiny/report/report.json"
+        if status == "start":
+            published_before.append(read_json(report)["rows_finished"] if report.is_file() else 0)
+
+    summary = ablation.run(params, root, on_row=on_row)
     mp.undo()
-    yield {"root": root, "params": params, "summary": summary, "seen": seen}
+    yield {"root": root, "params": params, "summary": summary, "seen": seen, "published_before": published_before}
 
 
 def _runs(root):
@@ -345,6 +355,59 @@ def test_ablation_writes_a_report_with_every_row_and_plots(ablated):
         ev = row["evaluate"]
         assert ev["split"] == "test" and ev["seeds"] == [0, 1] and ev["time_grid"]
         assert row["train"]["curve"]["step"][-1] == 4
+    assert report["budget"]["evaluation"]["seeds"] == [0, 1]  # the rows' ablation.bound_seeds, not evaluate.seeds
+    assert report["rows_finished"] == report["rows_planned"] == 6 and "Partial" not in text
+
+
+def test_rows_are_published_as_they_land_and_a_fresh_checkout_reuses_them(ablated, tmp_path):
+    """ablation.publish: a long experiment commits its finished rows as they land, and a checkout
+    that has only that committed folder (no outputs/) reuses them instead of training again."""
+    import shutil
+
+    from stages import ablation
+
+    root, params = ablated["root"], ablated["params"]
+    assert ablated["published_before"] == [0, 1, 2, 3, 4, 5]  # the report so far, after every row
+    published = read_json(root / "reports/tiny/report/report.json")
+    assert published["rows_finished"] == published["rows_planned"] == 6
+    for key in [r["key"] for r in published["rows"]]:
+        mine = read_json(root / "outputs/ablation/rows" / key / "result.json")
+        assert read_json(root / "reports/tiny/rows" / key / "result.json")["fingerprint"] == mine["fingerprint"]
+    fresh = tmp_path / "fresh"
+    shutil.copytree(root / "reports", fresh / "reports")
+    for name in ("prepared", "token_stats"):
+        shutil.copytree(root / "data" / name, fresh / "data" / name)
+    seen: list[tuple[str, str]] = []
+    mp = without_project_env()
+    try:
+        ablation.run(params, fresh, on_row=lambda i, n, key, status: seen.append((key, status)))
+    finally:
+        mp.undo()
+    assert {status for _, status in seen} == {"reused"}
+    _, runs = _runs(fresh)
+    assert not {"train", "evaluate"} & {r.data.tags.get("stage") for r in runs}
+    # a published row with other params is not taken: it is measured again
+    other = params.model_copy(deep=True)
+    other.ablation.rows = ["dbert_linear_tad"]
+    other.ablation.train_steps = 5
+    run = plan(other)[0]
+    ablation._reuse_published(run, Layout(fresh / "elsewhere"), fresh / "reports/tiny")
+    assert not (fresh / "elsewhere" / "outputs/ablation/rows/dbert_linear_tad/result.json").exists()
+
+
+def test_choosing_gamma_changes_only_the_power_rows(tmp_path):
+    """diffusion.power_gamma is read by the power schedule alone: a Tune sweep that picks it must
+    not make the linear or spindle rows stale, while the power row and the parent run see it."""
+    from pipeline.ablation.rows import plan_fingerprint
+
+    rows = "ablation.rows=[dbert_linear_tad,dbert_spindle_tad,dbert_power_tad]"
+    one, two = load_params(None, [rows]), load_params(None, [rows, "diffusion.power_gamma=2.5"])
+    a, b = {r.key: r for r in plan(one)}, {r.key: r for r in plan(two)}
+    for key in ("dbert_linear_tad", "dbert_spindle_tad"):
+        assert (a[key].fingerprint, a[key].train_fingerprint) == (b[key].fingerprint, b[key].train_fingerprint)
+    assert a["dbert_power_tad"].fingerprint != b["dbert_power_tad"].fingerprint
+    assert a["dbert_power_tad"].train_fingerprint != b["dbert_power_tad"].train_fingerprint
+    assert plan_fingerprint(one) != plan_fingerprint(two)  # the parent run logs every param
 
 
 def test_mlflow_holds_one_parent_a_child_per_row_and_the_stages_under_each(ablated):
@@ -388,6 +451,7 @@ def test_a_second_run_reuses_finished_rows_and_an_interrupted_row_gives_the_same
     _, runs_before = _runs(root)
     row = root / "outputs/ablation/rows/dbert_linear_tad"
     (row / "result.json").unlink()  # as if it had been killed during its evaluation
+    (root / "reports/tiny/rows/dbert_linear_tad/result.json").unlink()  # (and never published)
     seen: list[tuple[str, str]] = []
     summary = ablation.run(params, root, on_row=lambda i, n, key, status: seen.append((key, status)))
     assert summary["mlflow_run_id"] == ablated["summary"]["mlflow_run_id"]  # the parent run is reopened

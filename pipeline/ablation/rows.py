@@ -195,6 +195,9 @@ NOT_IN_ROWS = {"evaluate": ("conditional_sequences", "compare_samplers", "compar
 # Without a steps table or a top-k curve a row never reads their sizes; they stay at the values the
 # measured rows hashed, so the default run's (smaller) sizes do not make finished rows look stale.
 UNREAD_TABLE_SIZES = {"evaluate.table_sequences": 32, "evaluate.table_samples": 32, "evaluate.qd_samples": 32}
+# Params only one schedule reads: a row on another schedule does not depend on them, so choosing
+# them (e.g. gamma from a Tune sweep) never makes its other rows look stale.
+SCHEDULE_ONLY = {"power_gamma": "power"}
 # Params added after rows were first measured, at the value that computes exactly what the code
 # computed before them: hashed only when set otherwise, so finished rows stay reusable.
 NEUTRAL_DEFAULTS = {
@@ -202,6 +205,7 @@ NEUTRAL_DEFAULTS = {
     ("model", "family"): "bert",
     ("diffusion", "power_gamma"): 1.0,  # read only by the power schedule
     ("ablation", "out"): "outputs/ablation",  # where, not what
+    ("ablation", "publish"): "",  # where, not what
     ("ablation", "bound_seeds"): [0, 1, 2],  # the evaluate.seeds the rows were measured with
     ("ablation", "table_steps"): [2, 8, 16, 64, 128],  # the detail row's, as measured
     ("ablation", "qd_top_k"): [1, 3, 10, 30, 0],
@@ -212,13 +216,18 @@ NEUTRAL_DEFAULTS = {
 }
 
 
-def result_dump(params: Params, **kwargs: Any) -> dict:
-    """`params.model_dump(**kwargs)` without plumbing and without later params at their neutral
-    defaults: what a row's fingerprints hash."""
+def result_dump(params: Params, *, whole_plan: bool = False, **kwargs: Any) -> dict:
+    """`params.model_dump(**kwargs)` without plumbing, without later params at their neutral
+    defaults and (unless `whole_plan`: the parent run logs every param) without the params of
+    schedules the row does not use: what a row's fingerprints hash."""
     dump = params.model_dump(**kwargs)
     for group, names in (*PLUMBING.items(), *NOT_IN_ROWS.items()):
         for name in names:
             dump.get(group, {}).pop(name, None)
+    diffusion = dump.get("diffusion", {})
+    for name, schedule in SCHEDULE_ONLY.items():
+        if not whole_plan and diffusion.get("schedule") != schedule:
+            diffusion.pop(name, None)
     for (group, name), neutral in NEUTRAL_DEFAULTS.items():
         if group in dump and name in dump[group] and dump[group][name] == neutral:
             del dump[group][name]
@@ -228,7 +237,7 @@ def result_dump(params: Params, **kwargs: Any) -> dict:
 def plan_fingerprint(base: Params) -> str:
     """Hash of the base params an ablation ran with: the parent MLflow run is reopened only when
     this (and the planned rows) are unchanged."""
-    return digest(result_dump(base, exclude={"tune"}))
+    return digest(result_dump(base, whole_plan=True, exclude={"tune"}))
 
 
 def row_params(base: Params, row: RowSpec, seed: int) -> Params:

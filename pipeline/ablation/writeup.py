@@ -18,12 +18,15 @@ from pipeline.project import git_commit
 from pipeline.viz import curves_plot, quality_diversity_groups
 
 
-def build_report(params: Params, results: list[dict], parent_run_id: str) -> dict:
-    """report.json: what was run on which budget, the table, the claims checked, every row."""
+def build_report(params: Params, results: list[dict], parent_run_id: str, planned: int | None = None) -> dict:
+    """report.json: what was run on which budget, the table, the claims checked, every row.
+    `planned` (the rows the plan has) marks a report written while rows are still running."""
     ab, ev = params.ablation, params.evaluate
     return {
         "label": corpus_label(params),
         "command": "dbert ablation",
+        "rows_finished": len(results),
+        "rows_planned": len(results) if planned is None else planned,
         "mlflow_parent_run_id": parent_run_id,
         "git_commit": git_commit(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -38,15 +41,15 @@ def build_report(params: Params, results: list[dict], parent_run_id: str) -> dic
             "repeat_rows": ab.repeat_rows,
             "evaluation": {
                 **_row_evaluation_size(params),
-                "seeds": ev.seeds,
+                "seeds": ab.bound_seeds,  # what row_params gives every row
                 "split": "test",
                 "sample_steps": ev.sample_steps,
                 "top_k": ev.top_k,
                 "detail_rows": ab.detail_rows,
-                "table_steps": ev.table_steps,
+                "table_steps": ab.table_steps,
                 "table_sequences": ab.table_sequences,
                 "detail_samples": ab.detail_samples,
-                "qd_top_k": ev.qd_top_k,
+                "qd_top_k": ab.qd_top_k,
             },
         },
         "table": table_rows(results),
@@ -114,6 +117,7 @@ def markdown(report: dict) -> str:
         f"Command: `{report['command']}`; MLflow parent run `{report['mlflow_parent_run_id']}`; "
         f"commit `{report['git_commit']}`.",
         "",
+        *_partial_notice(report),
         f"Budget per row: {budget['train_steps']} optimizer steps, batch "
         f"{budget['batch_size']}, lr {budget['lr']}, model `{budget['model']}`.",
         "",
@@ -137,3 +141,14 @@ def markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(text)
+
+
+def _partial_notice(report: dict) -> list[str]:
+    """A report written while rows are still running says so before any number."""
+    done, planned = report.get("rows_finished"), report.get("rows_planned")
+    if done is None or planned is None or done >= planned:
+        return []
+    return [
+        f"**Partial: {done} of {planned} planned rows finished** (written as rows land; the claims use only these).",
+        "",
+    ]
