@@ -185,7 +185,7 @@ def samplers_command(
     "tune",
     help=stage_help(
         tune,
-        "Ray Tune over tune.* (time designs, and lr / lambda when listed); opt-in, not a DVC stage.",
+        "Ray Tune over tune.* (time designs, and lr / spindle lambda / power gamma when listed); opt-in, not a DVC stage.",
         "Also a parent MLflow run with one nested run per trial. Prints the proposal; never edits params.yaml "
         "(--apply runs it as a DVC experiment in a temporary copy: compare with `dvc exp show`, adopt with "
         "`dvc exp apply <name>`).",

@@ -1,4 +1,4 @@
-"""tune (opt-in, not in dvc.yaml's DAG): Ray Tune over the time design, and lr / lambda when asked.
+"""tune (opt-in, not in dvc.yaml's DAG): Ray Tune over the time design, and lr / spindle lambda / power gamma when asked.
 
 Reads  params `tune.*` plus everything training reads (each trial is a short training run);
        data/prepared/, data/token_stats/ (run `dvc repro schedule` first).

@@ -85,3 +85,12 @@ def check_tune_outputs(outcome, layout, client, parent, designs: set[str], steps
         assert child.data.metrics["val_bound"] > 0
         assert child.data.tags["tune_status"] in ("completed", "stopped_early")
     assert client.get_run(parent_id).data.metrics["best_val_bound"] == outcome.best["best_val_bound"]
+
+
+def test_a_trial_that_trains_in_its_own_process_holds_the_cpus_it_trains_with():
+    """With train.num_workers=0 the trial is the trainer: holding a 0.01-CPU sliver let Ray pack
+    trials onto busy cores and start each on one thread (half speed on 2 cores)."""
+    from pipeline.tune.trial import TRIAL_CPU, trial_cpus
+
+    assert trial_cpus(tiny_params("train.num_workers=0", "train.cpus_per_worker=2")) == 2
+    assert trial_cpus(tiny_params("train.num_workers=2", "train.cpus_per_worker=2")) == TRIAL_CPU

@@ -7,7 +7,7 @@ holds a sliver of CPU (`{"cpu": 0.01}`) and starts its own TorchTrainer whose
 `TuneReportCallback` forwards rank 0's reports (`step`, `val_bound`) to Tune, so ASHA can stop
 it. With `train.num_workers=0` the trial trains in its own process instead: Ray Train's local
 mode cannot run inside a Tune trial (there `ray.train.report` raises and tells you to use
-`ray.tune.report`), so the trial reports to Tune directly.
+`ray.tune.report`), so the trial reports to Tune directly, holding `train.cpus_per_worker` CPUs.
 
 What is searched: `pipeline.tune.space`; one trial: `pipeline.tune.trial`; the table, the trials'
 MLflow runs and the proposal: `pipeline.tune.results`.
@@ -26,7 +26,7 @@ from pipeline.artifacts import Layout, atomic_directory, jsonable, write_json
 from pipeline.config import Params
 from pipeline.tune.results import finish_trial_runs, finite, kill_trial_runs, proposal_yaml, trial_row, trials_csv
 from pipeline.tune.space import METRIC, MODE, TIME_ATTR, fixed_overrides, search_space, search_values
-from pipeline.tune.trial import TRIAL_CPU, tune_trial
+from pipeline.tune.trial import trial_cpus, tune_trial
 
 TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
 
@@ -60,9 +60,16 @@ def run_tune(params: Params, layout: Layout, *, parent_run_id: str | None = None
     store = RunStorage.resolve(tp.storage, layout.root)
     inputs = TrainInputs.read(layout.prepared, layout.token_stats, params.model.name_or_path)
     started = init_ray()
-    check_placement(
-        tp.num_workers, tp.cpus_per_worker, tp.use_gpu, reserve_cpus=TRIAL_CPU, wait_s=tp.placement_timeout_s
-    )
+    if tp.num_workers == 0:  # each trial trains in its own process: that process must fit on a node
+        check_placement(1, trial_cpus(params), False, wait_s=tp.placement_timeout_s)
+    else:
+        check_placement(
+            tp.num_workers,
+            tp.cpus_per_worker,
+            tp.use_gpu,
+            reserve_cpus=trial_cpus(params),
+            wait_s=tp.placement_timeout_s,
+        )
     check_reachable(store)
     inputs = inputs.ship()  # trials and their workers may run on any node
 
@@ -89,7 +96,7 @@ def run_tune(params: Params, layout: Layout, *, parent_run_id: str | None = None
     }
     grace = min(tn.grace_period, tn.steps)
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(tune_trial, setup=setup), {"cpu": TRIAL_CPU}),
+        tune.with_resources(tune.with_parameters(tune_trial, setup=setup), {"cpu": trial_cpus(params)}),
         param_space=search_space(params),
         tune_config=tune.TuneConfig(
             scheduler=ASHAScheduler(metric=METRIC, mode=MODE, time_attr=TIME_ATTR, grace_period=grace, max_t=tn.steps),

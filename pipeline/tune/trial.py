@@ -18,6 +18,14 @@ TRIAL_CPU = 0.01  # what each trial's driver function holds while its workers tr
 TRIAL_STAGE = "tune_trial"
 
 
+def trial_cpus(params: Params) -> float:
+    """The CPUs a trial holds: a sliver while Ray Train workers train, but the training's own
+    `train.cpus_per_worker` when the trial trains in its own process (`train.num_workers=0`), so
+    Ray never packs more in-process trials than cores and gives each one that many threads
+    (with a sliver, Ray starts the trial on a single thread)."""
+    return params.train.cpus_per_worker if params.train.num_workers == 0 else TRIAL_CPU
+
+
 def tune_trial(config: dict, *, setup: dict) -> None:
     """One trial: apply its config, open its nested MLflow run, train, report to Tune."""
     from ray import tune
@@ -101,6 +109,9 @@ def _train_trial(
         params, inputs, run_dir, mlflow_run_id=run_id, tracking_uri=tracking_uri, fault_plan=plan
     )
     if params.train.num_workers == 0:
+        import torch
+
+        torch.set_num_threads(max(1, int(trial_cpus(params))))  # Ray's OMP_NUM_THREADS follows the request
 
         def deliver(metrics: dict, checkpoint_dir: Path | None, last: bool) -> None:
             if checkpoint_dir is not None:
