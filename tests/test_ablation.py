@@ -83,6 +83,8 @@ def test_the_schedule_experiment_preset_plans_three_seeds_of_each_schedule_in_it
         assert len(seeds) >= 3, schedule
     assert all(r.params.train.steps >= 2000 and r.params.evaluate.num_sequences >= 1024 for r in runs)
     assert base.ablation.out != "outputs/ablation"  # never mixes with the paper's table
+    assert base.ablation.publish == "reports/schedules"  # rows land in git as they finish
+    assert len(base.ablation.bound_seeds) >= 2  # a mean and a spread over chain seeds (PAPER §7)
     assert row_params(base, ROWS["mdlm_loglinear_tad"], 0).diffusion.schedule == "loglinear"
 
 
