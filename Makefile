@@ -55,7 +55,7 @@ ablation: $(STAMP)
 # (commit them: a fresh checkout reuses them). ~1 h per row on 2 fp32 CPU cores, minutes on a GPU.
 SCHEDULE_ROWS := [dbert_linear_tad,dbert_spindle_tad,dbert_power_tad,mdlm_loglinear_tad,dbert_linear_lte,dbert_linear_pte]
 SCHEDULE_REPEAT := [dbert_linear_tad,dbert_spindle_tad,dbert_power_tad,mdlm_loglinear_tad]
-SCHEDULE_GAMMA := 1.0
+SCHEDULE_GAMMA := 0.5
 SCHEDULE_SET := --set ablation.out=outputs/schedules --set ablation.publish=reports/schedules \
 	--set ablation.rows=$(SCHEDULE_ROWS) --set ablation.repeat_rows=$(SCHEDULE_REPEAT) --set ablation.seeds=[0,1,2] \
 	--set ablation.train_steps=2000 --set ablation.detail_rows=[] --set ablation.num_sequences=1024 \
