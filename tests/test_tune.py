@@ -10,8 +10,6 @@ import yaml
 from pipeline.tune.space import TuneConfigError, search_space, search_values, trial_params
 from tests.ray_fixtures import tiny_params
 
-pytestmark = pytest.mark.integration
-
 
 def test_the_search_space_grids_time_designs_and_adds_lr_and_lambda_only_when_asked():
     params = tiny_params("tune.time_designs=[none, prefix]")
