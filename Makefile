@@ -52,7 +52,7 @@ ablation: $(STAMP)
 # from a Tune sweep, README) and the MDLM recipe, 3 training seeds each, + LTE/PTE once for claim 3;
 # TAD, 2,000 steps, 1,024 test sentences x 2 bound seeds. Resumable row by row and from checkpoints
 # in outputs/schedules/; each finished row and the report so far are copied to reports/schedules/
-# (commit them: a fresh checkout reuses them). ~1 h per row on 2 fp32 CPU cores, minutes on a GPU.
+# (commit them: a fresh checkout reuses them). ~3 h per row on 2 slow fp32 CPU cores (README), minutes of training on a GPU.
 SCHEDULE_ROWS := [dbert_linear_tad,dbert_spindle_tad,dbert_power_tad,mdlm_loglinear_tad,dbert_linear_lte,dbert_linear_pte]
 SCHEDULE_REPEAT := [dbert_linear_tad,dbert_spindle_tad,dbert_power_tad,mdlm_loglinear_tad]
 SCHEDULE_GAMMA := 0.5

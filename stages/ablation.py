@@ -236,11 +236,14 @@ def _reuse_published(row_run: RowRun, layout: Layout, publish: Path) -> None:
     reuses it like a row finished here; a published result with other params is ignored."""
     published = publish / "rows" / row_run.key / "result.json"
     local = layout.root / row_run.params.ablation.out / "rows" / row_run.key / "result.json"
-    if not published.is_file() or read_json(published).get("fingerprint") != row_run.fingerprint:
+    if not published.is_file():
+        return
+    result = read_json(published)
+    if result.get("fingerprint") != row_run.fingerprint:
         return
     if local.is_file() and read_json(local).get("fingerprint") == row_run.fingerprint:
         return
-    write_json_atomic(read_json(published), local)
+    write_json_atomic(result, local)
 
 
 def _publish(results: list[dict], publish: Path, report: dict) -> None:

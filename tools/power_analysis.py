@@ -3,7 +3,7 @@ report measured (issue 13's plan): the pooled std of the bound perplexity over t
 every row trained with several seeds, then the smallest difference a two-sided 95% two-sample
 t-test detects with 80% power for n seeds per row, and the seeds each effect size would need.
 
-    .venv/bin/python tools/power_analysis.py reports/ablation/report/report.json
+    .venv/bin/python tools/power_analysis.py reports/ablation/report.json
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ _T80 = {2: 1.061, 3: 0.978, 4: 0.941, 5: 0.920, 6: 0.906, 8: 0.889, 10: 0.879, 1
 
 
 def t80(df: int) -> float:
-    return _T80.get(df) or _T80[max(k for k in _T80 if k <= df)] if df >= 2 else math.inf
+    """The quantile at df, or at the nearest tabulated df below it (a slightly larger, safe value)."""
+    if df < 2:
+        return math.inf
+    return _T80[max(k for k in _T80 if k <= df)]
 
 
 def detectable(std: float, n: int) -> float:
