@@ -239,7 +239,8 @@ def ablation_command(
     background: Annotated[
         bool,
         typer.Option(
-            "--background", help="Detach: run in a new session, log to outputs/ablation/run.log, print the pid."
+            "--background",
+            help="Detach: run in a new session, log to <ablation.out>/run.log (outputs/ablation/), print the pid.",
         ),
     ] = False,
 ) -> None:
@@ -263,8 +264,9 @@ def ablation_command(
 def ablation_in_background(
     params: Path | None, overrides: list[str] | None, root: Path | None, rows: list[str] | None, fresh: bool
 ) -> None:
-    """`dbert ablation` again in a new session, logging to outputs/ablation/run.log; bad params or
-    an unknown row fail here, not in the detached process."""
+    """`dbert ablation` again in a new session, logging to `<ablation.out>/run.log` (two experiments
+    with their own `ablation.out` run side by side); bad params or an unknown row fail here, not in
+    the detached process."""
     import sys
 
     from pipeline.ablation.rows import plan
@@ -272,7 +274,7 @@ def ablation_in_background(
     with user_errors():
         p, r = resolve(params, overrides, root)
         plan(p, rows)
-        out = r / "outputs" / "ablation"
+        out = r / p.ablation.out
         out.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "stages.cli", "ablation", "--root", str(r)]
         command += [f"--params={params}"] if params else []

@@ -156,6 +156,33 @@ def test_stages_without_their_inputs_say_what_to_run(tmp_path):
     assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()
 
 
+def test_a_background_ablation_logs_under_its_own_out_folder(tmp_path):
+    """Two experiments with their own `ablation.out` run side by side (make schedules-parallel):
+    each detached run's log and pid belong in its own folder, not in outputs/ablation/."""
+    import time
+
+    result = invoke(
+        "ablation",
+        "--params",
+        str(PARAMS),
+        "--root",
+        str(tmp_path),
+        "--set",
+        "ablation.out=outputs/second",
+        "--background",
+    )
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "outputs" / "second"
+    pid = int((out / "run.pid").read_text())
+    deadline = time.monotonic() + 120
+    while (
+        time.monotonic() < deadline and Path(f"/proc/{pid}").exists() and "error" not in (out / "run.log").read_text()
+    ):
+        time.sleep(0.5)
+    assert "data/prepared/train" in (out / "run.log").read_text()  # the detached run failed on its inputs, there
+    assert not (tmp_path / "outputs" / "ablation").exists()
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random DiffusionBERT exported with the default tokenizer and a linear schedule."""
