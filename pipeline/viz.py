@@ -240,6 +240,42 @@ def curves_plot(
     return _save(fig, path)
 
 
+def band_curves_plot(
+    path: str | os.PathLike[str],
+    curves: Mapping[str, Mapping[str, Sequence[float]]],
+    *,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    zoom_from: float | None = None,
+) -> Path:
+    """One line per entry (label -> `step`, `mean`, `low`, `high`) with the low-high band shaded:
+    a mean over training seeds and its spread. `zoom_from`: the y axis spans the points at x >=
+    it (the first evaluations of a training run lie far above where the curves are compared)."""
+    fig = _figure((8.0, 5.0))
+    ax = fig.add_subplot(1, 1, 1)
+    shown: list[float] = []
+    for label, curve in curves.items():
+        xs, mean = _finite(curve["step"], curve["mean"])
+        if not xs:
+            continue
+        (line,) = ax.plot(xs, mean, "o-" if len(xs) <= 20 else "-", label=str(label), linewidth=1.3, markersize=3)
+        low, high = list(curve["low"]), list(curve["high"])
+        if len(low) == len(xs) and any(h > lo for lo, h in zip(low, high)):
+            ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+        shown += [y for x, ys in zip(xs, zip(low, high)) if zoom_from is None or x >= zoom_from for y in ys]
+    if shown and zoom_from is not None:
+        pad = 0.05 * ((max(shown) - min(shown)) or 1.0)
+        ax.set_ylim(min(shown) - pad, max(shown) + pad)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if curves:
+        ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
 def quality_diversity_groups(
     path: str | os.PathLike[str],
     groups: Mapping[str, Sequence[Mapping[str, Any]]],

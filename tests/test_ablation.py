@@ -243,6 +243,25 @@ def test_steps_claim_needs_rising_time_and_a_bound_that_does_not_get_worse():
     assert rep.check_claims([fake("dbert_spindle_tad", 0, 90.0, table=bumpy)])[3]["verdict"] == rep.FAILS
 
 
+def test_mean_curves_average_the_seeds_at_the_steps_they_all_evaluated(tmp_path):
+    a = fake("dbert_linear_tad", 0, 90.0, curve=(9.0, 8.0, 7.0))
+    b = fake("dbert_linear_tad", 1, 91.0, curve=(10.0, 6.0, None))  # its step-150 evaluation is missing
+    c = fake("dbert_spindle_tad", 0, 80.0, curve=(9.5, 7.5, 6.5))
+    curves = rep.mean_curves([b, c, a])
+    assert curves["dbert_linear_tad"] == {
+        "step": [50.0, 100.0],
+        "mean": [9.5, 7.0],
+        "low": [9.0, 6.0],
+        "high": [10.0, 8.0],
+        "seeds": [2.0],
+    }
+    assert curves["dbert_spindle_tad"]["mean"] == [9.5, 7.5, 6.5] and curves["dbert_spindle_tad"]["seeds"] == [1.0]
+    from pipeline.viz import band_curves_plot
+
+    png = band_curves_plot(tmp_path / "c.png", curves, zoom_from=100)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_markdown_table_flags_leaky_and_packed_rows_and_shows_both_training_seeds():
     results = [
         fake("dbert_spindle_tad", 0, 90.0),
@@ -253,6 +272,8 @@ def test_markdown_table_flags_leaky_and_packed_rows_and_shows_both_training_seed
     text = rep.markdown_table(rep.table_rows(results), label="LM1B-sample")
     assert "LM1B-sample numbers" in text
     assert "90.0 / 91.0" in text and "(LEAKY)" in text and "40.0 ± 0.5" in text
+    # mean ± std over the two training seeds: sqrt(((90 - 90.5)^2 + (91 - 90.5)^2) / 1) = 0.707
+    assert "90.5 ± 0.7 (90.0 / 91.0)" in text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +366,7 @@ def test_ablation_writes_a_report_with_every_row_and_plots(ablated):
     ]
     assert report["label"] == "LM1B-sample" and report["budget"]["train_steps"] == 4
     assert [c["claim"] for c in report["claims"]] == [1, 2, 3, 4]
-    for name in ("report.md", "curves.png", "quality_diversity.png"):
+    for name in ("report.md", "curves.png", "curves_by_row.png", "quality_diversity.png"):
         assert (out / name).stat().st_size > 0
     text = (out / "report.md").read_text()
     assert "`dbert_spindle_tad_packed` (packed)" in text and "LM1B-sample numbers" in text

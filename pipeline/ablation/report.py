@@ -120,6 +120,25 @@ def train_seed_stats(results: Sequence[dict], metric: str = "ppl_token") -> tupl
 # ---------------------------------------------------------------------------------------------
 
 
+def mean_curves(results: Iterable[dict]) -> dict[str, dict[str, list[float]]]:
+    """Row name -> its validation curve over training seeds: at every step all its seeds
+    evaluated, the mean and the lowest and highest seed (`step`, `mean`, `low`, `high`; `seeds`
+    is how many). One line per schedule on a plot instead of one per (schedule, seed)."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for row, runs in by_row(results).items():
+        points = [_curve_points(r) for r in runs]
+        steps = sorted(set.intersection(*(set(p) for p in points)))
+        values = [[p[s] for p in points] for s in steps]  # [step][seed]
+        out[row] = {
+            "step": [float(s) for s in steps],
+            "mean": [sum(v) / len(v) for v in values],
+            "low": [min(v) for v in values],
+            "high": [max(v) for v in values],
+            "seeds": [float(len(runs))],
+        }
+    return out
+
+
 def table_rows(results: Iterable[dict]) -> list[dict]:
     """One line per row: the paper's columns and our numbers (means over training seeds)."""
     lines = []
@@ -133,8 +152,9 @@ def table_rows(results: Iterable[dict]) -> list[dict]:
             line[metric] = sum(values) / len(values)
             line[f"{metric}_per_seed"] = values
             line[f"{metric}_eval_std"] = max(e[f"{metric}_std"] for e in ev)
+            line[f"{metric}_train_std"] = mean_std(values)[1]  # over training seeds (0 with one)
         for metric in ("bleu", "self_bleu", "unigram_entropy_bits"):
-            line[metric] = sum(e[metric] for e in ev) / len(ev)
+            line[metric], line[f"{metric}_train_std"] = mean_std([e[metric] for e in ev])
         for metric in ("bleu", "self_bleu"):  # no shared 4-gram in any sample set: no measurement
             line[f"{metric}_measured"] = all(e.get(f"{metric}_measured", True) for e in ev)
         line["format"] = ev[0]["format"]
@@ -147,14 +167,20 @@ def table_rows(results: Iterable[dict]) -> list[dict]:
 
 
 def _ppl_cell(line: dict, metric: str) -> str:
+    """Trained once: mean ± std over evaluation seeds. Trained more than once: mean ± std over
+    training seeds (the spread that decides a comparison), then each seed's value."""
     per_seed = line[f"{metric}_per_seed"]
     if len(per_seed) > 1:
-        return " / ".join(f"{v:.1f}" for v in per_seed)
+        seeds = " / ".join(f"{v:.1f}" for v in per_seed)
+        return f"{line[metric]:.1f} ± {line[f'{metric}_train_std']:.1f} ({seeds})"
     return f"{line[metric]:.1f} ± {line[f'{metric}_eval_std']:.1f}"
 
 
 def _bleu_cell(line: dict, metric: str) -> str:
-    return f"{line[metric]:.4f}" if line.get(f"{metric}_measured", True) else "n/a (no 4-gram match)"
+    if not line.get(f"{metric}_measured", True):
+        return "n/a (no 4-gram match)"
+    spread = f" ± {line[f'{metric}_train_std']:.4f}" if len(line["training_seeds"]) > 1 else ""
+    return f"{line[metric]:.4f}{spread}"
 
 
 def markdown_table(lines: Sequence[dict], *, label: str) -> str:
@@ -174,11 +200,13 @@ def markdown_table(lines: Sequence[dict], *, label: str) -> str:
     notes = [f"- `{line['row']}`: {line['note']}" for line in lines if line.get("note")]
     caption = (
         f"{label} numbers. PPL: the bound on the test split, mean ± std over evaluation seeds (one "
-        "trained model), or one value per training seed (`a / b`) for rows trained twice; per token = "
+        "trained model), or for rows trained more than once mean ± std over training seeds (each "
+        "model's mean over evaluation seeds) and each seed's value (`a / b / c`); per token = "
         "content WordPieces, per word = whitespace words of the scored text (a line cut at max_seq_len "
         "counts only its kept words). BLEU-4: mean over samples of each sample's nltk corpus_bleu "
         "against the whole test split, no smoothing (PAPER §7); Self-BLEU: mean over a disjoint sample "
-        "set of each sample against the others. Entropy: unigram entropy of the samples' words, in bits."
+        "set of each sample against the others (± std over training seeds where there are several). "
+        "Entropy: unigram entropy of the samples' words, in bits."
     )
     return caption + "\n\n" + header + "\n".join(body) + ("\n\n" + "\n".join(notes) if notes else "") + "\n"
 

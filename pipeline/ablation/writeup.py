@@ -1,5 +1,5 @@
 """The ablation's report folder: report.json (budget, table, claims, every row), report.md and the
-two plots, and the parent MLflow run's metrics.
+plots, and the parent MLflow run's metrics.
 
 Built from the row results of `pipeline.ablation.results` with the table and claims of
 `pipeline.ablation.report`.
@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.ablation.report import check_claims, markdown_claims, markdown_table, table_rows
+from pipeline.ablation.report import check_claims, markdown_claims, markdown_table, mean_curves, table_rows
 from pipeline.artifacts import write_file_atomic, write_json
 from pipeline.config import Params
 from pipeline.eval.evaluate import corpus_label, evaluation_settings
 from pipeline.project import git_commit
-from pipeline.viz import curves_plot, quality_diversity_groups
+from pipeline.viz import band_curves_plot, curves_plot, quality_diversity_groups
 
 
 def build_report(params: Params, results: list[dict], parent_run_id: str, planned: int | None = None) -> dict:
@@ -77,7 +77,8 @@ def parent_metrics(report: dict) -> dict[str, float]:
 
 
 def write_report(report: dict, directory: Path) -> None:
-    """report.json, report.md and the two plots (validation curves, quality vs diversity)."""
+    """report.json, report.md and the plots (validation curves per row and per seed, quality vs
+    diversity)."""
     write_json(report, directory / "report.json")
     curves = {r["key"]: (r["train"]["curve"]["step"], r["train"]["curve"]["val_bound"]) for r in report["rows"]}
     curves_plot(
@@ -86,6 +87,18 @@ def write_report(report: dict, directory: Path) -> None:
         xlabel="optimizer step",
         ylabel="validation bound (nats/token)",
         title=f"{report['label']}: validation bound per row ({report['budget']['train_steps']} steps each)",
+    )
+    steps = report["budget"]["train_steps"]
+    band_curves_plot(
+        directory / "curves_by_row.png",
+        {
+            f"{row} ({int(c['seeds'][0])} seed{'s' if c['seeds'][0] > 1 else ''})": c
+            for row, c in mean_curves(report["rows"]).items()
+        },
+        xlabel="optimizer step",
+        ylabel="validation bound (nats/token)",
+        title=f"{report['label']}: validation bound, mean over training seeds (band: lowest-highest seed)",
+        zoom_from=0.2 * steps,
     )
     groups: dict[str, list[dict]] = {
         f"rows (top-k {report['budget']['evaluation']['top_k']})": [
@@ -125,6 +138,8 @@ def markdown(report: dict) -> str:
         "## The claims of PAPER §8",
         "",
         markdown_claims(report["claims"]),
+        "![curves by row](curves_by_row.png)",
+        "",
         "![curves](curves.png)",
         "",
         "![quality-diversity](quality_diversity.png)",
