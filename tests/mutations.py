@@ -1,7 +1,7 @@
 """Mutation check for issue 9 ("tests that could not fail for their bug").
 
 Each mutation below is a bug an independent review could apply to the library while the whole
-suite still passed (keys 1-7b), or one of issue 9's defects put back (keys d1-d5). This script copies pipeline/, tests/ and pyproject.toml into a temporary
+suite still passed (keys 1-7b), one of issue 9's defects put back (keys d1-d5), or a claims bug of issue 13 (c1). This script copies pipeline/, tests/ and pyproject.toml into a temporary
 directory, applies one mutation there by exact text replacement (asserting that the original text
 is found exactly once and that the result still compiles), runs the tests that must catch it with
 this venv's python and PYTHONPATH = the copy, and reports caught / NOT caught. It first checks that
@@ -222,6 +222,19 @@ MUTATIONS = [
         "entropy in nats labelled bits",
         (Edit(METRICS, "math.log2(c / total)", "math.log(c / total)"),),
         (ENTROPY,),
+    ),
+    # Issue 13: claim 3 with LTE/PTE trained once (make schedules).
+    Mutation(
+        "c1",
+        "a row trained once is compared as if it were the mean of as many seeds as the repeated row",
+        (
+            Edit(
+                "pipeline/ablation/report.py",
+                "math.sqrt(1 / sa[2] + 1 / sb[2])",
+                "math.sqrt(1 / max(sa[2], sb[2]) + 1 / max(sa[2], sb[2]))  # MUTANT",
+            ),
+        ),
+        ("tests/test_ablation_claims.py::test_claim_3_with_lte_trained_once_borrows_the_tad_training_seed_spread",),
     ),
 ]
 

@@ -220,7 +220,17 @@ def test_claims_hold_fail_or_stay_open_as_the_numbers_say():
     assert claims[2]["verdict"] == rep.HOLDS  # decided on the training-seed interval
     assert claims[2]["comparisons"][-1]["covers"].startswith("training seeds")
     tad = {c["b"]: c["verdict"] for c in claims[3]["comparisons"]}
-    assert tad == {"dbert_linear_lte": rep.UNSURE, "dbert_linear_pte": rep.FAILS}
+    assert tad == {
+        "dbert_linear_lte": rep.UNSURE,
+        "dbert_linear_pte": rep.FAILS,
+        # LTE/PTE trained once: TAD's two seeds (99, 100; std 0.707) give both sides' spread, and
+        # these intervals decide: 99.5 - 80 = 19.5 ± t(1) 12.706 x 0.707 x sqrt(1/2 + 1) = 11.0
+        "dbert_linear_lte (all seeds)": rep.UNSURE,
+        "dbert_linear_pte (all seeds)": rep.FAILS,
+    }
+    pte = claims[3]["comparisons"][-1]
+    assert pte["decides"] and "std stands for both" in pte["covers"]
+    assert (pte["low"], pte["high"]) == pytest.approx((19.5 - 11.004, 19.5 + 11.004), abs=1e-3)
     assert claims[3]["verdict"] == rep.UNSURE
     assert claims[4]["verdict"] == "not run (rows missing)"
 

@@ -116,16 +116,39 @@ def test_claim_3_does_not_fail_when_tad_is_worse_within_the_training_seed_noise(
     assert c["verdict"] == rep.UNSURE and pair_verdicts(c) == {"dbert_linear_pte": rep.UNSURE}
 
 
+def test_claim_3_with_lte_trained_once_borrows_the_tad_training_seed_spread():
+    # make schedules trains LTE/PTE once and TAD three times (std 1): a prediction interval for
+    # one new training, 100 - 110 = -10 ± t(2) 4.303 x 1 x sqrt(1/3 + 1) = 4.969, decides
+    tad = seeds("dbert_linear_tad", [100.0, 101.0, 99.0])
+    c = claim(3, tad, seeds("dbert_linear_lte", [110.0]))
+    first, over_training = c["comparisons"]
+    assert not first["decides"] and over_training["decides"]
+    assert (over_training["low"], over_training["high"]) == pytest.approx((-14.969, -5.031), abs=1e-3)
+    assert over_training["verdict"] == rep.HOLDS and c["verdict"] == rep.HOLDS
+    close = claim(3, tad, seeds("dbert_linear_lte", [101.0]))["comparisons"][-1]
+    # undecided: detecting 1 with TAD's std 1 for both rows takes 17 seeds a row (df 32:
+    # (2.042 + 0.854) sqrt(2 / 17) = 0.993 <= 1; at 16, 1.024)
+    assert close["verdict"] == rep.UNSURE and close["seeds_needed"] == 17
+    assert (
+        claim(3, seeds("dbert_linear_tad", [100.0]), seeds("dbert_linear_lte", [110.0]))["comparisons"][-1]["covers"]
+        == "evaluation seeds only"
+    )  # neither trained twice: no training interval at all
+
+
 # ---------------------------------------------------------------------------------------------
 # What an undecided comparison would need
 # ---------------------------------------------------------------------------------------------
 
 
 def test_seeds_needed_is_the_two_sample_power_formula_with_the_pooled_training_seed_std():
-    # d = 100 - 102 = -2, pooled s = sqrt((2 * 16 + 2 * 4) / 4) = sqrt(10):
-    # n = 2 * ((1.96 + 0.84) * sqrt(10) / 2)^2 = 2 * 7.84 * 10 / 4 = 39.2 -> 40
+    # d = 100 - 102 = -2, pooled s = sqrt((2 * 16 + 2 * 4) / 4) = sqrt(10); the smallest n with
+    # (t_0.975 + t_0.80)(df = 2n - 2) s sqrt(2 / n) <= 2: at n = 40 (df 78: 2.000 + 0.848)
+    # 2.848 x 3.162 x 0.2236 = 2.014 > 2, at n = 41 1.989 (the normal formula's 39.2 -> 40 is short)
     assert rep.pooled_std((100.0, 4.0, 3), (102.0, 2.0, 3)) == pytest.approx(math.sqrt(10))
-    assert rep.seeds_needed((100.0, 4.0, 3), (102.0, 2.0, 3)) == 40
+    assert rep.detectable(math.sqrt(10), 40) == pytest.approx(2.014, abs=1e-3)
+    assert rep.seeds_needed((100.0, 4.0, 3), (102.0, 2.0, 3)) == 41
+    # few seeds: t quantiles, not z: n = 3 (df 4) detects (2.776 + 0.941) sqrt(2/3) s = 3.035 s
+    assert rep.detectable(1.0, 3) == pytest.approx(3.035, abs=1e-3)
     assert rep.seeds_needed((100.0, 0.1, 3), (150.0, 0.1, 3)) == 2  # never fewer than two
     assert rep.seeds_needed((100.0, 4.0, 3), (100.0, 2.0, 3)) is None  # no gap to detect
     assert rep.seeds_needed((100.0, 0.0, 1), (102.0, 2.0, 3)) is None  # no std to pool
@@ -137,11 +160,11 @@ def test_an_undecided_training_seed_comparison_carries_its_seed_estimate_and_a_d
     power = seeds("dbert_power_tad", [80.0, 81.0, 79.0])
     c = claim(2, linear, spindle, power)
     assert training(c, "dbert_spindle_tad")["verdict"] == rep.UNSURE
-    assert training(c, "dbert_spindle_tad")["seeds_needed"] == 40
+    assert training(c, "dbert_spindle_tad")["seeds_needed"] == 41
     assert training(c, "dbert_power_tad")["verdict"] == rep.HOLDS
     assert training(c, "dbert_power_tad").get("seeds_needed") is None
     text = rep.markdown_claims([c])
-    assert "cannot tell at this budget, would need ~40 training seeds per row" in text
+    assert "cannot tell at this budget, would need ~41 training seeds per row" in text
     assert text.count("would need") == 1  # only the undecided comparison
 
 

@@ -15,29 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.ablation.report import by_row, t_quantile, train_seed_stats  # noqa: E402
+from pipeline.ablation.report import by_row, detectable, seeds_for, train_seed_stats  # noqa: E402
 from pipeline.artifacts import read_json  # noqa: E402
-
-# One-sided 80% Student t quantiles by degrees of freedom (the power term of the t-test formula).
-_T80 = {2: 1.061, 3: 0.978, 4: 0.941, 5: 0.920, 6: 0.906, 8: 0.889, 10: 0.879, 14: 0.868, 18: 0.862, 22: 0.858}
-
-
-def t80(df: int) -> float:
-    """The quantile at df, or at the nearest tabulated df below it (a slightly larger, safe value)."""
-    if df < 2:
-        return math.inf
-    return _T80[max(k for k in _T80 if k <= df)]
-
-
-def detectable(std: float, n: int) -> float:
-    """Smallest true difference found with 80% power at 95% (two-sided) with n seeds per row."""
-    df = 2 * n - 2
-    return (t_quantile(df) + t80(df)) * std * math.sqrt(2 / n)
-
-
-def seeds_for(std: float, effect: float) -> int:
-    """Seeds per row the t-test needs to detect `effect` (searched: the t quantiles move with n)."""
-    return next(n for n in range(2, 1000) if detectable(std, n) <= effect)
 
 
 def main(argv: list[str] | None = None) -> int:

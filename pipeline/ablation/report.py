@@ -14,14 +14,30 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
-# Two-sided 95% Student t quantiles by degrees of freedom (no scipy needed for a handful of seeds).
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+# Two-sided 95% and one-sided 80% (the power term) Student t quantiles by degrees of freedom; a
+# df between entries takes the entry below it (a slightly larger, safe value). No scipy needed.
+_T975 = {
+    1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+    12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000, 120: 1.980,
+}  # fmt: skip
+_T80 = {1: 1.376, 2: 1.061, 3: 0.978, 4: 0.941, 5: 0.920, 6: 0.906, 8: 0.889, 10: 0.879, 14: 0.868, 18: 0.862,
+        22: 0.858, 30: 0.854, 60: 0.848, 120: 0.845}  # fmt: skip
 
 HOLDS, FAILS, UNSURE = "holds", "does not hold", "cannot tell"
 
 
+def _tabulated(table: dict[int, float], df: int) -> float:
+    return table[max(k for k in table if k <= df)] if df >= 1 else math.inf
+
+
 def t_quantile(df: int) -> float:
-    return _T975.get(df, 2.0) if df >= 1 else math.inf
+    """Two-sided 95% Student t quantile (the intervals)."""
+    return _tabulated(_T975, df)
+
+
+def t80(df: int) -> float:
+    """One-sided 80% Student t quantile (80% power)."""
+    return _tabulated(_T80, df)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -69,25 +85,33 @@ def verdict_lower(interval: dict[str, float]) -> str:
     return UNSURE
 
 
-# z quantiles of a two-sided 5% test and of 80% power (the textbook sample-size formula).
-_Z_ALPHA, _Z_POWER = 1.96, 0.84
-
-
 def pooled_std(a: tuple[float, float, int], b: tuple[float, float, int]) -> float:
     """The pooled std of two (mean, std, n) samples, each weighted by its degrees of freedom."""
     (_, sa, na), (_, sb, nb) = a, b
     return math.sqrt(((na - 1) * sa * sa + (nb - 1) * sb * sb) / (na + nb - 2))
 
 
+def detectable(std: float, n: int) -> float:
+    """The smallest true difference a two-sided 95% two-sample t-test finds with 80% power with
+    n training seeds per row: (t_0.975 + t_0.80) s sqrt(2 / n), both at df = 2n - 2."""
+    df = 2 * n - 2
+    return (t_quantile(df) + t80(df)) * std * math.sqrt(2 / n)
+
+
+def seeds_for(std: float, effect: float, most: int = 1000) -> int | None:
+    """Training seeds per row that detect `effect` (searched, as the t quantiles move with n);
+    None past `most`."""
+    return next((n for n in range(2, most + 1) if detectable(std, n) <= abs(effect)), None)
+
+
 def seeds_needed(a: tuple[float, float, int], b: tuple[float, float, int]) -> int | None:
-    """Training seeds per row for a two-sided 95% two-sample test to detect the observed
-    difference at 80% power, n = 2 ((z_a + z_b) s / d)^2 with s the pooled std: what an
-    undecided comparison would cost to decide, if the gap is real. None without a gap or
-    without two seeds a side (no std to pool)."""
+    """Training seeds per row for a two-sided 95% two-sample t-test to detect the observed
+    difference at 80% power (`seeds_for` with the pooled std): what an undecided comparison would
+    cost to decide, if the gap is real. None without a gap or without two seeds a side (no std to
+    pool)."""
     if a[2] < 2 or b[2] < 2 or a[0] == b[0]:
         return None
-    n = 2 * ((_Z_ALPHA + _Z_POWER) * pooled_std(a, b) / (a[0] - b[0])) ** 2
-    return max(2, math.ceil(n))
+    return seeds_for(pooled_std(a, b), a[0] - b[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,17 +317,31 @@ def claim_bert_init(rows: dict[str, list[dict]]) -> dict:
 
 def _training_comparison(a_runs: Sequence[dict], b_runs: Sequence[dict]) -> dict | None:
     """a - b over training seeds (each model's mean over evaluation seeds): the only interval
-    that covers how far two trainings of one configuration land, so the one that decides. None
-    with one training seed on either side (no training spread to measure)."""
-    if len(a_runs) < 2 or len(b_runs) < 2:
+    that covers how far two trainings of one configuration land, so the one that decides. With
+    one side trained once (claim 3's LTE/PTE rows when time is short), the other side's
+    training-seed std stands for both: a prediction interval for a new training, which assumes
+    the two configurations spread alike. None when neither side was trained twice (no training
+    spread to measure)."""
+    if len(a_runs) < 2 and len(b_runs) < 2:
         return None
     sa, sb = train_seed_stats(a_runs), train_seed_stats(b_runs)
-    interval = difference_interval(sa, sb)
+    borrowed = min(sa[2], sb[2]) < 2
+    if borrowed:
+        std, n = (sa[1], sa[2]) if sa[2] >= 2 else (sb[1], sb[2])
+        half = t_quantile(n - 1) * std * math.sqrt(1 / sa[2] + 1 / sb[2])
+        diff = sa[0] - sb[0]
+        interval = {"difference": diff, "low": diff - half, "high": diff + half, "n_a": sa[2], "n_b": sb[2]}
+        sa, sb = (sa[0], std, 2), (sb[0], std, 2)  # what seeds_needed pools: that one std
+    else:
+        interval = difference_interval(sa, sb)
     verdict = verdict_lower(interval)
+    covers = "training seeds (each model's mean over evaluation seeds)"
+    if borrowed:
+        covers += "; one side trained once: the other side's training-seed std stands for both"
     return {
         "a": f"{a_runs[0]['row']} (all seeds)",
         "b": f"{b_runs[0]['row']} (all seeds)",
-        "covers": "training seeds (each model's mean over evaluation seeds)",
+        "covers": covers,
         **interval,
         "verdict": verdict,
         "seeds_needed": seeds_needed(sa, sb) if verdict == UNSURE else None,
@@ -333,7 +371,8 @@ REFERENCE_ROWS = ("mdlm_loglinear_tad",)
 
 def _schedule_pair(rows: dict[str, list[dict]], row: str, reference: bool) -> list[dict]:
     """One schedule against linear: a comparison per shared training seed over evaluation seeds,
-    and with more than one training seed a side the training-seed interval, which then decides."""
+    and with more than one training seed on either side the training-seed interval
+    (`_training_comparison`), which then decides."""
     pair = _pair(rows, row, "dbert_linear_tad")
     if pair is None:
         return []
@@ -392,7 +431,8 @@ def claim_spindle(rows: dict[str, list[dict]]) -> dict:
 
 def _time_design_pair(rows: dict[str, list[dict]], other: str) -> list[dict]:
     """TAD against one other time design: each row's first training seed over evaluation seeds,
-    and with more than one training seed a side the training-seed interval, which then decides."""
+    and with more than one training seed on either side the training-seed interval
+    (`_training_comparison`), which then decides."""
     pair = _pair(rows, "dbert_linear_tad", other)
     if pair is None:
         return []
