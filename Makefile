@@ -64,20 +64,21 @@ SCHEDULE_SET := --set ablation.out=outputs/schedules --set ablation.publish=repo
 schedules: $(STAMP)
 	test -d .dvc || $(BIN)/dvc init -q
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro token_stats
-	$(BIN)/dbert ablation $(SCHEDULE_SET)
+	DBERT_PROGRESS=log $(BIN)/dbert ablation $(SCHEDULE_SET)
 
 # The same experiment as two halves at once, one thread each, then one run that reuses all 14 published
-# rows (one MLflow parent, the final report). On a 2-core CPU whose second thread adds little, two
-# 1-thread rows train ~1.6x as many steps per hour as one 2-thread row (benchmarks/bench_parallel_rows.py).
+# rows (one MLflow parent, the final report); progress lines go to stderr (DBERT_PROGRESS=log). On a
+# 2-core CPU whose second thread adds little, two 1-thread rows train ~1.6x as many steps per hour as
+# one 2-thread row (benchmarks/bench_parallel_rows.py).
 SCHEDULE_HALF_A := --row dbert_linear_tad --row dbert_power_tad --row dbert_linear_lte
 SCHEDULE_HALF_B := --row dbert_spindle_tad --row mdlm_loglinear_tad --row dbert_linear_pte
 schedules-parallel: $(STAMP)
 	test -d .dvc || $(BIN)/dvc init -q
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro token_stats
-	OMP_NUM_THREADS=1 DBERT_RAY_DASHBOARD=0 $(BIN)/dbert ablation $(SCHEDULE_SET) $(SCHEDULE_HALF_A) & a=$$!; \
-	OMP_NUM_THREADS=1 DBERT_RAY_DASHBOARD=0 $(BIN)/dbert ablation $(SCHEDULE_SET) \
+	OMP_NUM_THREADS=1 DBERT_RAY_DASHBOARD=0 DBERT_PROGRESS=log $(BIN)/dbert ablation $(SCHEDULE_SET) $(SCHEDULE_HALF_A) & a=$$!; \
+	OMP_NUM_THREADS=1 DBERT_RAY_DASHBOARD=0 DBERT_PROGRESS=log $(BIN)/dbert ablation $(SCHEDULE_SET) \
 		--set ablation.out=outputs/schedules_b $(SCHEDULE_HALF_B); b=$$?; wait $$a && test $$b -eq 0
-	$(BIN)/dbert ablation $(SCHEDULE_SET)
+	DBERT_PROGRESS=log $(BIN)/dbert ablation $(SCHEDULE_SET)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

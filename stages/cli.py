@@ -13,6 +13,7 @@ and `params`.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Annotated
@@ -20,7 +21,7 @@ from typing import Annotated
 import typer
 
 from stages import ablation, evaluate, generate, prepare, samplers, schedule, token_stats, train, tune
-from stages.console import user_errors
+from stages.console import ENV_PROGRESS, user_errors
 from stages.invoke import echo_summary, resolve, run_stage, stage_help
 
 app = typer.Typer(
@@ -282,7 +283,13 @@ def ablation_in_background(
         command += ["--fresh"] if fresh else []
         with open(out / "run.log", "ab") as log:
             child = subprocess.Popen(
-                command, cwd=r, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                command,
+                cwd=r,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env={ENV_PROGRESS: "log", **os.environ},  # the log says how far it got (unless set otherwise)
             )
         (out / "run.pid").write_text(f"{child.pid}\n", encoding="utf-8")
     typer.echo(

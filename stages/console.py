@@ -4,6 +4,7 @@ clean exit, and progress bars on stderr (stdout stays clean for `generate` and `
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -64,8 +65,14 @@ def quiet_hf() -> None:
     hf_logging.disable_progress_bar()
 
 
+ENV_PROGRESS = "DBERT_PROGRESS"  # "log": plain progress lines on stderr when it is not a terminal
+
+
 class RichProgress:
-    """`progress(task, advance, total)` drawn as rich bars on stderr (silent when not a terminal)."""
+    """`progress(task, advance, total)` drawn as rich bars on stderr. When stderr is not a terminal
+    the bars are silent, unless `$DBERT_PROGRESS=log` (set by `dbert ablation --background` and
+    `make schedules*`): then a timestamped line per 10% of each task, with its rate and time
+    left, so a run's log file says how far it got."""
 
     def __init__(self) -> None:
         from rich.console import Console
@@ -88,6 +95,9 @@ class RichProgress:
             disable=not console.is_terminal,
         )
         self._tasks: dict[str, Any] = {}
+        self._log: dict[str, list[float]] | None = None  # per task: see _log_line
+        if not console.is_terminal and os.environ.get(ENV_PROGRESS) == "log":
+            self._log = {}
 
     def __enter__(self) -> RichProgress:
         self._progress.start()
@@ -102,3 +112,27 @@ class RichProgress:
         elif total is not None:
             self._progress.update(self._tasks[task], total=total)
         self._progress.advance(self._tasks[task], advance)
+        if self._log is not None:
+            self._log_line(task, advance, total)
+
+    def _log_line(self, task: str, advance: int, total: int | None) -> None:
+        import sys
+        import time
+
+        now = time.monotonic()
+        first = task not in self._log
+        # done, total, when the first call came, done after it (a resumed run starts past 0), next tenth
+        done, known, start, base, tenth = self._log.setdefault(task, [0.0, 0.0, now, float(advance), 1.0])
+        done += advance
+        known = float(total) if total is not None else known
+        if known > 0 and done >= tenth * known / 10:
+            rate = (now - start) / (done - base) if not first and done > base else None
+            speed = f"{rate:.3g} s each" if rate is not None else "rate after the next update"
+            left = f", {time.strftime('%H:%M:%S', time.gmtime(rate * max(known - done, 0)))} left" if rate else ""
+            print(
+                f"[{time.strftime('%H:%M:%S')}] {task}: {done:.0f}/{known:.0f} ({done / known:.0%}), {speed}{left}",
+                file=sys.stderr,
+                flush=True,
+            )
+            tenth = math.floor(10 * done / known) + 1.0
+        self._log[task] = [done, known, start, base, tenth]

@@ -183,6 +183,35 @@ def test_a_background_ablation_logs_under_its_own_out_folder(tmp_path):
     assert not (tmp_path / "outputs" / "ablation").exists()
 
 
+def test_progress_goes_to_a_log_as_a_line_per_tenth_with_rate_and_time_left(monkeypatch, capsys):
+    """A background run's log (stderr, not a terminal) says how far each task got: one line per
+    10%, the rate measured from the first update on (a resumed training starts past 0)."""
+    from stages.console import ENV_PROGRESS, RichProgress
+
+    monkeypatch.setenv(ENV_PROGRESS, "log")
+    with RichProgress() as progress:
+        progress("training", 1200, 2000)  # resumed at step 1,200
+        for _ in range(8):
+            progress("training", 100, 2000)
+        for _ in range(20):
+            progress("bound", 1, 20)
+    lines = capsys.readouterr().err.strip().splitlines()
+    training = [line for line in lines if "training:" in line]
+    assert [line.split("training: ")[1].split(" ")[0] for line in training] == [
+        "1200/2000",
+        "1400/2000",
+        "1600/2000",
+        "1800/2000",
+        "2000/2000",
+    ]
+    assert "rate after the next update" in training[0] and "s each" in training[1] and "left" in training[1]
+    assert sum("bound:" in line for line in lines) == 10  # 2, 4, ..., 20 of 20
+    monkeypatch.delenv(ENV_PROGRESS)
+    with RichProgress() as progress:
+        progress("training", 2000, 2000)
+    assert capsys.readouterr().err == ""  # not asked for: silent off a terminal, as before
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random DiffusionBERT exported with the default tokenizer and a linear schedule."""
