@@ -97,7 +97,7 @@ def run(
                 _reuse_published(row_run, layout, publish)
             results.append(_run_row(row_run, layout, state, state_path, index, len(runs), progress, on_row, uri))
             if publish is not None and index + 1 < len(runs):  # the last one gets the final report below
-                _publish(results, publish, build_report(params, results, parent.info.run_id, planned=len(runs)))
+                _publish(results, publish, _published_report(params, results, publish, parent.info.run_id))
         report = build_report(params, results, parent.info.run_id)
         with atomic_directory(out / "report") as tmp:
             write_report(report, tmp)
@@ -105,7 +105,9 @@ def run(
             for name in sorted(p.name for p in tmp.iterdir()):
                 log_artifact(tmp / name, "report")
         if publish is not None:
-            _publish(results, publish, report)
+            # a run of some rows (--row: one half of make schedules-parallel) publishes the whole plan's report so far
+            whole = report if only is None else _published_report(params, results, publish, parent.info.run_id)
+            _publish(results, publish, whole)
     return {
         "stage": STAGE,
         "report": str(out / "report"),
@@ -244,6 +246,26 @@ def _reuse_published(row_run: RowRun, layout: Layout, publish: Path) -> None:
     if local.is_file() and read_json(local).get("fingerprint") == row_run.fingerprint:
         return
     write_json_atomic(result, local)
+
+
+def _published_report(params: Params, results: list[dict], publish: Path, parent_run_id: str) -> dict:
+    """The report so far of the whole plan (`ablation.rows`, whatever `--row` this run took): this
+    run's finished rows and every row another run (the other half of `make schedules-parallel`,
+    another checkout) published with the same fingerprint, in plan order. Two runs that share
+    `ablation.publish` then both write the same report, not each its own half."""
+    from pipeline.ablation.writeup import build_report
+
+    keys = [row_run.key for row_run in plan(params)]
+    own = {r["key"]: r for r in results}
+    rows = []
+    for row_run in plan(params):
+        path = publish / "rows" / row_run.key / "result.json"
+        if row_run.key in own:
+            rows.append(own[row_run.key])
+        elif path.is_file() and (result := read_json(path)).get("fingerprint") == row_run.fingerprint:
+            rows.append(result)
+    extra = [r for key, r in own.items() if key not in keys]  # a --row outside ablation.rows
+    return build_report(params, rows + extra, parent_run_id, planned=len(keys) + len(extra))
 
 
 def _publish(results: list[dict], publish: Path, report: dict) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.ablation import report as rep
 from pipeline.ablation.rows import ROWS, plan, row_params
-from pipeline.artifacts import Layout, read_json
+from pipeline.artifacts import Layout, read_json, write_json_atomic
 from pipeline.config import ABLATION_ROWS, PAPER_ROWS, ParamsError, load_params
 from tests.env import without_project_env
 from tests.test_stages import REPO, tiny_params
@@ -426,6 +426,32 @@ def test_rows_are_published_as_they_land_and_a_fresh_checkout_reuses_them(ablate
     run = plan(other)[0]
     ablation._reuse_published(run, Layout(fresh / "elsewhere"), fresh / "reports/tiny")
     assert not (fresh / "elsewhere" / "outputs/ablation/rows/dbert_linear_tad/result.json").exists()
+
+
+def test_each_half_of_a_split_experiment_publishes_the_report_of_the_whole_plan(tmp_path):
+    """make schedules-parallel: two runs with their own --row halves share ablation.publish; each
+    one's report so far holds its own rows and the rows the other half published with the same
+    params (plan order, planned = the whole plan), never a published row with other params."""
+    from stages import ablation
+
+    rows = "ablation.rows=[dbert_linear_tad,dbert_spindle_tad,dbert_power_tad]"
+    params = load_params(None, [rows, "ablation.seeds=[0,1]", "ablation.repeat_rows=[dbert_linear_tad]"])
+    runs = {r.key: r for r in plan(params)}  # linear, spindle, power, linear.seed1
+    publish = tmp_path / "reports"
+
+    def finished(key: str, ppl: float, fingerprint: str | None = None) -> dict:
+        run = runs[key]
+        return {**fake(run.row.name, run.seed, ppl), "fingerprint": fingerprint or run.fingerprint}
+
+    mine = [finished("dbert_power_tad", 95.0)]  # this half: power
+    write_json_atomic(finished("dbert_spindle_tad", 90.0), publish / "rows/dbert_spindle_tad/result.json")
+    write_json_atomic(finished("dbert_linear_tad", 100.0), publish / "rows/dbert_linear_tad/result.json")
+    stale = finished("dbert_linear_tad.seed1", 99.0, fingerprint="other-params")
+    write_json_atomic(stale, publish / "rows/dbert_linear_tad.seed1/result.json")
+    report = ablation._published_report(params, mine, publish, "parent")
+    assert [r["key"] for r in report["rows"]] == ["dbert_linear_tad", "dbert_spindle_tad", "dbert_power_tad"]
+    assert (report["rows_finished"], report["rows_planned"]) == (3, 4)
+    assert report["rows"][2] is mine[0]
 
 
 def test_choosing_gamma_changes_only_the_power_rows(tmp_path):
