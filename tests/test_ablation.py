@@ -65,14 +65,24 @@ def test_the_rows_set_what_the_paper_table_names():
     assert row_params(base, ROWS["dbert_spindle_paper_tad"], 0).diffusion.schedule == "spindle_paper"
 
 
-def test_the_schedule_experiment_preset_plans_three_seeds_of_each_schedule_in_its_own_folder():
+def make_ablations(target: str) -> list[tuple[list[str], list[str]]]:
+    """The `--set` values and `--row` names of every `dbert ablation` command `make -n target` runs."""
     import shlex
     import subprocess
 
-    make = subprocess.run(["make", "-n", "schedules"], capture_output=True, text=True, check=True).stdout
-    line = next(line for line in make.splitlines() if "dbert ablation" in line)
-    sets = [a.split("=", 1) for a in shlex.split(line) if "=" in a and not a.startswith("PATH")]
-    base = load_params(None, [f"{k}={v}" for k, v in sets])
+    make = subprocess.run(["make", "-n", target], capture_output=True, text=True, check=True).stdout
+    commands = []
+    for command in make.replace("\\\n", " ").split("dbert ablation")[1:]:
+        words = shlex.split(command.split("&")[0].split(";")[0])
+        pairs = list(zip(words, words[1:]))
+        commands.append(([v for k, v in pairs if k == "--set"], [v for k, v in pairs if k == "--row"]))
+    return commands
+
+
+def test_the_schedule_experiment_preset_plans_three_seeds_of_each_schedule_in_its_own_folder():
+    ((sets, rows),) = make_ablations("schedules")
+    assert not rows
+    base = load_params(None, sets)
     runs = plan(base)
     schedules = {r.params.diffusion.schedule for r in runs}
     assert {"linear", "spindle", "power", "loglinear"} <= schedules
@@ -86,6 +96,18 @@ def test_the_schedule_experiment_preset_plans_three_seeds_of_each_schedule_in_it
     assert base.ablation.publish == "reports/schedules"  # rows land in git as they finish
     assert len(base.ablation.bound_seeds) >= 2  # a mean and a spread over chain seeds (PAPER §7)
     assert row_params(base, ROWS["mdlm_loglinear_tad"], 0).diffusion.schedule == "loglinear"
+
+
+def test_the_two_halves_of_schedules_parallel_cover_the_plan_once_in_their_own_folders_then_merge():
+    (sets, _), *_ = make_ablations("schedules")
+    (a_sets, a_rows), (b_sets, b_rows), (merge_sets, merge_rows) = make_ablations("schedules-parallel")
+    whole = [r.key for r in plan(load_params(None, sets))]
+    halves = [[r.key for r in plan(load_params(None, s), rows)] for s, rows in ((a_sets, a_rows), (b_sets, b_rows))]
+    assert sorted(halves[0] + halves[1]) == sorted(whole) and not set(halves[0]) & set(halves[1])
+    outs = {load_params(None, s).ablation.out for s in (a_sets, b_sets)}
+    assert len(outs) == 2  # each half its own state.json and rows
+    assert {load_params(None, s).ablation.publish for s in (a_sets, b_sets)} == {"reports/schedules"}
+    assert (merge_sets, merge_rows) == (sets, [])  # the merge is make schedules: reuses all 14 rows
 
 
 def test_one_param_switches_every_row_to_another_bert():
