@@ -67,9 +67,9 @@ schedules: $(STAMP)
 	DBERT_PROGRESS=log $(BIN)/dbert ablation $(SCHEDULE_SET)
 
 # The same experiment as two halves at once, one thread each, then one run that reuses all 14 published
-# rows (one MLflow parent, the final report); progress lines go to stderr (DBERT_PROGRESS=log). On a
-# 2-core CPU whose second thread adds little, two 1-thread rows train ~1.6x as many steps per hour as
-# one 2-thread row (benchmarks/bench_parallel_rows.py).
+# rows (one MLflow parent, the final report); progress lines go to stderr (DBERT_PROGRESS=log). On this
+# 2-core VM two 1-thread rows trained 0.98-1.67x the steps per hour of one 2-thread row, never worse
+# than the noise and far better when one core is contended (benchmarks/bench_parallel_rows.py, README).
 SCHEDULE_HALF_A := --row dbert_linear_tad --row dbert_power_tad --row dbert_linear_lte
 SCHEDULE_HALF_B := --row dbert_spindle_tad --row mdlm_loglinear_tad --row dbert_linear_pte
 schedules-parallel: $(STAMP)
