@@ -255,10 +255,11 @@ def _published_report(params: Params, results: list[dict], publish: Path, parent
     `ablation.publish` then both write the same report, not each its own half."""
     from pipeline.ablation.writeup import build_report
 
-    keys = [row_run.key for row_run in plan(params)]
+    whole = plan(params)
+    keys = [row_run.key for row_run in whole]
     own = {r["key"]: r for r in results}
     rows = []
-    for row_run in plan(params):
+    for row_run in whole:
         path = publish / "rows" / row_run.key / "result.json"
         if row_run.key in own:
             rows.append(own[row_run.key])
