@@ -113,16 +113,17 @@ class RichProgress:
             self._progress.update(self._tasks[task], total=total)
         self._progress.advance(self._tasks[task], advance)
         if self._log is not None:
-            self._log_line(task, advance, total)
+            self._log_line(self._log, task, advance, total)
 
-    def _log_line(self, task: str, advance: int, total: int | None) -> None:
+    @staticmethod
+    def _log_line(log: dict[str, list[float]], task: str, advance: int, total: int | None) -> None:
         import sys
         import time
 
         now = time.monotonic()
-        first = task not in self._log
+        first = task not in log
         # done, total, when the first call came, done after it (a resumed run starts past 0), next tenth
-        done, known, start, base, tenth = self._log.setdefault(task, [0.0, 0.0, now, float(advance), 1.0])
+        done, known, start, base, tenth = log.setdefault(task, [0.0, 0.0, now, float(advance), 1.0])
         done += advance
         known = float(total) if total is not None else known
         if known > 0 and done >= tenth * known / 10:
@@ -135,4 +136,4 @@ class RichProgress:
                 flush=True,
             )
             tenth = math.floor(10 * done / known) + 1.0
-        self._log[task] = [done, known, start, base, tenth]
+        log[task] = [done, known, start, base, tenth]
