@@ -176,13 +176,32 @@ def test_resume_continues_the_last_run_without_redoing_its_steps(layout):
 
     second = run_training(tiny_params("train.steps=6"), layout, resume=True)
     assert second.run_name == first.run_name
-    assert _steps(second.history) == [6]  # steps 5 and 6 only (eval every 2): nothing from 1-4 again
-    assert {h["resumed_from_step"] for h in second.history} == {4}
+    # the history holds the first run's reports, then steps 5 and 6 only (nothing from 1-4 again)
+    assert second.history[: len(first.history)] == first.history
+    new = second.history[len(first.history) :]
+    assert _steps(new) == [6] and {h["resumed_from_step"] for h in new} == {4}
     assert checkpoint_step(second.checkpoint_dir) == 6
     assert second.history[-1]["tokens_seen"] > first.history[-1]["tokens_seen"]
 
     again = run_training(tiny_params("train.steps=6"), layout, resume=True)  # already done: trains nothing
-    assert again.history == [] and checkpoint_step(again.checkpoint_dir) == 6
+    assert again.history == second.history and checkpoint_step(again.checkpoint_dir) == 6
+
+
+def test_a_resume_keeps_the_reports_up_to_its_checkpoint_and_drops_the_ones_made_again(tmp_path):
+    """A run killed after its step-4 checkpoint reported step 6 (and was cut mid-line): the resumed
+    run redoes steps 5-6, so its history keeps steps 2 and 4 and the file is cut back to them."""
+    import json
+
+    from pipeline.train.ray.runs import HISTORY_FILE, append_history, earlier_history
+
+    for step in (2, 4, 6):
+        append_history(tmp_path, {"step": step, "val_bound": 9.0 - step})
+    with open(tmp_path / HISTORY_FILE, "a", encoding="utf-8") as handle:
+        handle.write('{"step": 7, "val_bo')  # killed while writing
+    assert earlier_history(tmp_path, 4) == [{"step": 2, "val_bound": 7.0}, {"step": 4, "val_bound": 5.0}]
+    lines = (tmp_path / HISTORY_FILE).read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [2, 4]
+    assert earlier_history(tmp_path / "elsewhere", 4) == []  # a run that never wrote one
 
 
 def test_resume_without_an_earlier_run_says_there_is_nothing_to_resume(layout):

@@ -76,6 +76,8 @@ def test_a_local_mode_run_checkpoints_to_a_uri_store_and_resumes_from_it(layout,
         tiny_params("train.steps=4", "train.checkpoint_every=2", f"train.storage={store}"), layout, resume=True
     )
     assert again.run_name == first.run_name
-    assert [int(h["step"]) for h in again.history] == [4]  # steps 3-4 only: nothing redone
-    assert {h["resumed_from_step"] for h in again.history} == {2}
+    new = again.history[len(first.history) :]  # the history carries the first run's reports first
+    assert again.history[: len(first.history)] == first.history
+    assert [int(h["step"]) for h in new] == [4]  # steps 3-4 only: nothing redone
+    assert {h["resumed_from_step"] for h in new} == {2}
     assert checkpoint_step(latest_checkpoint(run_dir)) == 4

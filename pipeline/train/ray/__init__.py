@@ -16,7 +16,8 @@ function), `reports` (how rank 0's reports reach the driver), `driver` (`run_tra
 * Reports: `ray.train.report` must be called by every rank at the same steps (the loop does);
   rank 0 alone hands over a checkpoint. A controller-side `UserCallback` sees the metrics of all
   ranks and forwards rank 0's to the driver (history, live `progress`), so history survives
-  worker restarts. Local mode runs no callbacks: the worker calls the driver's sink directly.
+  worker restarts; the driver also appends each report to the run folder's `history.jsonl`, so a
+  resumed run's history starts at step 1, not at the resume (local and file: run folders). Local mode runs no callbacks: the worker calls the driver's sink directly.
 * MLflow: rank 0 logs each report to the driver's run by id (`WorkerConfig.mlflow_run_id`; the
   tracking URI travels in the config because a Ray cluster started earlier does not see later
   env changes). Workers never start or end that run, and never create the database.

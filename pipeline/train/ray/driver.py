@@ -25,6 +25,9 @@ from pipeline.train.ray.inputs import TrainInputs
 from pipeline.train.ray.reports import drop_sink, forward_reports_callback, register_sink
 from pipeline.train.ray.runs import (
     RUN_RECORD,
+    append_history,
+    checkpoint_step,
+    earlier_history,
     last_run,
     latest_checkpoint,
     new_run_name,
@@ -48,7 +51,7 @@ class TrainingError(RuntimeError):
 @dataclass
 class TrainOutcome:
     run_name: str
-    history: list[dict]  # rank 0's reports in order, across worker restarts (and resumes: new steps only)
+    history: list[dict]  # rank 0's reports in order, across worker restarts and resumes (local run folders)
     checkpoint_dir: Path  # the final checkpoint, copied to layout.checkpoints / run_name
     export_dir: Path | None  # the Hugging Face export, when asked for
     precision: str  # fp32 or bf16, as resolved on the workers
@@ -121,10 +124,18 @@ def run_training(
         local.mkdir(parents=True, exist_ok=True)
     record_run(layout, run_name, store.location, tp.num_workers)
 
+    # A resumed run's history starts with what it reported before (local run folders keep it).
     history: list[dict] = []
+    if resume_from is not None and local is not None:
+        history = earlier_history(local, checkpoint_step(resume_from) or 0)
 
     def take(entry: dict) -> None:
         history.append(entry)
+        if local is not None:
+            try:
+                append_history(local, entry)
+            except OSError as err:  # the record must not stop training
+                _log.warning("could not record the report in %s: %s", local, err)
         if progress is not None:
             try:
                 progress(dict(entry))

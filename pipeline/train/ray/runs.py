@@ -19,6 +19,7 @@ from pipeline.train.ray import storage
 RUN_RECORD = "last_run.json"
 CHECKPOINT_PREFIX = "checkpoint_"
 KEEP_CHECKPOINTS = 2
+HISTORY_FILE = "history.jsonl"  # rank 0's reports, one JSON object a line, across resumes (local runs)
 
 
 def new_run_name(prefix: str = "train") -> str:
@@ -115,3 +116,30 @@ def persist_checkpoint(source: Path, run_dir: str | Path, step: int, keep: int =
     for _, old in _checkpoints(run_dir)[:-keep] if keep > 0 else []:
         storage.delete_dir(old)
     return target
+
+
+def earlier_history(run_dir: Path, up_to_step: int) -> list[dict]:
+    """The reports a run made before it was stopped, up to the checkpoint it resumes from, and the
+    history file cut back to them (reports after that checkpoint are made again). A resumed
+    training's history (and a row's validation curve) then starts at step 1, not at the resume."""
+    path = run_dir / HISTORY_FILE
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:  # a line cut off when the process was killed
+            continue
+        if int(entry.get("step", 0)) <= up_to_step:
+            entries.append(entry)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(e) + "\n" for e in entries), encoding="utf-8")
+    tmp.replace(path)
+    return entries
+
+
+def append_history(run_dir: Path, entry: dict) -> None:
+    """One report more in the run's history file."""
+    with open(run_dir / HISTORY_FILE, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry, default=str) + "\n")
