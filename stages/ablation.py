@@ -232,17 +232,24 @@ def _train_and_evaluate(
     return seconds
 
 
+def _published_result(row_run: RowRun, publish: Path) -> dict | None:
+    """The row's result.json under `ablation.publish` when it was measured with these very params
+    (same fingerprint), else None."""
+    path = publish / "rows" / row_run.key / "result.json"
+    if not path.is_file():
+        return None
+    result = read_json(path)
+    return result if result.get("fingerprint") == row_run.fingerprint else None
+
+
 def _reuse_published(row_run: RowRun, layout: Layout, publish: Path) -> None:
     """A row finished in another checkout and committed under `ablation.publish` is copied into
     `ablation.out` when this checkout has no result for it (or a stale one), so `_run_row`
     reuses it like a row finished here; a published result with other params is ignored."""
-    published = publish / "rows" / row_run.key / "result.json"
+    result = _published_result(row_run, publish)
+    if result is None:
+        return
     local = layout.root / row_run.params.ablation.out / "rows" / row_run.key / "result.json"
-    if not published.is_file():
-        return
-    result = read_json(published)
-    if result.get("fingerprint") != row_run.fingerprint:
-        return
     if local.is_file() and read_json(local).get("fingerprint") == row_run.fingerprint:
         return
     write_json_atomic(result, local)
@@ -260,10 +267,9 @@ def _published_report(params: Params, results: list[dict], publish: Path, parent
     own = {r["key"]: r for r in results}
     rows = []
     for row_run in whole:
-        path = publish / "rows" / row_run.key / "result.json"
         if row_run.key in own:
             rows.append(own[row_run.key])
-        elif path.is_file() and (result := read_json(path)).get("fingerprint") == row_run.fingerprint:
+        elif (result := _published_result(row_run, publish)) is not None:
             rows.append(result)
     extra = [r for key, r in own.items() if key not in keys]  # a --row outside ablation.rows
     return build_report(params, rows + extra, parent_run_id, planned=len(keys) + len(extra))

@@ -121,13 +121,13 @@ class RichProgress:
         import time
 
         now = time.monotonic()
-        first = task not in log
-        # done, total, when the first call came, done after it (a resumed run starts past 0), next tenth
+        # done, total, when the first call came, done after it (a resumed run starts past 0; the
+        # rate counts from there, so the first call has none), next tenth
         done, known, start, base, tenth = log.setdefault(task, [0.0, 0.0, now, float(advance), 1.0])
         done += advance
         known = float(total) if total is not None else known
         if known > 0 and done >= tenth * known / 10:
-            rate = (now - start) / (done - base) if not first and done > base else None
+            rate = (now - start) / (done - base) if done > base else None
             speed = f"{rate:.3g} s each" if rate is not None else "rate after the next update"
             left = f", {time.strftime('%H:%M:%S', time.gmtime(rate * max(known - done, 0)))} left" if rate else ""
             print(

@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pipeline.artifacts import Layout, atomic_directory, read_json, write_json_atomic
+from pipeline.artifacts import Layout, atomic_directory, read_json, write_file_atomic, write_json_atomic
 from pipeline.train.ray import storage
 
 RUN_RECORD = "last_run.json"
@@ -133,9 +133,7 @@ def earlier_history(run_dir: Path, up_to_step: int) -> list[dict]:
             continue
         if int(entry.get("step", 0)) <= up_to_step:
             entries.append(entry)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(e) + "\n" for e in entries), encoding="utf-8")
-    tmp.replace(path)
+    write_file_atomic(path, "".join(json.dumps(e) + "\n" for e in entries))
     return entries
 
 
