@@ -125,6 +125,21 @@ def test_a_failing_block_marks_the_run_failed_and_reraises(clean_mlflow, tmp_pat
     assert found[0]["params"] == {"evaluate.seeds": "[0]"}
 
 
+def test_resuming_a_run_the_store_lost_starts_a_new_run_with_a_warning(clean_mlflow, tmp_path):
+    """A restored workspace keeps an ablation's state.json but not mlflow.db: going on must not fail."""
+    with runs.start_stage_run("ablation", None, root=tmp_path) as first:
+        pass
+    with runs.start_stage_run("ablation", None, root=tmp_path, resume_run_id=first.info.run_id) as again:
+        assert again.info.run_id == first.info.run_id  # a run the store holds is reopened
+    lost = "d79422ffe6944492bf4b857897846546"
+    with pytest.warns(UserWarning, match=f"{lost} is not in the store"):
+        with runs.start_stage_run("ablation", None, root=tmp_path, resume_run_id=lost) as fresh:
+            pass
+    assert fresh.info.run_id not in (lost, first.info.run_id)
+    found = store.find_runs("diffusionbert", root=tmp_path)
+    assert sorted(r["run_id"] for r in found) == sorted([first.info.run_id, fresh.info.run_id])
+
+
 def test_setup_tracking_is_idempotent(clean_mlflow, tmp_path):
     mlflow = clean_mlflow
     first = store.setup_tracking("idem", root=tmp_path)

@@ -8,6 +8,7 @@ import posixpath
 import re
 import secrets
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -112,6 +113,11 @@ def start_stage_run(
 
     name = experiment or _experiment_of(params) or DEFAULT_EXPERIMENT
     experiment_id = setup_tracking(name, root, uri)
+    if resume_run_id is not None and not _run_exists(resume_run_id):
+        # The store lost it (a new or restored workspace, another tracking server): the work
+        # goes on under a new run rather than failing on a record of where it was logged.
+        warnings.warn(f"MLflow run {resume_run_id} is not in the store; starting a new {stage} run", stacklevel=3)
+        resume_run_id = None
     all_tags = lineage_tags(stage, deps, root)
     all_tags.update({str(k): v for k, v in (tags or {}).items()})
     safe_tags = {safe_key(k): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in all_tags.items()}
@@ -147,6 +153,20 @@ def start_stage_run(
             if run_id is not None:
                 with held():
                     _end_run(run_id, status)
+
+
+def _run_exists(run_id: str) -> bool:
+    """Whether the current tracking store holds `run_id`."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
 
 
 def _end_run(run_id: str, status: str) -> None:
