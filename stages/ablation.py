@@ -218,7 +218,8 @@ def _train_and_evaluate(
         try:
             # The rows' models are compared, not served: no pyfunc, no registry version per row.
             unserved = with_values(params, {"tracking.registered_model": ""})
-            train.run(unserved, row_root, resume=last_run(row_layout) is not None, progress=progress, tracking_uri=uri)
+            timed = _recording_train_time(progress, seconds, timing_path, start)
+            train.run(unserved, row_root, resume=last_run(row_layout) is not None, progress=timed, tracking_uri=uri)
         finally:
             seconds["train"] += time.perf_counter() - start
             write_json_atomic(seconds, timing_path)
@@ -230,6 +231,20 @@ def _train_and_evaluate(
     seconds["evaluate"] = time.perf_counter() - start
     write_json_atomic(seconds, timing_path)
     return seconds
+
+
+def _recording_train_time(
+    progress: ProgressCallback | None, seconds: dict[str, float], path: Path, start: float
+) -> ProgressCallback:
+    """`progress`, also writing the training time so far to timing.json at every report: a session
+    killed outright (no `finally`) still leaves the time up to its last checkpoint."""
+
+    def call(task: str, advance: int, total: int | None) -> None:
+        write_json_atomic({**seconds, "train": seconds["train"] + time.perf_counter() - start}, path)
+        if progress is not None:
+            progress(task, advance, total)
+
+    return call
 
 
 def _published_result(row_run: RowRun, publish: Path) -> dict | None:

@@ -308,6 +308,19 @@ def test_markdown_table_flags_leaky_and_packed_rows_and_shows_both_training_seed
     assert "90.5 ± 0.7 (90.0 / 91.0)" in text
 
 
+def test_the_table_shows_each_rows_training_precision_and_each_seeds_where_they_differ():
+    results = [fake("dbert_linear_tad", 0, 90.0), fake("dbert_linear_tad", 1, 91.0), fake("dbert_spindle_tad", 0, 89.0)]
+    results[0]["train"]["precision"] = "fp32"  # seed 0 ran on a machine without fast bf16
+    results[1]["train"]["precision"] = results[2]["train"]["precision"] = "bf16"
+    lines = {line["row"]: line for line in rep.table_rows(results)}
+    assert lines["dbert_linear_tad"]["train_precision"] == ["fp32", "bf16"]
+    table = rep.markdown_table(list(lines.values()), label="LM1B-sample").splitlines()
+    assert table[2].endswith("| Train min | Precision |")
+    linear = next(t for t in table if t.startswith("| `dbert_linear_tad`"))
+    spindle = next(t for t in table if t.startswith("| `dbert_spindle_tad`"))
+    assert linear.endswith("| fp32 / bf16 |") and spindle.endswith("| bf16 |")
+
+
 # ---------------------------------------------------------------------------------------------
 # Packed bound
 # ---------------------------------------------------------------------------------------------
@@ -606,3 +619,28 @@ def test_the_carried_rows_are_still_reused_by_the_current_params_and_code():
         result = json.loads(path.read_text())
         run = runs[result["key"]]
         assert (result["fingerprint"], result["train_fingerprint"]) == (run.fingerprint, run.train_fingerprint), path
+
+
+def test_a_rows_training_time_is_on_disk_at_every_report_not_only_when_training_ends(tmp_path, monkeypatch):
+    """A session killed outright runs no `finally`: timing.json must already hold the time so far."""
+    from stages import ablation, evaluate, samplers, schedule, train
+
+    row_root = tmp_path / "row"
+    row_root.mkdir()
+    write_json_atomic({"train": 100.0, "evaluate": 0.0}, row_root / "timing.json")  # an earlier session's
+    on_disk_mid_training: list[dict] = []
+    reported: list[tuple] = []
+
+    def training(params, root, resume, progress, tracking_uri):
+        progress("training", 100, 2000)  # the driver's first report (a checkpoint has just landed)
+        on_disk_mid_training.append(read_json(row_root / "timing.json"))
+
+    monkeypatch.setattr(schedule, "run", lambda *a, **k: None)
+    monkeypatch.setattr(train, "run", training)
+    monkeypatch.setattr(evaluate, "run", lambda *a, **k: None)
+    monkeypatch.setattr(samplers, "run", lambda *a, **k: None)
+    params = load_params(REPO / "params.yaml")
+    seconds = ablation._train_and_evaluate(params, row_root, lambda *a: reported.append(a), "sqlite:///x.db")
+    assert reported == [("training", 100, 2000)]  # the caller's progress still sees every report
+    assert len(on_disk_mid_training) == 1 and on_disk_mid_training[0]["train"] > 100.0
+    assert seconds["train"] >= on_disk_mid_training[0]["train"]

@@ -184,6 +184,7 @@ def table_rows(results: Iterable[dict]) -> list[dict]:
         line["format"] = ev[0]["format"]
         line["leaky"] = bool(ev[0]["leaky"])
         line["train_minutes"] = sum(r["train"]["seconds"] for r in runs) / len(runs) / 60.0
+        line["train_precision"] = [r["train"].get("precision") or "?" for r in runs]  # per training seed
         line["eval_minutes"] = sum(e["seconds"] for e in ev) / len(ev) / 60.0
         line["mlflow_row_runs"] = [r["mlflow"]["row"] for r in runs]
         lines.append(line)
@@ -207,10 +208,16 @@ def _bleu_cell(line: dict, metric: str) -> str:
     return f"{line[metric]:.4f}{spread}"
 
 
+def _precision_cell(line: dict) -> str:
+    """One value when every seed trained in it, else each seed's (rows can span machines)."""
+    precisions = line.get("train_precision") or ["?"]
+    return precisions[0] if len(set(precisions)) == 1 else " / ".join(precisions)
+
+
 def markdown_table(lines: Sequence[dict], *, label: str) -> str:
     header = (
         "| Row | Method | Init | Schedule | Time | PPL/word | PPL/token | BLEU | Self-BLEU | Entropy (bits) "
-        "| Train min |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| Train min | Precision |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     body = []
     for line in lines:
@@ -219,7 +226,8 @@ def markdown_table(lines: Sequence[dict], *, label: str) -> str:
         body.append(
             f"| `{line['row']}`{flags} | {line['method']} | {line['init']} | {line['schedule']} | {line['time']} | "
             f"{_ppl_cell(line, 'ppl_word')} | {_ppl_cell(line, 'ppl_token')} | {_bleu_cell(line, 'bleu')} | "
-            f"{_bleu_cell(line, 'self_bleu')} | {line['unigram_entropy_bits']:.2f} | {line['train_minutes']:.1f} |"
+            f"{_bleu_cell(line, 'self_bleu')} | {line['unigram_entropy_bits']:.2f} | {line['train_minutes']:.1f} | "
+            f"{_precision_cell(line)} |"
         )
     notes = [f"- `{line['row']}`: {line['note']}" for line in lines if line.get("note")]
     caption = (
@@ -230,7 +238,9 @@ def markdown_table(lines: Sequence[dict], *, label: str) -> str:
         "counts only its kept words). BLEU-4: mean over samples of each sample's nltk corpus_bleu "
         "against the whole test split, no smoothing (PAPER §7); Self-BLEU: mean over a disjoint sample "
         "set of each sample against the others (± std over training seeds where there are several). "
-        "Entropy: unigram entropy of the samples' words, in bits."
+        "Entropy: unigram entropy of the samples' words, in bits. Train min: wall-clock minutes per "
+        "training (mean over seeds) on the machine that ran it; Precision: the training's autocast "
+        "per seed (`precision: auto` takes bf16 where the CPU/GPU has it; the bound differs < 0.1%)."
     )
     return caption + "\n\n" + header + "\n".join(body) + ("\n\n" + "\n".join(notes) if notes else "") + "\n"
 
