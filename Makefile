@@ -16,7 +16,7 @@ export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv repro push pull test test-unit test-fast lint format typecheck deps ablation schedules schedules-parallel clean
+.PHONY: venv repro push pull test test-unit test-fast lint format typecheck deps ablation schedules schedules-parallel schedules-report clean
 
 venv: $(STAMP)
 
@@ -72,6 +72,10 @@ schedules: $(STAMP)
 # than the noise and far better when one core is contended (benchmarks/bench_parallel_rows.py, README).
 SCHEDULE_HALF_A := --row dbert_linear_tad --row dbert_power_tad --row dbert_linear_lte
 SCHEDULE_HALF_B := --row dbert_spindle_tad --row mdlm_loglinear_tad --row dbert_linear_pte
+# The schedule experiment's report from the rows finished so far (here or in reports/schedules): trains nothing.
+schedules-report: $(STAMP)
+	$(BIN)/dbert ablation $(SCHEDULE_SET) --report-only
+
 schedules-parallel: $(STAMP)
 	test -d .dvc || $(BIN)/dvc init -q
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro token_stats

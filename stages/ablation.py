@@ -117,6 +117,53 @@ def run(
     }
 
 
+def report_only(params: Params, root: Path) -> dict:
+    """The report of the rows finished so far, from this checkout's `ablation.out` or published
+    under `ablation.publish`, training and evaluating nothing and opening no MLflow run: to look at
+    an experiment while its rows run elsewhere, or to re-render it after the report code changed.
+    Written to `ablation.publish`/report (the committed one) when set, else `ablation.out`/report;
+    it names the parent run of state.json, if any."""
+    from pipeline.ablation.writeup import build_report, write_report
+
+    layout = Layout(Path(root))
+    runs = plan(params)
+    out = layout.root / params.ablation.out
+    publish = layout.root / params.ablation.publish if params.ablation.publish else None
+    results = [r for row_run in runs if (r := _finished_result(row_run, out, publish)) is not None]
+    if not results:
+        raise FileNotFoundError(
+            f"no finished row of this plan in {out / 'rows'}"
+            + (f" or {publish / 'rows'}" if publish is not None else "")
+            + " (finished with these params); run `dbert ablation` first"
+        )
+    state_path = out / "state.json"
+    parent = read_json(state_path).get("parent_run_id", "") if state_path.is_file() else ""
+    report = build_report(params, results, parent, planned=len(runs))
+    report["command"] = "dbert ablation --report-only"
+    if publish is not None:
+        _publish(results, publish, report)
+        written = publish / "report"
+    else:
+        with atomic_directory(out / "report") as tmp:
+            write_report(report, tmp)
+        written = out / "report"
+    return {
+        "stage": STAGE,
+        "report": str(written),
+        "mlflow_run_id": parent,
+        "rows": len(results),
+        "claims": {c["claim"]: c["verdict"] for c in report["claims"]},
+    }
+
+
+def _finished_result(row_run: RowRun, out: Path, publish: Path | None) -> dict | None:
+    """The row's result.json in `out` when it was measured with these params, else the published one."""
+    local = out / "rows" / row_run.key / "result.json"
+    if local.is_file() and (result := read_json(local)).get("fingerprint") == row_run.fingerprint:
+        return result
+    return _published_result(row_run, publish) if publish is not None else None
+
+
 # ---------------------------------------------------------------------------------------------
 # One row
 # ---------------------------------------------------------------------------------------------

@@ -244,9 +244,26 @@ def ablation_command(
             help="Detach: run in a new session, log to <ablation.out>/run.log (outputs/ablation/), print the pid.",
         ),
     ] = False,
+    report_only: Annotated[
+        bool,
+        typer.Option(
+            "--report-only",
+            help="Train and evaluate nothing: write the report of the rows finished so far (here or under "
+            "ablation.publish), e.g. while the rows run elsewhere or after the report code changed.",
+        ),
+    ] = False,
 ) -> None:
     import time
 
+    if report_only:
+        if rows or fresh or background:
+            raise typer.BadParameter("--report-only reports the whole plan: drop --row, --fresh and --background")
+        with user_errors():
+            summary = ablation.report_only(*resolve(params, set_, root))
+        typer.echo(f"report: {summary['report']}/report.md ({summary['rows']} rows finished)")
+        for number, verdict in summary["claims"].items():
+            typer.echo(f"claim {number}: {verdict}")
+        return
     if background:
         ablation_in_background(params, set_, root, rows, fresh)
         return

@@ -218,6 +218,7 @@ def fake(row: str, seed: int, ppl: float, std: float = 0.5, curve=(9.0, 8.0, 7.0
             "leaky": spec.schedule == "spindle_paper",
             "seconds": 30.0,
             "steps_table": table or [],
+            "quality_diversity": [],
         },
     }
 
@@ -489,6 +490,44 @@ def test_each_half_of_a_split_experiment_publishes_the_report_of_the_whole_plan(
     assert report["rows"][2] is mine[0]
 
 
+def test_report_only_renders_the_finished_rows_and_trains_nothing(tmp_path):
+    """`dbert ablation --report-only`: the rows finished here or published (with these params), in
+    plan order, into the published report; no row is trained, no MLflow run is opened."""
+    from stages import ablation
+
+    rows = "ablation.rows=[dbert_linear_tad,dbert_spindle_tad,dbert_power_tad]"
+    params = load_params(
+        None, [rows, "ablation.seeds=[0,1]", "ablation.repeat_rows=[dbert_linear_tad]", "ablation.publish=reports/x"]
+    )
+    runs = {r.key: r for r in plan(params)}
+
+    def finished(key: str, ppl: float, fingerprint: str | None = None) -> dict:
+        run = runs[key]
+        return {**fake(run.row.name, run.seed, ppl), "fingerprint": fingerprint or run.fingerprint}
+
+    with pytest.raises(FileNotFoundError, match="no finished row of this plan"):
+        ablation.report_only(params, tmp_path)
+    assert not (tmp_path / "reports/x/report").exists()
+    out, publish = tmp_path / "outputs/ablation", tmp_path / "reports/x"
+    write_json_atomic(finished("dbert_power_tad", 95.0), out / "rows/dbert_power_tad/result.json")  # here only
+    write_json_atomic(finished("dbert_spindle_tad", 90.0), publish / "rows/dbert_spindle_tad/result.json")
+    stale = finished("dbert_linear_tad", 99.0, fingerprint="other-params")
+    write_json_atomic(stale, publish / "rows/dbert_linear_tad/result.json")
+    write_json_atomic({"parent_run_id": "p123"}, out / "state.json")
+
+    summary = ablation.report_only(params, tmp_path)
+    report = read_json(publish / "report/report.json")
+    assert [r["key"] for r in report["rows"]] == ["dbert_spindle_tad", "dbert_power_tad"]
+    assert (report["rows_finished"], report["rows_planned"]) == (2, 4)
+    assert report["command"] == "dbert ablation --report-only" and report["mlflow_parent_run_id"] == "p123"
+    assert (publish / "report/curves_by_row.png").is_file() and "Partial: 2 of 4" in (
+        publish / "report/report.md"
+    ).read_text()
+    assert read_json(publish / "rows/dbert_power_tad/result.json")["fingerprint"] == runs["dbert_power_tad"].fingerprint
+    assert summary["report"] == str(publish / "report") and summary["rows"] == 2
+    assert not (out / "rows/dbert_linear_tad").exists() and not list(tmp_path.rglob("mlflow.db"))
+
+
 def test_choosing_gamma_changes_only_the_power_rows(tmp_path):
     """diffusion.power_gamma is read by the power schedule alone: a Tune sweep that picks it must
     not make the linear or spindle rows stale, while the power row and the parent run see it."""
@@ -572,6 +611,22 @@ def test_cli_ablation_refuses_an_unknown_row_in_one_line(tmp_path, lm1b_dir):
     assert result.exit_code == 1
     assert result.output.startswith("error: unknown ablation row(s) ['nope']") and result.output.count("\n") == 1
     assert not (tmp_path / "outputs").exists()
+
+
+def test_cli_report_only_says_in_one_line_when_nothing_has_finished_and_refuses_row_choices(tmp_path):
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    result = CliRunner().invoke(app, ["ablation", "--root", str(tmp_path), "--report-only"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert result.output.startswith("error: no finished row of this plan in ")
+    result = CliRunner().invoke(
+        app, ["ablation", "--root", str(tmp_path), "--report-only", "--row", "dbert_linear_tad"]
+    )
+    assert result.exit_code == 2 and "drop --row" in result.output
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "mlflow.db").exists()
 
 
 def test_changing_only_the_evaluation_re_evaluates_without_retraining(ablated):
