@@ -12,11 +12,15 @@ Writes outputs/evaluate/metrics.json (flat numbers: bound.ppl_*, conditional.*, 
        outputs/evaluate/samples.txt (one generated sentence per line) and
        outputs/evaluate/plots/*.png (bound per seed and of the untrained model, BLEU vs
        Self-BLEU of the sample set). The steps table and the sampler comparison are the
-       `samplers` stage's.
+       `samplers` stage's. While it runs, outputs/evaluate.partial/ holds the bound's finished
+       seeds: a run cut off goes on from the next seed, and a finished run removes it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 from pathlib import Path
 
 from pipeline.artifacts import Layout, atomic_directory, jsonable, read_json, write_json
@@ -82,6 +86,18 @@ def _train_run_tag(layout: Layout, model_dir: Path) -> dict[str, str]:
     return {"train_mlflow_run_id": run_id} if run_id else {}
 
 
+def _bound_cache(params: Params, layout: Layout, model_dir: Path) -> Path:
+    """Where the bound's finished seeds wait when an evaluation is cut off (an ablation row's bound
+    runs for tens of minutes): outputs/evaluate.partial/<key>, the key hashing the model's and the
+    test data's md5s and this stage's params, so changed inputs never read another's numbers."""
+    from pipeline.lineage import dependency_md5s
+
+    inputs = [model_dir, layout.prepared / "test", layout.token_stats / "lengths.npy"]
+    flat = {k: v for k, v in params.flat().items() if any(k == p or k.startswith(f"{p}.") for p in PARAMS)}
+    blob = json.dumps({"inputs": sorted(dependency_md5s(inputs).values()), "params": flat}, sort_keys=True, default=str)
+    return layout.eval_out.with_name("evaluate.partial") / hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def run(
     params: Params,
     root: Path,
@@ -104,8 +120,9 @@ def run(
     require(layout.token_stats / "lengths.npy", "length histogram", "token-stats")
     deps: list[str | Path] = [*code_paths(__name__), *INPUTS[1:], model_dir]
     tags = _train_run_tag(layout, model_dir)
+    cache = _bound_cache(params, layout, model_dir)
     with stage_run(STAGE, params, root, PARAMS, deps, tags=tags, tracking_uri=tracking_uri) as active:
-        report = jsonable(evaluate_model(params, layout, model_dir, progress=progress))
+        report = jsonable(evaluate_model(params, layout, model_dir, progress=progress, bound_cache=cache))
         metrics = flat_metrics(report)
         with atomic_directory(layout.eval_out) as tmp:
             write_json(metrics, tmp / "metrics.json")
@@ -119,4 +136,5 @@ def run(
             for name in ("metrics.json", "report.json", "samples.txt"):
                 log_artifact(tmp / name)
             log_artifact(tmp / "plots", "plots")
+    shutil.rmtree(cache.parent, ignore_errors=True)  # done: no seed is waiting to be reused
     return {"stage": STAGE, "outputs": str(layout.eval_out), "plots": plots, **metrics}

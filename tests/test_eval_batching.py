@@ -40,6 +40,53 @@ def test_the_bound_of_each_sentence_stays_with_that_sentence():
     assert nll[0::2].min() > 10 * nll[1::2].max()  # -log(1/3) per token: ~44 nats against ~1
 
 
+class SessionEnded(Exception):
+    """Stands in for the stop signal (a KeyboardInterrupt would stop pytest itself)."""
+
+
+def test_a_cut_off_bound_goes_on_from_its_saved_seeds_with_the_same_numbers(tmp_path):
+    """perplexity_bound(cache_dir=...): each finished seed is saved; a second call (the evaluation
+    resumed) computes only the seeds not saved yet, and the report equals one uninterrupted run."""
+    from pipeline.data.tokenize import TokenizedSplit
+    from pipeline.eval import bound as bound_module
+
+    sentences = [[CLS, *([4, 5, 6][: 1 + i % 3]), SEP] for i in range(9)]
+    ids = np.array([t for s in sentences for t in s], dtype=np.int32)
+    offsets = np.cumsum([0] + [len(s) for s in sentences]).astype(np.int64)
+    split = TokenizedSplit(ids, offsets, np.array([1 + i % 3 for i in range(9)], dtype=np.int32))
+    denoiser = ConstantDenoiser(torch.tensor([1e-9, 1e-9, 1e-9, 1e-9, 0.5, 0.3, 0.2]))
+    schedule = toy_schedule("spindle", 16)
+    settings = dict(num_steps=4, seeds=(0, 1, 2), batch_size=4)
+    whole = bound_module.perplexity_bound(denoiser, split, schedule, SPECIAL, **settings)
+
+    computed: list[int] = []
+    real = bound_module.bound_per_sequence
+
+    def counting(*args, seed, **kwargs):
+        computed.append(seed)
+        if len(computed) == 2 and not (tmp_path / "nll_seed1.npy").exists():
+            raise SessionEnded  # the session ends during seed 1
+        return real(*args, seed=seed, **kwargs)
+
+    bound_module.bound_per_sequence = counting
+    try:
+        with pytest.raises(SessionEnded):
+            bound_module.perplexity_bound(denoiser, split, schedule, SPECIAL, cache_dir=tmp_path, **settings)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["nll_seed0.npy"]  # no half-written file
+        computed.clear()
+        progress: list[int] = []
+        resumed = bound_module.perplexity_bound(
+            denoiser, split, schedule, SPECIAL, cache_dir=tmp_path, progress=progress.append, **settings
+        )
+    finally:
+        bound_module.bound_per_sequence = real
+    assert computed == [1, 2]  # seed 0 was read back, not recomputed
+    assert sum(progress) == 3 * len(split)  # the bar still counts every seed's sentences
+    assert resumed == whole
+    np.save(tmp_path / "nll_seed0.npy", np.zeros(4))  # saved for another split: not taken
+    assert bound_module.perplexity_bound(denoiser, split, schedule, SPECIAL, cache_dir=tmp_path, **settings) == whole
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from pipeline.model.export import load_exported

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import load_params
+from pipeline.config import load_params, with_values
 from stages import evaluate, prepare, samplers, schedule, token_stats, train
 from stages.common import select_params
 from tests import tiny
@@ -243,6 +243,7 @@ def test_train_and_evaluate_write_model_metrics_plots_and_log_them(project, monk
     assert all((out / "plots" / name).read_bytes()[:4] == b"\x89PNG" for name in report["plots"])
     assert yaml.safe_load((out / "report.json").read_text())["label"] == "LM1B-sample"
     assert "steps_table" not in yaml.safe_load((out / "report.json").read_text())  # the samplers stage's
+    assert not (root / "outputs/evaluate.partial").exists()  # a finished evaluation keeps no saved seeds
     import mlflow
 
     [version] = mlflow.MlflowClient().search_model_versions(f"run_id = '{metrics['mlflow_run_id']}'")
@@ -280,3 +281,25 @@ def test_train_and_evaluate_write_model_metrics_plots_and_log_them(project, monk
         train.run(params, root)
     assert tree_digest(root / "models", root / "outputs" / "train") == before
     assert not [p for p in (root / "models").iterdir() if p.name.startswith(".")]
+
+
+def test_the_bounds_saved_seeds_are_kept_per_model_data_and_settings(tmp_path):
+    """A cut-off evaluation's seeds are read back only by an evaluation of the same model, test
+    data and params: another model, split or bound setting gets its own folder."""
+    from pipeline.artifacts import Layout
+
+    layout = Layout(tmp_path)
+    (tmp_path / "models/final").mkdir(parents=True)
+    (tmp_path / "models/final/model.safetensors").write_bytes(b"weights")
+    (tmp_path / "data/prepared/test").mkdir(parents=True)
+    (tmp_path / "data/prepared/test/ids.npy").write_bytes(b"ids")
+    (tmp_path / "data/token_stats").mkdir(parents=True)
+    (tmp_path / "data/token_stats/lengths.npy").write_bytes(b"lengths")
+    params = load_params(REPO / "params.yaml")
+    first = evaluate._bound_cache(params, layout, layout.model)
+    assert first.parent == tmp_path / "outputs/evaluate.partial"
+    assert evaluate._bound_cache(params, layout, layout.model) == first
+    assert evaluate._bound_cache(with_values(params, {"evaluate.table_steps": [4]}), layout, layout.model) == first
+    assert evaluate._bound_cache(with_values(params, {"evaluate.bound_steps": 7}), layout, layout.model) != first
+    (tmp_path / "models/final/model.safetensors").write_bytes(b"other weights")
+    assert evaluate._bound_cache(params, layout, layout.model) != first

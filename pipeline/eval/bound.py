@@ -9,13 +9,16 @@ Adding -log p(length) from the training length histogram makes it a full (uncond
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from pipeline.artifacts import write_file_atomic
 from pipeline.data.batching import pack_sequences, pad_batch, sorted_batches
 from pipeline.data.tokenize import TokenizedSplit
 from pipeline.diffusion.forward import Denoiser, SpecialIds
@@ -126,21 +129,37 @@ def perplexity_bound(
     length_log_probs: np.ndarray | None = None,
     device: torch.device | str = "cpu",
     progress: Callable[[int], None] | None = None,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """The bound for each seed, plus mean and std over seeds of each perplexity."""
+    """The bound for each seed, plus mean and std over seeds of each perplexity.
+
+    `cache_dir`: each seed's per-sequence NLLs are saved there as they finish and read back
+    instead of recomputed, so an evaluation cut off after some seeds (a long ablation row) goes on
+    from the next one. The caller names a folder per (model, data, settings): nothing here checks
+    what the saved numbers were computed from, beyond their count."""
     runs = []
     for seed in seeds:
-        nll = bound_per_sequence(
-            denoiser,
-            split,
-            schedule,
-            special,
-            num_steps=num_steps,
-            seed=seed,
-            batch_size=batch_size,
-            device=device,
-            progress=progress,
-        )
+        saved = cache_dir / f"nll_seed{seed}.npy" if cache_dir is not None else None
+        nll = np.load(saved) if saved is not None and saved.is_file() else None
+        if nll is not None and nll.shape == (len(split),):
+            if progress is not None:
+                progress(len(split))
+        else:
+            nll = bound_per_sequence(
+                denoiser,
+                split,
+                schedule,
+                special,
+                num_steps=num_steps,
+                seed=seed,
+                batch_size=batch_size,
+                device=device,
+                progress=progress,
+            )
+            if saved is not None:
+                buffer = io.BytesIO()
+                np.save(buffer, nll)
+                write_file_atomic(saved, buffer.getvalue())  # the whole array or no file
         runs.append({"seed": seed, **perplexity_report(nll, split, length_log_probs)})
     summary: dict[str, Any] = {
         "schedule": schedule.describe(),

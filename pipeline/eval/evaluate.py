@@ -49,9 +49,15 @@ def corpus_label(params: Params) -> str:
 
 
 def evaluate_model(
-    params: Params, layout: Layout, model_dir: str | Path, progress: ProgressCallback | None = None
+    params: Params,
+    layout: Layout,
+    model_dir: str | Path,
+    progress: ProgressCallback | None = None,
+    bound_cache: Path | None = None,
 ) -> dict:
-    """Bound (per token and per word, over `evaluate.seeds`) and generation metrics."""
+    """Bound (per token and per word, over `evaluate.seeds`) and generation metrics.
+    `bound_cache`: a folder for this very model, data and settings where the bound's finished seeds
+    are kept (`perplexity_bound`'s `cache_dir`)."""
     ev = params.evaluate
     settings = evaluation_settings(params)
     model, tokenizer, schedule = load_exported(model_dir)
@@ -82,6 +88,7 @@ def evaluate_model(
             batch_size=ev.batch_size,
             length_log_probs=length_lp,
             progress=tick("bound", len(scored) * len(ev.seeds)),
+            cache_dir=bound_cache,
         )
     bound["seconds"] = time.perf_counter() - start
     bound["format"] = bound_format
