@@ -56,10 +56,11 @@ def run(
     fresh: bool = False,
     progress: ProgressCallback | None = None,
     on_row: RowCallback | None = None,
+    command: str = "dbert ablation",
 ) -> dict:
     """Train and evaluate every planned row (reusing finished ones), then write the report.
     Every run, the rows' stage runs included, goes to the project's store (a row's root is not a
-    project), named explicitly."""
+    project), named explicitly. `command`: the command line the report names."""
     from pipeline.ablation.writeup import build_report, parent_metrics, write_report
     from pipeline.tracking.log import log_artifact, log_metrics
     from pipeline.tracking.store import tracking_uri
@@ -97,8 +98,8 @@ def run(
                 _reuse_published(row_run, layout, publish)
             results.append(_run_row(row_run, layout, state, state_path, index, len(runs), progress, on_row, uri))
             if publish is not None and index + 1 < len(runs):  # the last one gets the final report below
-                _publish(results, publish, _published_report(params, results, publish, parent.info.run_id))
-        report = build_report(params, results, parent.info.run_id)
+                _publish(results, publish, _published_report(params, results, publish, parent.info.run_id, command))
+        report = build_report(params, results, parent.info.run_id, command=command)
         with atomic_directory(out / "report") as tmp:
             write_report(report, tmp)
             log_metrics(parent_metrics(report))
@@ -106,7 +107,7 @@ def run(
                 log_artifact(tmp / name, "report")
         if publish is not None:
             # a run of some rows (--row: one half of make schedules-parallel) publishes the whole plan's report so far
-            whole = report if only is None else _published_report(params, results, publish, parent.info.run_id)
+            whole = report if only is None else _published_report(params, results, publish, parent.info.run_id, command)
             _publish(results, publish, whole)
     return {
         "stage": STAGE,
@@ -117,7 +118,7 @@ def run(
     }
 
 
-def report_only(params: Params, root: Path) -> dict:
+def report_only(params: Params, root: Path, command: str = "dbert ablation --report-only") -> dict:
     """The report of the rows finished so far, from this checkout's `ablation.out` or published
     under `ablation.publish`, training and evaluating nothing and opening no MLflow run: to look at
     an experiment while its rows run elsewhere, or to re-render it after the report code changed.
@@ -138,8 +139,7 @@ def report_only(params: Params, root: Path) -> dict:
         )
     state_path = out / "state.json"
     parent = read_json(state_path).get("parent_run_id", "") if state_path.is_file() else ""
-    report = build_report(params, results, parent, planned=len(runs))
-    report["command"] = "dbert ablation --report-only"
+    report = build_report(params, results, parent, planned=len(runs), command=command)
     if publish is not None:
         _publish(results, publish, report)
         written = publish / "report"
@@ -317,7 +317,9 @@ def _reuse_published(row_run: RowRun, layout: Layout, publish: Path) -> None:
     write_json_atomic(result, local)
 
 
-def _published_report(params: Params, results: list[dict], publish: Path, parent_run_id: str) -> dict:
+def _published_report(
+    params: Params, results: list[dict], publish: Path, parent_run_id: str, command: str = "dbert ablation"
+) -> dict:
     """The report so far of the whole plan (`ablation.rows`, whatever `--row` this run took): this
     run's finished rows and every row another run (the other half of `make schedules-parallel`,
     another checkout) published with the same fingerprint, in plan order. Two runs that share
@@ -334,7 +336,7 @@ def _published_report(params: Params, results: list[dict], publish: Path, parent
         elif (result := _published_result(row_run, publish)) is not None:
             rows.append(result)
     extra = [r for key, r in own.items() if key not in keys]  # a --row outside ablation.rows
-    return build_report(params, rows + extra, parent_run_id, planned=len(keys) + len(extra))
+    return build_report(params, rows + extra, parent_run_id, planned=len(keys) + len(extra), command=command)
 
 
 def _publish(results: list[dict], publish: Path, report: dict) -> None:

@@ -259,7 +259,7 @@ def ablation_command(
         if rows or fresh or background:
             raise typer.BadParameter("--report-only reports the whole plan: drop --row, --fresh and --background")
         with user_errors():
-            summary = ablation.report_only(*resolve(params, set_, root))
+            summary = ablation.report_only(*resolve(params, set_, root), command=_command_line())
         typer.echo(f"report: {summary['report']}/report.md ({summary['rows']} rows finished)")
         for number, verdict in summary["claims"].items():
             typer.echo(f"claim {number}: {verdict}")
@@ -272,11 +272,29 @@ def ablation_command(
         stamp = time.strftime("%H:%M:%S")
         typer.echo(f"[{stamp}] row {index + 1}/{total} {key}: {status}", err=True)
 
-    summary = run_stage(ablation, params, set_, root, quiet_transformers=True, only=rows, fresh=fresh, on_row=on_row)
+    summary = run_stage(
+        ablation,
+        params,
+        set_,
+        root,
+        quiet_transformers=True,
+        only=rows,
+        fresh=fresh,
+        on_row=on_row,
+        command=_command_line(),
+    )
     typer.echo(f"report: {summary['report']}/report.md")
     typer.echo(f"mlflow_run_id: {summary['mlflow_run_id']}")
     for number, verdict in summary["claims"].items():
         typer.echo(f"claim {number}: {verdict}")
+
+
+def _command_line() -> str:
+    """`dbert <the arguments this process got>`: what a report says it was written by."""
+    import shlex
+    import sys
+
+    return shlex.join(["dbert", *sys.argv[1:]])
 
 
 def ablation_in_background(

@@ -629,6 +629,27 @@ def test_cli_report_only_says_in_one_line_when_nothing_has_finished_and_refuses_
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def test_the_report_names_the_command_line_that_wrote_it(tmp_path, monkeypatch):
+    """`make schedules` runs `dbert ablation --set ...`: the report says so, not a bare `dbert ablation`."""
+    import sys
+
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    first = plan(load_params(tmp_path / "params.yaml"))[0]
+    result = {**fake(first.row.name, first.seed, 90.0), "fingerprint": first.fingerprint}
+    write_json_atomic(result, tmp_path / "outputs/ablation/rows" / first.key / "result.json")
+    argv = ["ablation", "--root", str(tmp_path), "--set", "ablation.publish=", "--report-only"]
+    monkeypatch.setattr(sys, "argv", ["/somewhere/.venv/bin/dbert", *argv])
+    outcome = CliRunner().invoke(app, argv)
+    assert outcome.exit_code == 0, outcome.output
+    report = read_json(tmp_path / "outputs/ablation/report/report.json")
+    assert report["command"] == f"dbert ablation --root {tmp_path} --set ablation.publish= --report-only"
+    assert f"Command: `{report['command']}`" in (tmp_path / "outputs/ablation/report/report.md").read_text()
+
+
 def test_changing_only_the_evaluation_re_evaluates_without_retraining(ablated):
     from pipeline.artifacts import read_json
     from stages import ablation

@@ -18,13 +18,20 @@ from pipeline.project import git_commit
 from pipeline.viz import band_curves_plot, curves_plot, quality_diversity_groups
 
 
-def build_report(params: Params, results: list[dict], parent_run_id: str, planned: int | None = None) -> dict:
+def build_report(
+    params: Params,
+    results: list[dict],
+    parent_run_id: str,
+    planned: int | None = None,
+    command: str = "dbert ablation",
+) -> dict:
     """report.json: what was run on which budget, the table, the claims checked, every row.
-    `planned` (the rows the plan has) marks a report written while rows are still running."""
+    `planned` (the rows the plan has) marks a report written while rows are still running;
+    `command` is the command line that wrote it."""
     ab, ev = params.ablation, params.evaluate
     return {
         "label": corpus_label(params),
-        "command": "dbert ablation",
+        "command": command,
         "rows_finished": len(results),
         "rows_planned": len(results) if planned is None else planned,
         "mlflow_parent_run_id": parent_run_id,
