@@ -253,7 +253,7 @@ def _train_and_evaluate(
     """The pipeline's own stages on the row's root, logging to the store `uri`; a finished training
     is not repeated, an interrupted one resumes from its checkpoint. Seconds per phase accumulate
     over resumptions."""
-    from pipeline.train.ray.runs import last_run
+    from pipeline.train.ray.runs import resumable
     from stages import evaluate, samplers, schedule, train
 
     row_layout = Layout(row_root)
@@ -266,7 +266,7 @@ def _train_and_evaluate(
             # The rows' models are compared, not served: no pyfunc, no registry version per row.
             unserved = with_values(params, {"tracking.registered_model": ""})
             timed = _recording_train_time(progress, seconds, timing_path, start)
-            train.run(unserved, row_root, resume=last_run(row_layout) is not None, progress=timed, tracking_uri=uri)
+            train.run(unserved, row_root, resume=resumable(row_layout), progress=timed, tracking_uri=uri)
         finally:
             seconds["train"] += time.perf_counter() - start
             write_json_atomic(seconds, timing_path)

@@ -720,3 +720,19 @@ def test_a_rows_training_time_is_on_disk_at_every_report_not_only_when_training_
     assert reported == [("training", 100, 2000)]  # the caller's progress still sees every report
     assert len(on_disk_mid_training) == 1 and on_disk_mid_training[0]["train"] > 100.0
     assert seconds["train"] >= on_disk_mid_training[0]["train"]
+
+
+def test_a_row_killed_before_its_first_checkpoint_trains_again_instead_of_failing(tmp_path, monkeypatch):
+    """Its run is recorded but nothing was saved: `resume=True` would stop on "nothing to resume"."""
+    from pipeline.train.ray.runs import record_run
+    from stages import ablation, evaluate, samplers, schedule, train
+
+    row_root = tmp_path / "row"
+    record_run(Layout(row_root), "train-killed", row_root / "ray_results", num_workers=0)
+    resumed: list[bool] = []
+    monkeypatch.setattr(schedule, "run", lambda *a, **k: None)
+    monkeypatch.setattr(train, "run", lambda params, root, resume, progress, tracking_uri: resumed.append(resume))
+    monkeypatch.setattr(evaluate, "run", lambda *a, **k: None)
+    monkeypatch.setattr(samplers, "run", lambda *a, **k: None)
+    ablation._train_and_evaluate(load_params(REPO / "params.yaml"), row_root, None, "sqlite:///x.db")
+    assert resumed == [False]

@@ -53,6 +53,22 @@ def test_checkpoints_persist_rotate_and_the_latest_complete_one_is_found(tmp_pat
     assert (copy / MODEL_FILE).read_bytes() == b"weights 6"
 
 
+def test_a_run_stopped_before_its_first_checkpoint_is_not_resumable(tmp_path):
+    """The ablation resumes a row only when there is a checkpoint: a row killed in its first
+    minutes (a run recorded, nothing saved) starts again instead of failing "nothing to resume"."""
+    from pipeline.artifacts import Layout
+    from pipeline.train.ray.runs import record_run, resumable
+
+    row = Layout(tmp_path / "row")
+    assert not resumable(row)  # never trained
+    store = tmp_path / "row" / "ray_results"
+    record_run(row, "train-1", store, num_workers=0)
+    (store / "train-1").mkdir(parents=True)
+    assert not resumable(row)
+    persist_checkpoint(fake_checkpoint(tmp_path / "src", 100), store / "train-1", 100)
+    assert resumable(row)
+
+
 def test_upload_writes_the_named_file_last(tmp_path, monkeypatch):
     import pyarrow.fs as pafs
 

@@ -60,6 +60,15 @@ def last_run(layout: Layout) -> dict | None:
     return None
 
 
+def resumable(layout: Layout) -> bool:
+    """Whether `resume=True` would continue something: the last recorded run has a complete
+    checkpoint (a run stopped before its first one has nothing to continue from)."""
+    record = last_run(layout)
+    if record is None:
+        return False
+    return latest_checkpoint(storage.join(recorded_storage(record), record["run_name"])) is not None
+
+
 def checkpoint_step(directory: str | Path) -> int | None:
     """The optimizer step a checkpoint was taken at; None when it has no readable progress."""
     from pipeline.train.checkpoint import META_FILE  # torch: only when a checkpoint is read
