@@ -158,10 +158,18 @@ def report_only(params: Params, root: Path, command: str = "dbert ablation --rep
 
 def _finished_result(row_run: RowRun, out: Path, publish: Path | None) -> dict | None:
     """The row's result.json in `out` when it was measured with these params, else the published one."""
-    local = out / "rows" / row_run.key / "result.json"
-    if local.is_file() and (result := read_json(local)).get("fingerprint") == row_run.fingerprint:
-        return result
-    return _published_result(row_run, publish) if publish is not None else None
+    result = _result_with_fingerprint(out / "rows" / row_run.key / "result.json", row_run)
+    if result is None and publish is not None:
+        result = _published_result(row_run, publish)
+    return result
+
+
+def _result_with_fingerprint(path: Path, row_run: RowRun) -> dict | None:
+    """The result.json at `path` when it was measured with `row_run`'s params (same fingerprint)."""
+    if not path.is_file():
+        return None
+    result = read_json(path)
+    return result if result.get("fingerprint") == row_run.fingerprint else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,8 +196,7 @@ def _run_row(
     parent_id = state["parent_run_id"]
     record = state["rows"].get(row_run.key, {})
     result_path = row_root / "result.json"
-    if result_path.is_file() and read_json(result_path).get("fingerprint") == row_run.fingerprint:
-        result = read_json(result_path)
+    if (result := _result_with_fingerprint(result_path, row_run)) is not None:
         if record.get("parent") != parent_id:  # finished under an earlier parent: give it a child here
             trained_in = result["mlflow"].get("trained_in_row", result["mlflow"]["row"])
             with start_stage_run(
@@ -297,11 +304,7 @@ def _recording_train_time(
 def _published_result(row_run: RowRun, publish: Path) -> dict | None:
     """The row's result.json under `ablation.publish` when it was measured with these very params
     (same fingerprint), else None."""
-    path = publish / "rows" / row_run.key / "result.json"
-    if not path.is_file():
-        return None
-    result = read_json(path)
-    return result if result.get("fingerprint") == row_run.fingerprint else None
+    return _result_with_fingerprint(publish / "rows" / row_run.key / "result.json", row_run)
 
 
 def _reuse_published(row_run: RowRun, layout: Layout, publish: Path) -> None:
@@ -312,9 +315,8 @@ def _reuse_published(row_run: RowRun, layout: Layout, publish: Path) -> None:
     if result is None:
         return
     local = layout.root / row_run.params.ablation.out / "rows" / row_run.key / "result.json"
-    if local.is_file() and read_json(local).get("fingerprint") == row_run.fingerprint:
-        return
-    write_json_atomic(result, local)
+    if _result_with_fingerprint(local, row_run) is None:
+        write_json_atomic(result, local)
 
 
 def _published_report(

@@ -26,7 +26,7 @@ from pathlib import Path
 from pipeline.artifacts import Layout, atomic_directory, jsonable, read_json, write_json
 from pipeline.config import Params
 from pipeline.vocab import ProgressCallback
-from stages.common import code_paths, require, same_path, stage_run
+from stages.common import code_paths, require, same_path, select_params, stage_run
 
 STAGE = "evaluate"
 # model.* and diffusion.num_timesteps/hybrid_lambda: `evaluate.compare_init` rebuilds the untrained
@@ -93,8 +93,10 @@ def _bound_cache(params: Params, layout: Layout, model_dir: Path) -> Path:
     from pipeline.lineage import dependency_md5s
 
     inputs = [model_dir, layout.prepared / "test", layout.token_stats / "lengths.npy"]
-    flat = {k: v for k, v in params.flat().items() if any(k == p or k.startswith(f"{p}.") for p in PARAMS)}
-    blob = json.dumps({"inputs": sorted(dependency_md5s(inputs).values()), "params": flat}, sort_keys=True, default=str)
+    chosen = select_params(params, PARAMS)
+    blob = json.dumps(
+        {"inputs": sorted(dependency_md5s(inputs).values()), "params": chosen}, sort_keys=True, default=str
+    )
     return layout.eval_out.with_name("evaluate.partial") / hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
