@@ -246,7 +246,7 @@ def _run_row(
             "fingerprint": row_run.fingerprint,
         }
         write_json_atomic(state, state_path)
-        seconds = _train_and_evaluate(row_run.params, row_root, progress, uri)
+        seconds = _train_and_evaluate(row_run.params, row_root, _row_progress(progress, row_run.key), uri)
         result = collect_result(row_run, row_root, child.info.run_id, seconds, uri)
         log_metrics(row_metrics(result))
         write_json_atomic(result, result_path)
@@ -285,6 +285,18 @@ def _train_and_evaluate(
     seconds["evaluate"] = time.perf_counter() - start
     write_json_atomic(seconds, timing_path)
     return seconds
+
+
+def _row_progress(progress: ProgressCallback | None, key: str) -> ProgressCallback | None:
+    """`progress` with the row's key before each task: one process trains several rows, and each
+    row's bars and log lines must count its own steps from zero, not on from the row before."""
+    if progress is None:
+        return None
+
+    def call(task: str, advance: int, total: int | None) -> None:
+        progress(f"{key}: {task}", advance, total)
+
+    return call
 
 
 def _recording_train_time(

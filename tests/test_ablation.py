@@ -382,9 +382,19 @@ def ablated(tmp_path_factory, lm1b_dir):
         if status == "start":
             published_before.append(read_json(report)["rows_finished"] if report.is_file() else 0)
 
-    summary = ablation.run(params, root, on_row=on_row)
+    progressed: dict[str, list[tuple[int, int | None]]] = {}  # task -> its (advance, total) calls
+    summary = ablation.run(
+        params, root, on_row=on_row, progress=lambda task, n, total: progressed.setdefault(task, []).append((n, total))
+    )
     mp.undo()
-    yield {"root": root, "params": params, "summary": summary, "seen": seen, "published_before": published_before}
+    yield {
+        "root": root,
+        "params": params,
+        "summary": summary,
+        "seen": seen,
+        "published_before": published_before,
+        "progressed": progressed,
+    }
 
 
 def _runs(root):
@@ -426,6 +436,17 @@ def test_ablation_writes_a_report_with_every_row_and_plots(ablated):
         assert row["train"]["curve"]["step"][-1] == 4
     assert report["budget"]["evaluation"]["seeds"] == [0, 1]  # the rows' ablation.bound_seeds, not evaluate.seeds
     assert report["rows_finished"] == report["rows_planned"] == 6 and "Partial" not in text
+
+
+def test_each_rows_progress_counts_its_own_steps_from_zero(ablated):
+    """One process trains every row: a shared "training" task counted on from the first row's
+    steps ("training: 8/4 (200%)" in the log of the second row)."""
+    trained = [key for key, status in ablated["seen"] if status == "start"]
+    steps = ablated["params"].ablation.train_steps
+    for key in trained:
+        calls = ablated["progressed"][f"{key}: training"]
+        assert sum(n for n, _ in calls) == steps and {total for _, total in calls} == {steps}, key
+    assert not any(task.startswith("training") for task in ablated["progressed"])
 
 
 def test_rows_are_published_as_they_land_and_a_fresh_checkout_reuses_them(ablated, tmp_path):
