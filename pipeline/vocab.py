@@ -21,6 +21,8 @@ SCHEDULES: tuple[ScheduleName, ...] = get_args(ScheduleName)
 
 # Floating-point precision of training and evaluation; auto picks bf16 where it is fast.
 Precision = Literal["auto", "fp32", "bf16"]
+# Where evaluation runs: auto (the first CUDA GPU when one is visible, else the CPU), cpu, cuda, cuda:N.
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 
 # progress(task, advance, total): advance the bar called `task` by `advance` of `total` units

@@ -52,6 +52,7 @@ EVALUATE_KEYS = (
     "remdm_eta",
     "gibbs_sweeps",
     "precision",
+    "device",
     "compare_init",
     "conditional_sequences",
     "judge",

@@ -39,6 +39,7 @@ PARAMS = (
     "evaluate.batch_size",
     "evaluate.num_references",
     "evaluate.precision",
+    "evaluate.device",
     "evaluate.confidence_score",
     "evaluate.remdm_eta",
     "evaluate.gibbs_sweeps",

@@ -34,6 +34,7 @@ def test_overrides_use_dvc_syntax_and_parse_yaml_values():
         ("model.time_design=sideways", "model.time_design"),
         ("data.validation_fraction=1.5", "data.validation_fraction"),
         ("diffusion.spindle_lambda=0.4", "diffusion.spindle_lambda=0.4 breaks monotonicity"),
+        ("evaluate.device=gpu", "evaluate.device"),
     ],
 )
 def test_a_bad_value_fails_with_a_message_that_names_the_key(override, fragment):
@@ -56,3 +57,23 @@ def test_a_missing_params_file_is_named(tmp_path):
 def test_flat_params_are_dotted_keys():
     flat = Params().flat()
     assert flat["train.lr"] == Params().train.lr and "diffusion.spindle_lambda" in flat
+
+
+def test_the_evaluation_device_resolves_auto_and_refuses_a_cuda_device_that_is_not_there(monkeypatch):
+    """`evaluate.device`: auto takes the GPU only when one is visible; an absent one is named
+    before a model is loaded."""
+    import torch
+
+    from pipeline.model.precision import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match="only 2 CUDA GPU"):
+        resolve_device("cuda:2")
+    with pytest.raises(ValueError, match="unknown device 'mps'"):
+        resolve_device("mps")

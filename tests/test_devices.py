@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.config import load_params
 from pipeline.diffusion.forward import content_mask, q_sample
 from pipeline.diffusion.loss import diffusion_loss, mlm_loss, sequence_bound
 from pipeline.diffusion.samplers import ancestral_sample, gibbs_sample
@@ -374,3 +375,72 @@ def test_gpu_check_training_step_on_the_device():
         out.loss.backward()
         optimizer.step()
         assert on_dev(model.words.weight) and np.isfinite(float(out.loss))
+
+
+# -- the evaluate and samplers stages (evaluate.device) ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_project(tmp_path_factory, lm1b_dir):
+    """prepare + token_stats of a few hundred LM1B sentences, in a tmp project."""
+    from stages import prepare, token_stats
+    from tests.env import without_project_env
+    from tests.tiny import TINY
+
+    mp = without_project_env()
+    root = tmp_path_factory.mktemp("device_project")
+    params = load_params(
+        None,
+        [
+            *TINY,
+            f"data.mirror_dir={lm1b_dir}",
+            "data.max_sentences=200",
+            "evaluate.precision=fp32",  # autocast has no fake-device kernels; CPU vs CUDA: same arithmetic
+            "evaluate.compare_init=true",
+            "evaluate.compare_samplers=[ancestral,gibbs]",
+            "evaluate.compare_steps=[4]",
+        ],
+    )
+    prepare.run(params, root)
+    token_stats.run(params, root)
+    mp.undo()
+    return root, params
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("design", ["none", "layerwise"])
+def test_the_evaluate_and_samplers_stages_on_the_device_give_the_cpu_numbers(tiny_project, tmp_path, design):
+    """`evaluate.device`: the bound (and the untrained model's), the conditional bounds and fills,
+    the samples and the sampler comparison run with the model on the device, every batch moved
+    there, and give the CPU's numbers."""
+    from pipeline.artifacts import Layout
+    from pipeline.eval.compare import compare_samplers
+    from pipeline.eval.evaluate import evaluate_model
+    from tests.exports import export_tiny
+
+    root, params = tiny_project
+    layout = Layout(root)
+    model_dir = export_tiny(tmp_path / "model", time_design=design)
+    want = evaluate_model(params, layout, model_dir, device="cpu")
+    want_table = compare_samplers(params, layout, model_dir, device="cpu")
+    with device_mode():
+        got = evaluate_model(params, layout, model_dir, device=DEVICE)
+        got_table = compare_samplers(params, layout, model_dir, device=DEVICE)
+    assert want["settings"]["device"] == "cpu" and got["settings"]["device"] == str(DEVICE)
+    for key in ("ppl_token_mean", "ppl_word_mean"):
+        assert got["bound"][key] == pytest.approx(want["bound"][key], rel=TOL["rtol"])
+    assert got["bound"]["initial_model"]["ppl_token"] == pytest.approx(
+        want["bound"]["initial_model"]["ppl_token"], rel=TOL["rtol"]
+    )
+    assert want["conditional"].keys() == got["conditional"].keys() == {"prefix", "infill"}
+    for task, report in want["conditional"].items():
+        assert got["conditional"][task]["ppl_token_mean"] == pytest.approx(report["ppl_token_mean"], rel=TOL["rtol"])
+    assert [r["ppl_token"] for r in got_table["steps_table"]] == pytest.approx(
+        [r["ppl_token"] for r in want_table["steps_table"]], rel=TOL["rtol"]
+    )
+    if not REAL_DEVICE:  # the same kernels: the same draws, so the same texts
+        assert got["samples"] == want["samples"]
+        for task, report in want["conditional"].items():
+            fill = {k: v for k, v in report["fill"].items() if k != "seconds_per_sentence"}
+            assert {k: got["conditional"][task]["fill"][k] for k in fill} == fill
+        assert [r["bleu"] for r in got_table["samplers"]] == [r["bleu"] for r in want_table["samplers"]]

@@ -212,6 +212,7 @@ NEUTRAL_DEFAULTS = {
     ("evaluate", "confidence_score"): "prob",  # read only by the confidence sampler
     ("evaluate", "remdm_eta"): 0.04,  # read only by the remdm sampler
     ("evaluate", "judge"): "",  # adds the judge's numbers, changes none of the others
+    ("evaluate", "device"): "auto",  # where, not what: each row's report records its device and precision
     ("tracking", "registered_model"): "diffusion-bert",  # where the model is registered, not what it computes
 }
 

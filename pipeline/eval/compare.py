@@ -25,7 +25,7 @@ from pipeline.eval.evaluate import corpus_label, scored_text, test_lines_of, wit
 from pipeline.eval.generation import CHAIN_SAMPLERS, fixed_or_sampled_lengths, generate, sampler_settings
 from pipeline.eval.metrics import generation_metrics
 from pipeline.model.export import load_exported
-from pipeline.model.precision import resolve_precision
+from pipeline.model.precision import resolve_device, resolve_precision
 from pipeline.vocab import ProgressCallback
 
 
@@ -45,6 +45,7 @@ class Comparison:
     histogram: np.ndarray
     references: list[str]
     params: Params
+    device: torch.device = torch.device("cpu")  # where the model is
     memo: dict = field(default_factory=dict)
 
     def samples_quality(self, *, n: int, steps: int, top_k: int, sampler: str | None = None) -> dict:
@@ -72,6 +73,7 @@ class Comparison:
             denoiser=self.denoise,
             sampler=sampler,
             **sampler_settings(ev),
+            device=self.device,
         )
         quality = generation_metrics(gen.texts[:n], self.references, self_bleu_samples=gen.texts[n:])
         return {
@@ -112,6 +114,7 @@ def steps_quality_table(ctx: Comparison, progress=None) -> list[dict]:
                 num_steps=steps,
                 seeds=tuple(ev.seeds[:1]),
                 batch_size=ev.batch_size,
+                device=ctx.device,
             )
         row = {
             "steps": min(steps, ctx.schedule.num_timesteps),
@@ -177,12 +180,18 @@ def comparison_size(params: Params) -> int:
 
 
 def compare_samplers(
-    params: Params, layout: Layout, model_dir: str | Path, progress: ProgressCallback | None = None
+    params: Params,
+    layout: Layout,
+    model_dir: str | Path,
+    progress: ProgressCallback | None = None,
+    device: torch.device | str | None = None,
 ) -> dict:
-    """The steps table, the quality-diversity curve and the sampler rows of the model in `model_dir`."""
+    """The steps table, the quality-diversity curve and the sampler rows of the model in `model_dir`,
+    run on `device` (default: `evaluate.device`)."""
     ev = params.evaluate
-    model, tokenizer, schedule = load_exported(model_dir)
-    precision = resolve_precision(ev.precision, "cpu")
+    device = resolve_device(ev.device) if device is None else torch.device(device)
+    model, tokenizer, schedule = load_exported(model_dir, device=device)
+    precision = resolve_precision(ev.precision, device)
     test = TokenizedSplit.load(layout.prepared / "test")
     test_lines = test_lines_of(layout)
     ctx = Comparison(
@@ -190,11 +199,12 @@ def compare_samplers(
         tokenizer=tokenizer,
         schedule=schedule,
         special=SpecialIds.from_tokenizer(tokenizer),
-        denoise=with_precision(model.denoise, precision),
+        denoise=with_precision(model.denoise, precision, device),
         test=test,
         histogram=np.load(layout.token_stats / "lengths.npy"),
         references=test_lines[: ev.num_references] if ev.num_references > 0 else test_lines,
         params=params,
+        device=device,
     )
     total = comparison_size(params)
     done = [0]
@@ -215,6 +225,7 @@ def compare_samplers(
         "model_dir": str(model_dir),
         "settings": {
             "precision": precision,
+            "device": str(device),
             "table_steps": list(ev.table_steps),
             "table_samples": ev.table_samples,
             "table_sequences": ev.table_sequences,

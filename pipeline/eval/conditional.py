@@ -93,9 +93,11 @@ def conditional_bound(
     num_steps: int,
     seeds: Sequence[int] = (0,),
     batch_size: int = 32,
+    device: torch.device | str = "cpu",
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Conditional bound per hidden WordPiece and per hidden word, mean and std over seeds."""
+    """Conditional bound per hidden WordPiece and per hidden word, mean and std over seeds.
+    `device`: where the denoiser is; each batch moves there, the draws stay on the CPU."""
     if not tasks.index:
         raise ValueError(f"no test sentence is long enough for the {tasks.task} task")
     grid = grid_for_steps(schedule.num_timesteps, num_steps)
@@ -112,7 +114,10 @@ def conditional_bound(
             hidden = torch.zeros_like(ids, dtype=torch.bool)
             for b, r in enumerate(rows):
                 hidden[b, 1 + tasks.spans[r].start : 1 + tasks.spans[r].end] = True
-            total += float(sequence_bound(denoiser, ids, attn, schedule, special, grid, generator, hidden=hidden).sum())
+            nll = sequence_bound(
+                denoiser, ids.to(device), attn.to(device), schedule, special, grid, generator, hidden=hidden
+            )
+            total += float(nll.sum())
             if progress is not None:
                 progress(len(rows))
         runs.append(

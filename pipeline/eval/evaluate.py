@@ -23,7 +23,7 @@ from pipeline.eval.generation import fixed_or_sampled_lengths, generate, sampler
 from pipeline.eval.judge import judge_metrics
 from pipeline.eval.metrics import TOKENIZATION, generation_metrics
 from pipeline.model.export import load_exported
-from pipeline.model.precision import autocast, resolve_precision
+from pipeline.model.precision import autocast, resolve_device, resolve_precision
 from pipeline.vocab import ProgressCallback
 
 # progress(task, advance, total): the stage turns this into a progress bar.
@@ -54,15 +54,18 @@ def evaluate_model(
     model_dir: str | Path,
     progress: ProgressCallback | None = None,
     bound_cache: Path | None = None,
+    device: torch.device | str | None = None,
 ) -> dict:
     """Bound (per token and per word, over `evaluate.seeds`) and generation metrics.
     `bound_cache`: a folder for this very model, data and settings where the bound's finished seeds
-    are kept (`perplexity_bound`'s `cache_dir`)."""
+    are kept (`perplexity_bound`'s `cache_dir`). `device`: where the model runs (default:
+    `evaluate.device`); data and draws stay on the CPU and move per batch."""
     ev = params.evaluate
     settings = evaluation_settings(params)
-    model, tokenizer, schedule = load_exported(model_dir)
-    precision = resolve_precision(ev.precision, "cpu")
-    denoise = with_precision(model.denoise, precision)
+    device = resolve_device(ev.device) if device is None else torch.device(device)
+    model, tokenizer, schedule = load_exported(model_dir, device=device)
+    precision = resolve_precision(ev.precision, device)
+    denoise = with_precision(model.denoise, precision, device)
     special = SpecialIds.from_tokenizer(tokenizer)
     test = TokenizedSplit.load(layout.prepared / "test")
     if settings["num_sequences"] is not None:
@@ -87,13 +90,16 @@ def evaluate_model(
             seeds=tuple(ev.seeds),
             batch_size=ev.batch_size,
             length_log_probs=length_lp,
+            device=device,
             progress=tick("bound", len(scored) * len(ev.seeds)),
             cache_dir=bound_cache,
         )
     bound["seconds"] = time.perf_counter() - start
     bound["format"] = bound_format
     if ev.compare_init:
-        bound["initial_model"] = _initial_model_bound(params, schedule, scored, special, settings, length_lp, precision)
+        bound["initial_model"] = _initial_model_bound(
+            params, schedule, scored, special, settings, length_lp, precision, device
+        )
         bound["reduction_vs_initial"] = 1.0 - bound["ppl_token_mean"] / bound["initial_model"]["ppl_token"]
 
     test_lines = test_lines_of(layout)
@@ -112,6 +118,7 @@ def evaluate_model(
         denoiser=denoise,
         sampler=ev.sampler,
         **sampler_settings(ev),
+        device=device,
         progress=tick("generate", 2 * n),
     )
     samples, self_bleu_set = gen.texts[:n], gen.texts[n:]
@@ -138,11 +145,12 @@ def evaluate_model(
         histogram=histogram,
         references=references,
         params=params,
+        device=device,
     )
     conditional = _conditional(params, extra, scored, bound_format, tick)
     # Generative perplexity under a causal LM, always beside the samples' entropy (gen-PPL alone
     # rewards low diversity); off when evaluate.judge is empty, "unavailable" when it cannot load.
-    judge = judge_metrics(samples, ev.judge, batch_size=ev.batch_size)
+    judge = judge_metrics(samples, ev.judge, device=device, batch_size=ev.batch_size)
     return {
         "label": corpus_label(params),
         "packed": params.train.packed,
@@ -154,6 +162,7 @@ def evaluate_model(
             "seeds": list(ev.seeds),
             "num_timesteps": schedule.num_timesteps,
             "precision": precision,
+            "device": str(device),
             "full": ev.full,
             "split": "test",
         },
@@ -196,6 +205,7 @@ def _conditional(params: Params, extra: dict, scored, bound_format: str, tick) -
                 num_steps=ev.bound_steps,
                 seeds=tuple(ev.seeds[:1]),
                 batch_size=ev.batch_size,
+                device=extra["device"],
                 progress=tick(f"{task} bound", len(tasks.index)),
             )
         report["fill"] = fill_spans(
@@ -215,6 +225,7 @@ def _conditional(params: Params, extra: dict, scored, bound_format: str, tick) -
             gibbs_sweeps=ev.gibbs_sweeps,
             confidence_score=ev.confidence_score,
             remdm_eta=ev.remdm_eta,
+            device=extra["device"],
             progress=tick(f"{task} fill", len(tasks.index)),
         )
         report["seconds"] = time.perf_counter() - start
@@ -230,22 +241,26 @@ def scored_text(params: Params, test: TokenizedSplit) -> tuple[TokenizedSplit | 
     return test, "padded"
 
 
-def with_precision(denoise, precision: str):
+def with_precision(denoise, precision: str, device: torch.device | str = "cpu"):
+    """`denoise` under the autocast of a resolved precision on `device`."""
+
     def run(*args):
-        with autocast("cpu", precision):
+        with autocast(device, precision):
             return denoise(*args)
 
     return run
 
 
-def _initial_model_bound(params: Params, schedule, test, special, settings: dict, length_lp, precision: str) -> dict:
+def _initial_model_bound(
+    params: Params, schedule, test, special, settings: dict, length_lp, precision: str, device: torch.device
+) -> dict:
     """The same bound for the model as it was before training (first seed only)."""
     from pipeline.model.loading import build_model
 
-    initial = build_model(params, schedule).eval()
+    initial = build_model(params, schedule).to(device).eval()  # type: ignore[arg-type]  # transformers' wrapped .to
     with torch.no_grad():
         report = perplexity_bound(
-            with_precision(initial.denoise, precision),
+            with_precision(initial.denoise, precision, device),
             test,
             schedule,
             special,
@@ -253,6 +268,7 @@ def _initial_model_bound(params: Params, schedule, test, special, settings: dict
             seeds=(params.evaluate.seeds[0],),
             batch_size=params.evaluate.batch_size,
             length_log_probs=length_lp,
+            device=device,
         )
     return report["runs"][0]
 

@@ -36,6 +36,26 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
+def resolve_device(device: str) -> torch.device:
+    """`auto` -> the first CUDA GPU when one is visible, else the CPU. A CUDA device that is not
+    there is refused by name here, before a model is loaded, rather than deep inside torch."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        chosen = None
+    if chosen is None or chosen.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; choose auto, cpu, cuda or cuda:N")
+    if chosen.type == "cuda":
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if visible == 0:
+            raise ValueError(f"device {device!r} asked for, but no CUDA GPU is visible here; use auto or cpu")
+        if chosen.index is not None and chosen.index >= visible:
+            raise ValueError(f"device {device!r} asked for, but only {visible} CUDA GPU(s) are visible (cuda:0..)")
+    return chosen
+
+
 def autocast(device: torch.device | str, precision: str):
     """Autocast context for a resolved precision (`fp32` -> a no-op context)."""
     if precision != "bf16":
