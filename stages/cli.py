@@ -409,6 +409,12 @@ def generate_command(
     top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus mass; sets evaluate.top_p.")] = None,
     temperature: Annotated[float | None, typer.Option(help="Temperature; sets evaluate.temperature.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed; sets evaluate.sample_seed.")] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="auto (a CUDA GPU when one is visible, else the CPU), cpu, cuda or cuda:N; sets evaluate.device."
+        ),
+    ] = None,
     output: Annotated[
         Path | None,
         typer.Option("--output", "-o", help="Write the sentences to this file instead of stdout.", dir_okay=False),
@@ -423,6 +429,7 @@ def generate_command(
         "top_p": top_p,
         "temperature": temperature,
         "seed": seed,
+        "device": device,
     }
     values = {generate.OPTIONS[name]: value for name, value in given.items() if value is not None}
     summary = run_stage(

@@ -9,7 +9,7 @@ Reads  an export directory (default models/final/) - model, tokenizer and schedu
        the length is 0 and generation is unconditional, data/token_stats/lengths.npy to draw
        sentence lengths (32 tokens each when it does not exist). The sampling settings are
        params `evaluate.*` (sample_steps, top_k, top_p, temperature, sample_seed, sample_length,
-       sampler); `dbert generate`'s options set them (OPTIONS), validated by the params schema
+       sampler, device: where the model runs); `dbert generate`'s options set them (OPTIONS), validated by the params schema
        like `--set`. For a prompt, `sample_length` is the number of WordPieces generated after
        it (0: 16).
 Writes nothing by default (the caller prints the sentences); `output` writes them to a file,
@@ -39,6 +39,7 @@ OPTIONS = {
     "seed": "evaluate.sample_seed",
     "length": "evaluate.sample_length",
     "sampler": "evaluate.sampler",
+    "device": "evaluate.device",
 }
 PARAMS = tuple(OPTIONS.values())
 INPUTS = ("models/final", "data/token_stats/lengths.npy")
@@ -102,6 +103,7 @@ def run(
     from pipeline.eval.generation import generate
     from pipeline.eval.templates import check_fits
     from pipeline.model.export import load_exported
+    from pipeline.model.precision import resolve_device
 
     if output_format not in ("text", "jsonl"):
         raise ValueError(f"--format must be text or jsonl, got {output_format!r}")
@@ -114,7 +116,8 @@ def run(
     settings = {"num": num, **{name: flat[key] for name, key in OPTIONS.items()}}
     layout = Layout(Path(root))
     model_dir = Path(model_dir) if model_dir is not None else layout.model
-    model, tokenizer, schedule = load_exported(model_dir)
+    device = resolve_device(settings["device"])
+    model, tokenizer, schedule = load_exported(model_dir, device=device)
     if conditional:
         requests = build_requests(tokenizer, list(prompts or []), list(infills or []), lines, settings["length"])
         if any(r.auto_gap is not None for r in requests):  # [MASK*?]: the model's bound picks the length
@@ -146,6 +149,7 @@ def run(
             gibbs_sweeps=flat["evaluate.gibbs_sweeps"],
             confidence_score=flat["evaluate.confidence_score"],
             remdm_eta=flat["evaluate.remdm_eta"],
+            device=device,
             progress=tick(progress, "generating", len(requests) or num),
         )
         rows = []

@@ -314,10 +314,21 @@ def test_generate_from_a_missing_model_is_one_line(tmp_path):
         ("--top-p=1.5", "evaluate.top_p"),
         ("--steps=0", "evaluate.sample_steps"),
         ("--temperature=0", "evaluate.temperature"),
+        ("--device=gpu", "evaluate.device"),
     ],
 )
 def test_an_out_of_range_generate_option_is_the_schema_error_naming_its_param(tmp_path, option, key):
     assert_one_line_error(invoke("generate", "--params", str(PARAMS), "--root", str(tmp_path), option), key)
+
+
+def test_generate_on_a_gpu_that_is_not_there_says_so_in_one_line(tmp_path, tiny_model, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = ("generate", "--params", str(PARAMS), "--root", str(tmp_path), "--model", str(tiny_model))
+    assert_one_line_error(invoke(*args, "--device", "cuda:1"), "no CUDA GPU is visible")
+    result = invoke(*args, "--num", "2", "--length", "4", "--steps", "2", "--device", "auto")  # auto: the CPU here
+    assert result.exit_code == 0 and len(result.stdout.splitlines()) == 2, result.output
 
 
 def test_mlflow_ui_binds_localhost_on_the_project_store(tmp_path):

@@ -444,3 +444,28 @@ def test_the_evaluate_and_samplers_stages_on_the_device_give_the_cpu_numbers(tin
             fill = {k: v for k, v in report["fill"].items() if k != "seconds_per_sentence"}
             assert {k: got["conditional"][task]["fill"][k] for k in fill} == fill
         assert [r["bleu"] for r in got_table["samplers"]] == [r["bleu"] for r in want_table["samplers"]]
+
+
+def test_the_python_api_on_the_device_with_an_open_gap_gives_the_cpu_texts(tmp_path):
+    """`pipeline.api.load(path, device=...)`: sentences, prompts continued block by block and
+    `[MASK*?]` gaps (whose length the model's bound picks) with the model on the device."""
+    from pipeline.api import load
+    from tests.exports import export_tiny
+
+    path = export_tiny(tmp_path / "model")
+
+    def draw(device):
+        model = load(path, device=device)
+        options = dict(steps=4, seed=3)
+        return (
+            model.generate(num=2, length=6, **options),
+            model.complete("the market", length=40, block=8, **options),
+            model.infill(["the [MASK*?] of the year", "he said [MASK*?]"], **options),
+        )
+
+    want = draw("cpu")
+    with device_mode():
+        got = draw(DEVICE)
+    assert got[2] and all(text for text in got[2])
+    if not REAL_DEVICE:  # the same kernels: the same draws, so the same texts
+        assert got == want

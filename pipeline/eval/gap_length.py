@@ -36,8 +36,10 @@ def gap_length_scores(
     *,
     num_steps: int = 16,
     seeds: Sequence[int] = (0,),
+    device: torch.device | str = "cpu",
 ) -> dict[int, float]:
-    """Score (nats, lower = likelier) of each candidate gap length between `left` and `right`."""
+    """Score (nats, lower = likelier) of each candidate gap length between `left` and `right`.
+    `device`: where the denoiser is; the rows move there, the draws stay on the CPU."""
     if not candidates or min(candidates) < 1:
         raise ValueError(f"candidate gap lengths must be >= 1, got {list(candidates)}")
     if not left and not right:
@@ -56,7 +58,9 @@ def gap_length_scores(
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            total += sequence_bound(denoiser, ids, attention, schedule, special, grid, generator, hidden=hidden)
+            total += sequence_bound(
+                denoiser, ids.to(device), attention.to(device), schedule, special, grid, generator, hidden=hidden
+            )
     bound = total / len(seeds)
     scores = {}
     for r, n in enumerate(candidates):
@@ -103,6 +107,7 @@ def resolve_open_gap(
         length_log_probs,
         num_steps=num_steps,
         seeds=seeds,
+        device=model.device,
     )
     return request.with_gap(choose_gap_length(scores))
 
