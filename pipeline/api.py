@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipeline.eval.generation import SAMPLERS, Generation, generate
 from pipeline.eval.templates import DEFAULT_CONTINUATION, check_fits, infill_template, prompt_template
 
@@ -128,12 +130,18 @@ class DiffusionBert:
 
 
 def load(
-    path: str | Path = "models/final", device: str = "cpu", length_histogram: str | Path | None = None
+    path: str | Path = "models/final",
+    device: str | torch.device = "cpu",
+    length_histogram: str | Path | None = None,
 ) -> DiffusionBert:
-    """The export directory `path` (what `dbert train` writes to models/final). `length_histogram`
-    (the project's data/token_stats/lengths.npy) is the length prior that `[MASK*?]` gaps use."""
+    """The export directory `path` (what `dbert train` writes to models/final), on `device`
+    (cpu, cuda, cuda:N, or auto: a CUDA GPU when one is visible). `length_histogram` (the
+    project's data/token_stats/lengths.npy) is the length prior that `[MASK*?]` gaps use."""
     from pipeline.model.export import load_exported
+    from pipeline.model.precision import resolve_device
 
-    model, tokenizer, schedule = load_exported(path, device=device)
+    model, tokenizer, schedule = load_exported(
+        path, device=resolve_device(device) if isinstance(device, str) else device
+    )
     hist = None if length_histogram is None else str(length_histogram)
     return DiffusionBert(model, tokenizer, schedule, source=str(path), length_histogram=hist)

@@ -134,6 +134,19 @@ def test_the_loaded_pyfunc_answers_prompt_infill_and_unconditional_rows(store):
         model.predict(pd.DataFrame([{"prompt": "a", "infill": "b [MASK]"}]))
 
 
+def test_the_served_model_goes_where_dbert_device_says_and_names_a_gpu_that_is_not_there(store, monkeypatch):
+    import mlflow
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("DBERT_DEVICE", raising=False)
+    served = mlflow.pyfunc.load_model(store.model_uri).unwrap_python_model().model
+    assert served.model.device.type == "cpu"  # auto, without a GPU
+    monkeypatch.setenv("DBERT_DEVICE", "cuda")
+    with pytest.raises(Exception, match="no CUDA GPU is visible"):
+        mlflow.pyfunc.load_model(store.model_uri)
+
+
 def test_evaluate_metrics_become_tags_of_the_version_the_train_run_registered(store):
     import mlflow
 

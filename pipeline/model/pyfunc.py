@@ -15,6 +15,8 @@ request per row:
   every row through MLflow's `params`; a row's own value wins.
 The answer has one row per sample: `row` (the request's index), `request` (its text), `text`.
 Each row is sampled on its own, so its answer does not depend on the other rows of the batch.
+The serving process puts the model on `$DBERT_DEVICE` (default auto: a CUDA GPU when one is
+visible, else the CPU; or cpu, cuda, cuda:N).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 EXPORT_ARTIFACT = "export"
+ENV_DEVICE = "DBERT_DEVICE"  # where a serving process puts the model (pipeline.model.precision.resolve_device)
 UNCONDITIONAL_LENGTH = 24  # pipeline.api's default for generate()
 # Sampler options a request may set, with their MLflow type; defaults are pipeline.api's.
 OPTIONS = {
@@ -123,9 +126,11 @@ class DiffusionBertPyfunc(PythonModel):
     request table (see the module docstring) with a DataFrame of samples."""
 
     def load_context(self, context) -> None:
+        import os
+
         from pipeline.api import load
 
-        self.model = load(context.artifacts[EXPORT_ARTIFACT])
+        self.model = load(context.artifacts[EXPORT_ARTIFACT], device=os.environ.get(ENV_DEVICE, "auto"))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         records = answer(self.model, parse_requests(model_input, params))
