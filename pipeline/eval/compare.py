@@ -21,11 +21,9 @@ from pipeline.config import Params
 from pipeline.data.tokenize import TokenizedSplit
 from pipeline.diffusion.forward import SpecialIds
 from pipeline.eval.bound import perplexity_bound
-from pipeline.eval.evaluate import corpus_label, scored_text, test_lines_of, with_precision
+from pipeline.eval.evaluate import corpus_label, load_for_evaluation, scored_text, test_lines_of
 from pipeline.eval.generation import CHAIN_SAMPLERS, fixed_or_sampled_lengths, generate, sampler_settings
 from pipeline.eval.metrics import generation_metrics
-from pipeline.model.export import load_exported
-from pipeline.model.precision import resolve_device, resolve_precision
 from pipeline.vocab import ProgressCallback
 
 
@@ -189,22 +187,20 @@ def compare_samplers(
     """The steps table, the quality-diversity curve and the sampler rows of the model in `model_dir`,
     run on `device` (default: `evaluate.device`)."""
     ev = params.evaluate
-    device = resolve_device(ev.device) if device is None else torch.device(device)
-    model, tokenizer, schedule = load_exported(model_dir, device=device)
-    precision = resolve_precision(ev.precision, device)
+    loaded = load_for_evaluation(model_dir, ev, device)
     test = TokenizedSplit.load(layout.prepared / "test")
     test_lines = test_lines_of(layout)
     ctx = Comparison(
-        model=model,
-        tokenizer=tokenizer,
-        schedule=schedule,
-        special=SpecialIds.from_tokenizer(tokenizer),
-        denoise=with_precision(model.denoise, precision, device),
+        model=loaded.model,
+        tokenizer=loaded.tokenizer,
+        schedule=loaded.schedule,
+        special=loaded.special,
+        denoise=loaded.denoise,
         test=test,
         histogram=np.load(layout.token_stats / "lengths.npy"),
         references=test_lines[: ev.num_references] if ev.num_references > 0 else test_lines,
         params=params,
-        device=device,
+        device=loaded.device,
     )
     total = comparison_size(params)
     done = [0]
@@ -220,12 +216,12 @@ def compare_samplers(
     samplers = sampler_rows(ctx, progress=tick)
     return {
         "label": corpus_label(params),
-        "leaky": schedule.leaky,
-        "time_design": model.config.time_design,
+        "leaky": loaded.schedule.leaky,
+        "time_design": loaded.model.config.time_design,
         "model_dir": str(model_dir),
         "settings": {
-            "precision": precision,
-            "device": str(device),
+            "precision": loaded.precision,
+            "device": str(loaded.device),
             "table_steps": list(ev.table_steps),
             "table_samples": ev.table_samples,
             "table_sequences": ev.table_sequences,

@@ -7,6 +7,7 @@ what this returns. Numbers on the bundled shards are labelled "LM1B-sample".
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.artifacts import Layout
-from pipeline.config import Params
+from pipeline.config import EvalParams, Params
 from pipeline.data.stats import length_log_probs
 from pipeline.data.tokenize import TokenizedSplit
 from pipeline.diffusion.forward import SpecialIds
@@ -62,11 +63,9 @@ def evaluate_model(
     `evaluate.device`); data and draws stay on the CPU and move per batch."""
     ev = params.evaluate
     settings = evaluation_settings(params)
-    device = resolve_device(ev.device) if device is None else torch.device(device)
-    model, tokenizer, schedule = load_exported(model_dir, device=device)
-    precision = resolve_precision(ev.precision, device)
-    denoise = with_precision(model.denoise, precision, device)
-    special = SpecialIds.from_tokenizer(tokenizer)
+    loaded = load_for_evaluation(model_dir, ev, device)
+    model, tokenizer, schedule, special = loaded.model, loaded.tokenizer, loaded.schedule, loaded.special
+    denoise, precision, device = loaded.denoise, loaded.precision, loaded.device
     test = TokenizedSplit.load(layout.prepared / "test")
     if settings["num_sequences"] is not None:
         test = test.head(settings["num_sequences"])
@@ -239,6 +238,39 @@ def scored_text(params: Params, test: TokenizedSplit) -> tuple[TokenizedSplit | 
     if params.train.packed:
         return PackedRows(test, params.data.max_seq_len), "packed"
     return test, "padded"
+
+
+@dataclass(frozen=True)
+class LoadedForEvaluation:
+    """An exported model made ready to be scored: on its device, under its precision."""
+
+    model: Any
+    tokenizer: Any
+    schedule: Any
+    special: SpecialIds
+    denoise: Any  # model.denoise under the autocast of `precision`
+    device: torch.device
+    precision: str  # resolved: fp32 or bf16
+
+
+def load_for_evaluation(
+    model_dir: str | Path, ev: EvalParams, device: torch.device | str | None = None
+) -> LoadedForEvaluation:
+    """Load `model_dir` onto `device` (default: `evaluate.device`) under `evaluate.precision`
+    resolved for that device: the one prologue of the evaluate and samplers stages, so the two
+    always score a model the same way."""
+    where = resolve_device(ev.device) if device is None else torch.device(device)
+    model, tokenizer, schedule = load_exported(model_dir, device=where)
+    precision = resolve_precision(ev.precision, where)
+    return LoadedForEvaluation(
+        model=model,
+        tokenizer=tokenizer,
+        schedule=schedule,
+        special=SpecialIds.from_tokenizer(tokenizer),
+        denoise=with_precision(model.denoise, precision, where),
+        device=where,
+        precision=precision,
+    )
 
 
 def with_precision(denoise, precision: str, device: torch.device | str = "cpu"):
