@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.diffusion.forward import SpecialIds  # noqa: E402  (torch-only modules)
 from pipeline.diffusion.loss import diffusion_loss  # noqa: E402
 from pipeline.diffusion.schedules import build_schedule  # noqa: E402
+from pipeline.tensors import at_positions  # noqa: E402
 
 
 class TorchBert(nn.Module):
@@ -47,7 +48,7 @@ class TorchBert(nn.Module):
         pos = torch.arange(ids.shape[1], device=ids.device)
         h = self.norm(self.words(ids) + self.positions(pos)[None])  # [B, L, d]
         h = self.encoder(h, src_key_padding_mask=~attention_mask.bool())
-        h = self.transform(h[positions])  # [N, d]
+        h = self.transform(at_positions(h, positions))  # [N, d]
         return h @ self.words.weight.t() + self.bias  # [N, V]
 
     def flops_per_token(self, seq_len: int) -> float:

@@ -93,6 +93,11 @@ class TrainParams(_Group):
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
     precision: Precision = "auto"
     packed: bool = False
+    # Batches filled to this many real tokens and laid out as packed rows (no compute on padding,
+    # the same loss as padded batches); None: batches of `batch_size` padded sentences.
+    tokens_per_batch: int | None = Field(None, ge=1)
+    row_length: int = Field(128, ge=3)  # slots per packed row (>= data.max_seq_len)
+    compile: bool = False  # torch.compile the model for training
     seed: int = 0
     eval_every: int = Field(100, ge=1)
     eval_batches: int = Field(4, ge=1)
@@ -110,6 +115,15 @@ class TrainParams(_Group):
     placement_timeout_s: float = Field(0.0, ge=0.0)
     # How Ray places the workers' bundles: PACK (fewest nodes) or SPREAD (one per node where it can).
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+    @model_validator(mode="after")
+    def _one_packing(self) -> TrainParams:
+        if self.packed and self.tokens_per_batch is not None:
+            raise ValueError(
+                "train.packed (sentences cut into fixed rows) and train.tokens_per_batch (whole sentences in "
+                "packed rows) are two different layouts; set one of them"
+            )
+        return self
 
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-batches each worker adds up per optimizer step (1 without `global_batch_size`)."""
@@ -271,6 +285,22 @@ class Params(_Group):
                 f"diffusion.spindle_lambda={d.spindle_lambda} breaks monotonicity of alpha_t for "
                 f"T={d.num_timesteps}: it must be <= {max_spindle_lambda(d.num_timesteps):.4f}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _rows_hold_a_sentence(self) -> Params:
+        if self.train.tokens_per_batch is not None:
+            longest = self.data.max_seq_len
+            if self.train.row_length < longest:
+                raise ValueError(
+                    f"train.row_length={self.train.row_length} is shorter than data.max_seq_len={longest}: "
+                    f"a packed row must hold the longest sentence"
+                )
+            if self.train.tokens_per_batch < longest:
+                raise ValueError(
+                    f"train.tokens_per_batch={self.train.tokens_per_batch} is below data.max_seq_len={longest}: "
+                    f"a batch must hold the longest sentence"
+                )
         return self
 
     def flat(self) -> dict[str, Any]:

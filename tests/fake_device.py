@@ -20,6 +20,7 @@ like host <-> device copies; everything else that mixes raises `DeviceMixError`.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -36,6 +37,88 @@ _TRANSFERS = {
     aten._copy_from.default,
     aten._copy_from_and_resize.default,
 }
+
+
+# Ops that make a real accelerator stop and answer the host: a scalar read (`.item()`, `bool()`,
+# `float()`), and ops whose output size depends on the data (`nonzero`, boolean indexing, ...).
+_SYNCS = {
+    aten._local_scalar_dense.default,
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten.is_nonzero.default,
+    aten.equal.default,
+    aten._unique2.default,
+    aten.unique_consecutive.default,
+    aten.unique_dim.default,
+    aten.repeat_interleave.Tensor,
+}
+
+
+@dataclass
+class Traffic:
+    """What crossed between the host and the fake device, in order: `(kind, op)` events with kind
+    `sync` (the device must answer the host), `download` (device -> host copy, which waits too) or
+    `upload` (host -> device; `blocking_upload` unless asked non-blocking, as a pageable copy
+    waits for the device). `mark(label)` starts a new section, e.g. one per training step."""
+
+    events: dict[str, list[tuple[str, str]]] = field(default_factory=lambda: {"": []})
+    current: str = ""
+
+    def mark(self, label: str) -> None:
+        self.current = label
+        self.events.setdefault(label, [])
+
+    def record(self, kind: str, func) -> None:
+        self.events[self.current].append((kind, str(func)))
+
+    def waits(self, label: str) -> list[tuple[str, str]]:
+        """Everything in section `label` that makes the host wait for the device."""
+        return [e for e in self.events.get(label, []) if e[0] in ("sync", "download", "blocking_upload")]
+
+
+_RECORDERS: list[Traffic] = []
+
+
+def _record(kind: str, func) -> None:
+    for traffic in _RECORDERS:
+        traffic.record(kind, func)
+
+
+@contextlib.contextmanager
+def recording_traffic():
+    """Record host <-> device traffic of the fake device (see `Traffic`) while the context runs."""
+    traffic = Traffic()
+    _RECORDERS.append(traffic)
+    try:
+        yield traffic
+    finally:
+        _RECORDERS.remove(traffic)
+
+
+def _count_traffic(func, args, kwargs, flat, fakes, target) -> None:
+    """Classify one op on the fake device for the active recorders."""
+    if func is aten._to_copy.default:
+        source_fake = bool(fakes)
+        if target is not None and not _is_fake_device(target) and source_fake:
+            _record("download", func)
+        elif _is_fake_device(target) and not source_fake:
+            _record("upload" if kwargs.get("non_blocking") else "blocking_upload", func)
+        return
+    if func is aten.copy_.default:
+        dest, src = args[0], args[1]
+        if isinstance(src, FakeDeviceTensor) and not isinstance(dest, FakeDeviceTensor):
+            _record("download", func)
+        elif isinstance(dest, FakeDeviceTensor) and not isinstance(src, FakeDeviceTensor) and src.dim() > 0:
+            non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+            _record("upload" if non_blocking else "blocking_upload", func)
+        return
+    if func in _SYNCS and fakes:
+        _record("sync", func)
+        return
+    if func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default) and fakes:
+        indices = args[1]
+        if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices if i is not None):
+            _record("sync", func)  # a boolean index is a nonzero underneath
 
 
 class DeviceMixError(RuntimeError):
@@ -105,6 +188,8 @@ def _dispatch(func, args, kwargs):
         raise DeviceMixError(f"{func}: a real (data-less) meta tensor; create it inside on_fake_device()")
     if not on_fake:
         return func(*args, **kwargs)
+    if _RECORDERS:
+        _count_traffic(func, args, kwargs, flat, fakes, target)
     if func not in _TRANSFERS:
         cpu = [a for a in flat if isinstance(a, torch.Tensor) and not isinstance(a, FakeDeviceTensor) and a.dim() > 0]
         if fakes and cpu:
@@ -152,6 +237,7 @@ class _FromDataMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.Tensor.tolist and isinstance(args[0], FakeDeviceTensor):
+            _record("download", func)
             return args[0].inner.tolist()  # CUDA tensors allow it (a copy to the host)
         if func in _FROM_DATA:
             device = kwargs.get("device")

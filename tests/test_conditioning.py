@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pipeline.diffusion.canvas import template_canvas
+from pipeline.diffusion.forward import at_positions
 from pipeline.diffusion.samplers import (
     ancestral_sample,
     confidence,
@@ -160,7 +161,7 @@ def test_confidence_sampler_reveals_the_surest_position_first():
             logits = torch.zeros(*x_t.shape, VOCAB)
             logits[:, :, list(CONTENT)] = 0.0
             logits[:, 3, 5] = 6.0
-            return logits[positions]
+            return at_positions(logits, positions)
 
     out = confidence_sample(
         PeakedAtThree(), toy_schedule("linear", 8), [8], SPECIAL, CLS, SEP, grid=time_grid(8, 1), seed=0

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import ParamsError, load_params
-from pipeline.diffusion.forward import content_mask, q_sample, stratified_times
+from pipeline.diffusion.forward import at_positions, content_mask, q_sample, stratified_times
 from pipeline.diffusion.loss import (
     diffusion_loss,
     position_kl,
@@ -195,7 +195,8 @@ def test_loss_has_a_gradient_and_counts_tokens():
     weight = torch.zeros(VOCAB, requires_grad=True)
 
     def model(x_t, attn, s, positions):
-        return weight.expand(int(positions.sum()), VOCAB)
+        count = int(positions.sum()) if positions.dtype == torch.bool else positions.numel()
+        return weight.expand(count, VOCAB)
 
     x0 = torch.tensor([[1, 4, 5, 6, 2]] * 8)
     out = diffusion_loss(model, x0, x0 != 0, schedule, SPECIAL, torch.Generator().manual_seed(0), hybrid_lambda=0.01)
@@ -209,7 +210,7 @@ def _random_logit_model(seed: int):
 
     def model(x_t, attn, s, positions):  # logits depend on the left neighbour: a real x_t-dependence
         left = torch.roll(x_t, 1, dims=1)
-        return table[left][positions]
+        return at_positions(table[left], positions)
 
     return model
 

@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 
+from pipeline.diffusion.forward import at_positions
 from pipeline.diffusion.loss import sequence_bound, subs_log_probs
 from pipeline.diffusion.samplers import ancestral_sample
 from pipeline.diffusion.schedules import grid_for_steps, time_grid
@@ -67,7 +68,7 @@ class ContextDenoiser:
             code[other == token] = c
         logits = torch.full((x_t.shape[0], x_t.shape[1], VOCAB), -30.0)
         logits[:, 1:3] = self.log_table[torch.arange(2)[None, :], code]  # [B, 2, V]
-        return logits[positions]
+        return at_positions(logits, positions)
 
 
 class ParityDenoiser:
@@ -85,7 +86,7 @@ class ParityDenoiser:
         probs[:, list(CONTENT)] = 0.05
         probs[torch.arange(x_t.shape[0]), which + CONTENT[0]] = 0.9
         logits = torch.log(probs.clamp_min(1e-30))[:, None, :].expand(-1, x_t.shape[1], -1)
-        return logits[positions]
+        return at_positions(logits, positions)
 
 
 class FastBayesDenoiser:
@@ -108,7 +109,7 @@ class FastBayesDenoiser:
         post = torch.zeros(batch, 4, VOCAB, dtype=torch.float64)
         for i in (1, 2):
             post[:, i].index_add_(1, self.x0[:, i], weight)
-        return torch.log(post.clamp_min(1e-300)).float()[positions]
+        return at_positions(torch.log(post.clamp_min(1e-300)).float(), positions)
 
 
 # ---------------------------------------------------------------- exact reverse chain of [CLS] x1 x2 [SEP]

@@ -15,7 +15,7 @@ import torch
 
 from pipeline.diffusion import samplers
 from pipeline.diffusion.canvas import template_canvas
-from pipeline.diffusion.forward import SpecialIds
+from pipeline.diffusion.forward import SpecialIds, at_positions
 from pipeline.diffusion.samplers import (
     Kept,
     ancestral_sample,
@@ -58,7 +58,7 @@ class ContextDenoiser:
         logits = self.left[left] + self.right[right] + self.position[: x_t.shape[1]]  # [B, L, V]
         if self.ties:
             logits = torch.round(logits)
-        return logits[positions]  # [N, V]
+        return at_positions(logits, positions)  # [N, V]
 
 
 def schedule_for(name: str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.diffusion.forward import at_positions
 from pipeline.diffusion.samplers import ancestral_sample, draw_categorical, gibbs_sample, truncated_probs
 from pipeline.diffusion.schedules import grid_for_steps, time_grid
 from pipeline.model.loading import build_denoiser, random_bert_config
@@ -164,7 +165,7 @@ def test_spindle_sampler_reveals_every_mask_on_its_last_step_with_a_full_vocabul
     table = torch.randn(rows, n + 2, V, generator=torch.Generator().manual_seed(1)) * 3  # peaked, like a model
 
     def denoiser(x_t, attn, s, positions):
-        return table[: x_t.shape[0]][positions]
+        return at_positions(table[: x_t.shape[0]], positions)
 
     for seed in (1103, 1861, 2424, 17799):
         out = ancestral_sample(denoiser, schedule, [n] * rows, special, 101, 102, grid=[2048, 0], seed=seed)

@@ -52,6 +52,28 @@ def length_bucketed_batches(
     return [batches[i].astype(np.int64, copy=False) for i in order]
 
 
+def token_budget_batches(lengths: np.ndarray, tokens_per_batch: int, seed: int, drop_last: bool = False) -> list[np.ndarray]:
+    """Index batches of whole sentences in a seeded random order, each holding at most
+    `tokens_per_batch` real tokens (a new batch starts where the next sentence would overflow).
+    The batch size in sentences varies; the work per step does not. drop_last drops the tail."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if tokens_per_batch < 1:
+        raise ValueError(f"tokens_per_batch must be >= 1, got {tokens_per_batch}")
+    if lengths.size and int(lengths.max()) > tokens_per_batch:
+        raise ValueError(f"a sentence of {int(lengths.max())} tokens does not fit a batch of {tokens_per_batch} tokens")
+    perm = np.random.default_rng(seed).permutation(len(lengths))
+    batches: list[np.ndarray] = []
+    start, used = 0, 0
+    for i, n in enumerate(lengths[perm].tolist()):
+        if used + n > tokens_per_batch:
+            batches.append(perm[start:i])
+            start, used = i, 0
+        used += n
+    if start < len(perm) and not drop_last:
+        batches.append(perm[start:])
+    return [b.astype(np.int64, copy=False) for b in batches]
+
+
 def sorted_batches(lengths, batch_size: int) -> list[np.ndarray]:
     """Evaluation batches of near-equal length: indices sorted by length (stable), cut every
     `batch_size`. Deterministic, so a seeded evaluation is reproducible; callers put results back
@@ -98,6 +120,7 @@ def _batch_index_lists(
     drop_last: bool,
     rank: int,
     world_size: int,
+    tokens_per_batch: int | None = None,
 ) -> list[np.ndarray]:
     """This rank's batches (row indices into the packed matrix, or sequence indices)."""
     if world_size < 1 or not 0 <= rank < world_size:
@@ -111,6 +134,8 @@ def _batch_index_lists(
         batches = [perm[i : i + batch_size] for i in range(0, n_rows, batch_size)]
         if drop_last:
             batches = [b for b in batches if len(b) == batch_size]
+    elif tokens_per_batch is not None:
+        batches = token_budget_batches(split.lengths, tokens_per_batch, mixed, drop_last)
     else:
         batches = length_bucketed_batches(
             split.lengths, batch_size, mixed, bucket_factor, drop_last
@@ -127,8 +152,14 @@ def num_batches(
     seq_len: int | None = None,
     drop_last: bool = False,
     world_size: int = 1,
+    tokens_per_batch: int | None = None,
+    seed: int = 0,
 ) -> int:
-    """Batches per epoch per rank (independent of seed and epoch)."""
+    """Batches per epoch per rank (independent of seed and epoch, except under a token budget,
+    where it is epoch 0's count)."""
+    if tokens_per_batch is not None:
+        total = len(token_budget_batches(split.lengths, tokens_per_batch, epoch_seed(seed, 0), drop_last))
+        return total // world_size if world_size > 1 else total
     if packed and seq_len is None:
         raise ValueError("packed batches need seq_len")
     n = len(split.ids) // seq_len if packed and seq_len else len(split)
@@ -150,14 +181,16 @@ def iterate_batches(
     drop_last: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    tokens_per_batch: int | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield {"input_ids": Long [B, L], "attention_mask": Bool [B, L]} for one epoch.
 
-    Padded mode uses length buckets and pads to the longest in the batch; packed mode yields
-    full rows of seq_len. `start_batch` skips batches a resumed run already saw this epoch.
+    Padded mode uses length buckets and pads to the longest in the batch; `tokens_per_batch`
+    takes random sentences up to that many tokens (padded here, packed into rows after noising);
+    packed mode yields full rows of seq_len. `start_batch` skips batches a resumed run already saw this epoch.
     """
     batches = _batch_index_lists(
-        split, batch_size, seed, epoch, packed, seq_len, bucket_factor, drop_last, rank, world_size
+        split, batch_size, seed, epoch, packed, seq_len, bucket_factor, drop_last, rank, world_size, tokens_per_batch
     )
     rows = pack_sequences(split, seq_len) if packed and seq_len is not None else None
     for batch in batches[start_batch:]:

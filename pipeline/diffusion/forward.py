@@ -13,10 +13,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerBase
 
 from pipeline.diffusion.schedules import Schedule
+from pipeline.tensors import at_positions as at_positions  # the Denoiser contract's helper, for toy denoisers
 
 # The network the process is learned with: denoiser(x_t [B, L], attention_mask [B, L],
-# s [B] (the time step as a fraction in [0, 1]), positions [B, L] or None) -> logits [B, L, V].
-# Training, the bound and both samplers call it through this one signature.
+# s [B] (the time step as a fraction in [0, 1]), positions) -> logits [B, L, V], or [N, V] at
+# the N `positions`: a bool mask [B, L], or flat indices [N] into B * L (what training passes:
+# their count is known on the host, so the step never waits for the device to find them).
+# Training, the bound and the samplers call it through this one signature.
 Denoiser = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
 
 

@@ -14,14 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pipeline.diffusion.forward import (
-    Denoiser,
-    SpecialIds,
-    content_mask,
-    q_sample,
-    stratified_continuous_times,
-    stratified_times,
-)
+from pipeline.diffusion.forward import Denoiser, SpecialIds, content_mask, q_sample
+from pipeline.diffusion.noising import NoisedBatch, noise_for_diffusion, noise_for_mlm
+from pipeline.diffusion.packing import PackedRows
 from pipeline.diffusion.schedules import Schedule
 
 
@@ -31,8 +26,21 @@ def subs_log_probs(logits: Tensor, forbidden_ids: Sequence[int]) -> Tensor:
     if logits.dtype != torch.float64:
         logits = logits.float()
     if forbidden_ids:
-        logits = logits.index_fill(-1, torch.as_tensor(list(forbidden_ids), device=logits.device), float("-inf"))
+        logits = logits.index_fill(-1, id_tensor(forbidden_ids, logits.device), float("-inf"))
     return torch.log_softmax(logits, dim=-1)
+
+
+_ID_TENSORS: dict[tuple[tuple[int, ...], str], Tensor] = {}
+
+
+def id_tensor(ids: Sequence[int], device: torch.device) -> Tensor:
+    """`ids` as a long tensor on `device`, uploaded once per (ids, device): a fresh upload from
+    pageable host memory at every step would wait for the device."""
+    key = (tuple(ids), str(device))
+    hit = _ID_TENSORS.get(key)
+    if hit is None:
+        hit = _ID_TENSORS[key] = torch.as_tensor(list(ids), dtype=torch.long, device=device)
+    return hit
 
 
 def position_kl(log_probs: Tensor, x0: Tensor, reveal: Tensor) -> Tensor:
@@ -70,21 +78,79 @@ def continuous_position_loss(log_probs: Tensor, x0: Tensor, weight: Tensor) -> T
 
 @dataclass
 class LossOutput:
+    """One batch's loss. The sums stay tensors on the loss's device, so a training step never
+    waits for them; the counts are host integers, known before the step (`NoisedBatch`)."""
+
     loss: Tensor  # scalar to backpropagate: (bound + hybrid * ce) / content tokens
-    bound_sum: float  # estimated NLL bound, nats, summed over the batch
-    ce_sum: float  # plain cross-entropy on x0 at masked positions, nats
+    bound_sum: Tensor  # estimated NLL bound, nats, summed over the batch (0-dim, detached)
+    ce_sum: Tensor  # plain cross-entropy on x0 at masked positions, nats (0-dim, detached)
     num_tokens: int  # content tokens in the batch (the per-token denominator)
     num_masked: int
 
     @classmethod
     def empty(cls, device: torch.device | str, num_tokens: int) -> LossOutput:
         """A batch where nothing got masked: zero loss that still backpropagates."""
-        return cls(torch.zeros((), device=device, requires_grad=True) * 0.0, 0.0, 0.0, num_tokens, 0)
+        zero = torch.zeros((), device=device)
+        return cls(torch.zeros((), device=device, requires_grad=True) * 0.0, zero, zero, num_tokens, 0)
 
 
 def _rows(table: Tensor, batch_index: Tensor) -> Tensor:
     """Per-row [B, V] or [B, 1] table -> per-position [N, V] / [N, 1], in fp32."""
-    return table.float()[batch_index]
+    return table.float().index_select(0, batch_index)
+
+
+def _logits(denoiser: Denoiser, noised: NoisedBatch, packed: PackedRows | None) -> Tensor:
+    """The denoiser at the masked positions, [N, V] in the padded layout's order."""
+    if packed is None:
+        return denoiser(noised.x_t, noised.attention_mask, noised.s_frac, noised.flat_positions)
+    segments = {"segments": packed.segments, "position_ids": packed.position_ids}
+    # the model's own denoiser takes packed rows (pipeline.model.denoiser); its padding mask is unused
+    return denoiser(packed.input_ids, packed.segments > 0, noised.s_frac, packed.flat_positions, **segments)
+
+
+def bound_loss(
+    denoiser: Denoiser,
+    noised: NoisedBatch,
+    schedule: Schedule,
+    special: SpecialIds,
+    hybrid_lambda: float = 0.0,
+    packed: PackedRows | None = None,
+) -> LossOutput:
+    """The per-token NLL bound of a batch noised on the host (`noise_for_diffusion`), computed
+    where its tensors are, with no host round trip. `packed`: the same batch laid out as packed
+    rows (`pack_rows`), which gives the same loss without computing on padding."""
+    if noised.num_masked == 0:
+        return LossOutput.empty(noised.device, noised.num_tokens)
+    T = schedule.num_timesteps
+    logits = _logits(denoiser, noised, packed)  # [N, V]
+    log_probs = subs_log_probs(logits, special.forbidden_outputs)
+    context = (noised.x0, noised.content) if schedule.token_dependent else None
+    t = noised.t
+    if schedule.continuous:
+        alpha = schedule.alpha_vocab(t, context)
+        weight = -schedule.dalpha_vocab(t, context) / (1.0 - alpha).clamp_min(1e-12)
+        per_position = continuous_position_loss(log_probs, noised.target, _rows(weight, noised.batch_index))
+    else:
+        reveal = schedule.reveal_probability(t, t - 1, context)  # [B, V] or [B, 1], on t's device
+        per_position = T * position_kl(log_probs, noised.target, _rows(reveal, noised.batch_index))
+    ce = -log_probs.gather(1, noised.target[:, None]).squeeze(1)
+    bound_sum = per_position.sum()
+    ce_sum = ce.sum()
+    loss = (bound_sum + hybrid_lambda * ce_sum) / max(noised.num_tokens, 1)
+    return LossOutput(loss, bound_sum.detach(), ce_sum.detach(), noised.num_tokens, noised.num_masked)
+
+
+def cross_entropy_loss(
+    denoiser: Denoiser, noised: NoisedBatch, special: SpecialIds, packed: PackedRows | None = None
+) -> LossOutput:
+    """Masked-LM cross-entropy of a batch masked on the host (`noise_for_mlm`). Not a bound."""
+    if noised.num_masked == 0:
+        return LossOutput.empty(noised.device, noised.num_tokens)
+    log_probs = subs_log_probs(_logits(denoiser, noised, packed), special.forbidden_outputs)
+    ce_sum = -log_probs.gather(1, noised.target[:, None]).squeeze(1).sum()
+    return LossOutput(
+        ce_sum / noised.num_masked, ce_sum.detach(), ce_sum.detach(), noised.num_tokens, noised.num_masked
+    )
 
 
 def diffusion_loss(
@@ -96,38 +162,10 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     hybrid_lambda: float = 0.0,
 ) -> LossOutput:
-    """One stochastic estimate of the per-token NLL bound, with stratified t across the batch."""
-    batch = x0.shape[0]
-    T = schedule.num_timesteps
-    maskable = content_mask(x0, special, attention_mask)  # [B, L]
-    num_tokens = int(maskable.sum())
-    if schedule.continuous:
-        eps = getattr(schedule, "eps", 1e-3)
-        t = stratified_continuous_times(batch, T, eps, generator)  # [B] steps, float
-    else:
-        t = stratified_times(batch, T, generator)  # [B] in 1..T
-    t = t.to(x0.device)  # drawn on the generator's device (CPU); every schedule table follows t
-    x_t, masked = q_sample(x0, t, schedule, maskable, special.mask, generator)
-    s_frac = (t / T).to(torch.float32)
-    batch_index = masked.nonzero(as_tuple=True)[0]  # [N]
-    target = x0[masked]  # [N]
-    if target.numel() == 0:
-        return LossOutput.empty(x0.device, num_tokens)
-    logits = denoiser(x_t, attention_mask, s_frac, masked)  # [N, V]
-    log_probs = subs_log_probs(logits, special.forbidden_outputs)
-    context = (x0, maskable) if schedule.token_dependent else None
-    if schedule.continuous:
-        alpha = schedule.alpha_vocab(t, context)
-        weight = -schedule.dalpha_vocab(t, context) / (1.0 - alpha).clamp_min(1e-12)
-        per_position = continuous_position_loss(log_probs, target, _rows(weight, batch_index))
-    else:
-        reveal = schedule.reveal_probability(t, t - 1, context)  # [B, V] or [B, 1], on x0's device
-        per_position = T * position_kl(log_probs, target, _rows(reveal, batch_index))
-    ce = -log_probs.gather(1, target[:, None]).squeeze(1)
-    bound_sum = per_position.sum()
-    ce_sum = ce.sum()
-    loss = (bound_sum + hybrid_lambda * ce_sum) / max(num_tokens, 1)
-    return LossOutput(loss, float(bound_sum.detach()), float(ce_sum.detach()), num_tokens, int(target.numel()))
+    """One stochastic estimate of the per-token NLL bound, with stratified t across the batch:
+    the noise drawn on the host (`noise_for_diffusion`), the loss on x0's device."""
+    noised = noise_for_diffusion(x0.cpu(), attention_mask.cpu(), schedule, special, generator)
+    return bound_loss(denoiser, noised.to(x0.device), schedule, special, hybrid_lambda)
 
 
 def mlm_loss(
@@ -140,18 +178,8 @@ def mlm_loss(
 ) -> LossOutput:
     """Plain masked-LM cross-entropy (BERT's 15%, all replaced by [MASK]): the fine-tune behind
     the BERT-Mouth baseline, which then samples by Gibbs sampling. Not a bound."""
-    maskable = content_mask(x0, special, attention_mask)
-    u = torch.rand(x0.shape, generator=generator, dtype=torch.float64).to(x0.device)
-    masked = maskable & (u < mask_prob)
-    num_tokens = int(maskable.sum())
-    if not masked.any():
-        return LossOutput.empty(x0.device, num_tokens)
-    x_in = torch.where(masked, torch.full_like(x0, special.mask), x0)
-    ones = torch.ones(x0.shape[0], dtype=torch.float32, device=x0.device)  # "fully noisy" time
-    log_probs = subs_log_probs(denoiser(x_in, attention_mask, ones, masked), special.forbidden_outputs)
-    ce = -log_probs.gather(1, x0[masked][:, None]).squeeze(1)
-    ce_sum = ce.sum()
-    return LossOutput(ce_sum / ce.numel(), float(ce_sum.detach()), float(ce_sum.detach()), num_tokens, int(ce.numel()))
+    noised = noise_for_mlm(x0.cpu(), attention_mask.cpu(), special, generator, mask_prob)
+    return cross_entropy_loss(denoiser, noised.to(x0.device), special)
 
 
 @torch.no_grad()

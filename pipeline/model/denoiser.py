@@ -25,7 +25,9 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
+from pipeline.model.attention import attention_mask_4d, takes_prepared_mask
 from pipeline.model.families import LAYER_CLASSES, EncoderFamily, config_from_dict, family_of, mlm_class
+from pipeline.tensors import at_positions
 from pipeline.vocab import TIME_DESIGNS
 
 
@@ -164,13 +166,21 @@ class DiffusionBertForDenoising(PreTrainedModel):
         attention_mask: Tensor | None = None,
         s: Tensor | None = None,
         positions: Tensor | None = None,
+        *,
+        segments: Tensor | None = None,
+        position_ids: Tensor | None = None,
     ) -> Tensor:
-        """Logits of p_theta(x0 | x_t): [B, L, V], or [N, V] at the N True `positions`.
+        """Logits of p_theta(x0 | x_t): [B, L, V], or [N, V] at the masked `positions`.
 
-        input_ids [B, L]; s [B] = t / T in [0, 1] (ignored by `none`).
+        input_ids [B, L]; s [B] = t / T in [0, 1] (ignored by `none`); `positions` either a bool
+        mask [B, L] or N flat indices into B * L (fixed-size: no host round trip to find them).
+
+        Packed rows (`pipeline.diffusion.packing`): `segments` [R, P] names each slot's sentence
+        (k >= 1 is sentence k - 1 of s; 0 is padding), `position_ids` [R, P] its index inside it;
+        attention stays inside a sentence, so each is encoded as if it stood alone.
         """
         batch, length = input_ids.shape
-        if length > self.max_positions:
+        if length > self.max_positions and segments is None:
             raise ValueError(f"sequence length {length} exceeds the model's {self.max_positions} position embeddings")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
@@ -178,21 +188,34 @@ class DiffusionBertForDenoising(PreTrainedModel):
         if design != "none" and s is None:
             raise ValueError(f"time design {design!r} needs the time step s")
         family = self.encoder_family
+        if segments is not None:
+            family.check_packing(self.mlm.config, design)
         encoder = family.encoder(self.mlm)
-        kwargs: dict = {"attention_mask": attention_mask.long()}
+        implementation = str(getattr(self.mlm.config, "_attn_implementation", None))
+        prepared = takes_prepared_mask(implementation) and family.prepared_masks
+        kwargs: dict = {}
+        if segments is not None:
+            kwargs["attention_mask"] = attention_mask_4d(implementation, self._mask_dtype(), segments=segments)
+            assert position_ids is not None, "packed rows need their position ids"
+            kwargs["position_ids"] = family.sentence_position_ids(self.mlm, position_ids, segments > 0)
+        elif prepared:
+            kwargs["attention_mask"] = attention_mask_4d(implementation, self._mask_dtype(), padding=attention_mask)
+        else:
+            kwargs["attention_mask"] = attention_mask.long()
         if design == "none":
             kwargs["input_ids"] = input_ids
         elif design == "embedding":
             assert s is not None and self.time_embedding is not None
             embeds = family.word_embeddings(self.mlm)(input_ids)  # [B, L, d]
-            kwargs["inputs_embeds"] = embeds + self.time_embedding(s).to(embeds.dtype)[:, None, :]
-            position_ids = family.embeds_position_ids(self.mlm, input_ids)  # the ids input_ids would get
-            if position_ids is not None:
-                kwargs["position_ids"] = position_ids
+            kwargs["inputs_embeds"] = embeds + self._per_token(self.time_embedding(s).to(embeds.dtype), segments)
+            if "position_ids" not in kwargs:
+                position_ids = family.embeds_position_ids(self.mlm, input_ids)  # the ids input_ids would get
+                if position_ids is not None:
+                    kwargs["position_ids"] = position_ids
         elif design == "layerwise":
             assert s is not None and self.layer_time is not None
             kwargs["input_ids"] = input_ids
-            self._layer_offsets = [mlp(s)[:, None, :] for mlp in self.layer_time]
+            self._layer_offsets = [self._per_token(mlp(s), segments) for mlp in self.layer_time]
         elif design == "prefix":
             assert s is not None and self.prefix_table is not None
             step = (s.float() * self.config.num_timesteps).round().long().clamp(0, self.config.num_timesteps)
@@ -201,8 +224,14 @@ class DiffusionBertForDenoising(PreTrainedModel):
             kwargs["inputs_embeds"] = torch.cat([words[:, :1], time_token, words[:, 1:]], dim=1)  # [B, L+1, d]
             pos = family.position_ids(self.mlm, input_ids)  # [B, L]; the time token shares token 0's
             kwargs["position_ids"] = torch.cat([pos[:, :1], pos[:, :1], pos[:, 1:]], dim=1)  # [B, L+1]
-            ones = torch.ones_like(attention_mask[:, :1])
-            kwargs["attention_mask"] = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], 1).long()
+            with_time = torch.cat(
+                [attention_mask[:, :1], torch.ones_like(attention_mask[:, :1]), attention_mask[:, 1:]], 1
+            )
+            kwargs["attention_mask"] = (
+                attention_mask_4d(implementation, self._mask_dtype(), padding=with_time)
+                if prepared
+                else with_time.long()
+            )
             if family.token_types:
                 kwargs["token_type_ids"] = torch.zeros(batch, length + 1, dtype=torch.long, device=input_ids.device)
         try:
@@ -212,8 +241,21 @@ class DiffusionBertForDenoising(PreTrainedModel):
         if design == "prefix":
             hidden = torch.cat([hidden[:, :1], hidden[:, 2:]], dim=1)  # drop the time token: [B, L, d]
         if positions is not None:
-            hidden = hidden[positions]  # [N, d]
+            hidden = at_positions(hidden, positions)  # [N, d]
         return family.logits(self.mlm, hidden)
+
+    def _mask_dtype(self) -> torch.dtype:
+        """The dtype transformers gives an eager mask: that of the embeddings' output."""
+        return self.encoder_family.word_embeddings(self.mlm).weight.dtype
+
+    @staticmethod
+    def _per_token(per_sentence: Tensor, segments: Tensor | None) -> Tensor:
+        """A time feature per sentence [B, d] -> broadcast over its tokens: [B, 1, d], or for
+        packed rows [R, P, d] read through the segment ids (padding slots get zeros)."""
+        if segments is None:
+            return per_sentence[:, None, :]
+        table = torch.cat([per_sentence.new_zeros(1, per_sentence.shape[-1]), per_sentence])  # [1 + B, d]
+        return table[segments]  # [R, P, d]
 
     def forward(
         self,
@@ -221,9 +263,13 @@ class DiffusionBertForDenoising(PreTrainedModel):
         attention_mask: Tensor | None = None,
         s: Tensor | None = None,
         positions: Tensor | None = None,
+        segments: Tensor | None = None,
+        position_ids: Tensor | None = None,
         **_: object,
     ) -> MaskedLMOutput:
-        return MaskedLMOutput(logits=self.denoise(input_ids, attention_mask, s, positions))
+        return MaskedLMOutput(
+            logits=self.denoise(input_ids, attention_mask, s, positions, segments=segments, position_ids=position_ids)
+        )
 
 
 def register_auto_classes() -> None:

@@ -132,6 +132,9 @@ class EncoderFamily:
     positions_after_padding: bool  # RoBERTa: content positions count from padding_idx + 1, pads sit at padding_idx
     make_config: Callable[[RandomShape], PretrainedConfig]
     refused: Mapping[str, str] = field(default_factory=dict)  # time design -> why the family cannot take it
+    # The encoder uses a prepared [B, 1, L, L] mask as given (pipeline.model.attention); None: it
+    # builds its own masks (why), so it gets the 2-D padding mask and cannot take packed rows.
+    no_prepared_mask: str | None = None
 
     # --- the modules ---------------------------------------------------------------------------
     def encoder(self, mlm: nn.Module) -> nn.Module:
@@ -175,6 +178,38 @@ class EncoderFamily:
         """Position ids to pass with `inputs_embeds` built from `input_ids`, so the encoder sees the
         positions it would give `input_ids`; None where its default for embeddings already does."""
         return self.position_ids(mlm, input_ids) if self.positions_after_padding else None
+
+    def sentence_position_ids(self, mlm: nn.Module, index_in_sentence: Tensor, real: Tensor) -> Tensor:
+        """Position ids of packed rows [R, P]: each token gets the id it would get as token
+        `index_in_sentence` of its sentence standing alone (padding slots: the padding id or 0)."""
+        if self.positions_after_padding:
+            pad = self.word_embeddings(mlm).padding_idx
+            if pad is None:
+                raise ValueError(f"a {self.name} model needs pad_token_id: its positions count from it")
+            return torch.where(real, index_in_sentence + pad + 1, torch.full_like(index_in_sentence, pad))
+        return index_in_sentence
+
+    @property
+    def prepared_masks(self) -> bool:
+        return self.no_prepared_mask is None
+
+    def check_packing(self, config: PretrainedConfig, design: str) -> None:
+        """Refuse packed rows (several sentences per row) where they would not encode each
+        sentence exactly as alone; the message names the family, or the design, and why."""
+        if self.no_prepared_mask is not None:
+            raise UnsupportedDesignError(
+                f"packed rows are not supported for the {self.name} family: {self.no_prepared_mask}"
+            )
+        if design == "prefix":
+            raise UnsupportedDesignError(
+                "packed rows are not supported for time design 'prefix': its time token takes a slot after each "
+                "sentence's [CLS], which a packed row does not lay out; use padded batches (train.tokens_per_batch: null)"
+            )
+        implementation = getattr(config, "_attn_implementation", None)
+        if implementation not in ("eager", "sdpa"):
+            raise UnsupportedDesignError(
+                f"packed rows need eager or sdpa attention (a block-diagonal mask), the model uses {implementation!r}"
+            )
 
     # --- designs and classes -------------------------------------------------------------------
     def check_design(self, design: str) -> None:
@@ -234,6 +269,7 @@ _FAMILY_LIST = (
         # token (index 1) reaches the first local_attention / 2 tokens; the global layers reach all.
         positions_after_padding=False,
         make_config=_modernbert_config,
+        no_prepared_mask="its sliding-window layers build a mask of their own beside the global one",
     ),
 )
 FAMILIES: Mapping[str, EncoderFamily] = MappingProxyType({f.name: f for f in _FAMILY_LIST})

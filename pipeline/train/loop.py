@@ -21,7 +21,9 @@ from pipeline.data.batching import iterate_batches, num_batches
 from pipeline.data.stats import TokenStatistics
 from pipeline.data.tokenize import TokenizedSplit
 from pipeline.diffusion.forward import SpecialIds
-from pipeline.diffusion.loss import diffusion_loss, mlm_loss
+from pipeline.diffusion.loss import bound_loss, cross_entropy_loss, diffusion_loss
+from pipeline.diffusion.noising import NoisedBatch, noise_for_diffusion, noise_for_mlm
+from pipeline.diffusion.packing import PackedRows, pack_rows
 from pipeline.diffusion.schedules import Schedule, schedule_from_params
 from pipeline.model.denoiser import DiffusionBertForDenoising
 from pipeline.model.loading import build_model, load_tokenizer
@@ -83,6 +85,7 @@ def training_batches(
             pad_id=special.pad,
             packed=tp.packed,
             seq_len=params.data.max_seq_len,
+            tokens_per_batch=tp.tokens_per_batch,
             start_batch=progress.batch_in_epoch,
             drop_last=True,
             rank=rank,
@@ -126,7 +129,7 @@ def validation_bound(
             out = diffusion_loss(
                 forward, batch["input_ids"].to(device), batch["attention_mask"].to(device), schedule, special, gen
             )
-        total += out.bound_sum
+        total += float(out.bound_sum)
         tokens += out.num_tokens
     return total / max(tokens, 1)
 
@@ -173,8 +176,11 @@ def train_loop(
     precision = resolve_precision(tp.precision, device)
     wrapped = wrap_model(model)
 
-    def forward(x_t, attention_mask, s, positions):
-        return wrapped(x_t, attention_mask, s, positions).logits
+    if tp.compile:
+        wrapped = torch.compile(wrapped, dynamic=True)  # batch shapes vary: one graph for all of them
+
+    def forward(x_t, attention_mask, s, positions, **packed):
+        return wrapped(x_t, attention_mask, s, positions, **packed).logits
 
     per_epoch = num_batches(
         data.train,
@@ -183,39 +189,39 @@ def train_loop(
         seq_len=params.data.max_seq_len,
         drop_last=True,
         world_size=world_size,
+        tokens_per_batch=tp.tokens_per_batch,
+        seed=tp.seed,
     )
     if per_epoch == 0:
+        one_batch = f"{tp.tokens_per_batch} tokens" if tp.tokens_per_batch else f"{tp.batch_size} sequences"
         raise ValueError(
             f"the training split ({len(data.train)} sequences) is smaller than one batch of "
-            f"{tp.batch_size} x {world_size} workers"
+            f"{one_batch} x {world_size} workers"
         )
     history: list[dict] = []
     model.train()
     accumulate = tp.accumulation_steps(world_size)
     stream = training_batches(data, params, special, progress, rank, world_size)
-    window_tokens, window_time, window_loss, window_steps = 0, 0.0, 0.0, 0
+    # Losses and the bound stay on the device and are read (one wait) only when metrics are due.
+    window = _Window.start(device)
     while progress.step < tp.steps:
         # one optimizer step over `accumulate` micro-batches
-        tick = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        real_tokens, step_loss = 0, 0.0
         for micro in range(accumulate):
             batch = next(stream)
-            ids = batch["input_ids"].to(device)  # [B, L]
-            attn = batch["attention_mask"].to(device)
             gen = torch.Generator().manual_seed(micro_seed(tp.seed, rank, progress.step, micro))
+            noised, packed = prepare_batch(batch, params, schedule, special, gen, device)
             last_micro = micro == accumulate - 1
             # DDP all-reduces gradients on the last micro-batch only
             sync = contextlib.nullcontext() if last_micro or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
             with sync:
                 with autocast(device, precision):
                     if tp.objective == "mlm":
-                        out = mlm_loss(forward, ids, attn, special, gen)
+                        out = cross_entropy_loss(forward, noised, special, packed)
                     else:
-                        out = diffusion_loss(forward, ids, attn, schedule, special, gen, params.diffusion.hybrid_lambda)
+                        out = bound_loss(forward, noised, schedule, special, params.diffusion.hybrid_lambda, packed)
                 (out.loss / accumulate if accumulate > 1 else out.loss).backward()
-            real_tokens += int(attn.sum())
-            step_loss += out.loss.item() / accumulate
+            window.add(out, accumulate, int(batch["attention_mask"].sum()))
         grad_norm = torch.nn.utils.clip_grad_norm_(
             model.parameters(), tp.grad_clip if tp.grad_clip > 0 else float("inf")
         )
@@ -224,11 +230,8 @@ def train_loop(
         if ema is not None:
             ema.update(model)
         progress.step += 1
-        progress.tokens_seen += real_tokens * world_size
-        window_tokens += real_tokens
-        window_time += time.perf_counter() - tick
-        window_loss += step_loss
-        window_steps += 1
+        progress.tokens_seen += window.step_tokens * world_size
+        window.end_step()
         if on_step is not None:
             on_step(progress.step)
         evaluate = should_eval(progress.step, tp.steps, tp.eval_every)
@@ -236,16 +239,12 @@ def train_loop(
         if evaluate or save:  # metrics are reported at both
             metrics = {
                 "step": progress.step,
-                "loss": window_loss / window_steps,
-                "train_bound" if tp.objective == "diffusion" else "train_mlm_ce": out.bound_sum
-                / max(out.num_tokens if tp.objective == "diffusion" else out.num_masked, 1),
+                **window.read(out, tp.objective, world_size),
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
-                "tokens_per_s": window_tokens * world_size / max(window_time, 1e-9),
                 "tokens_seen": progress.tokens_seen,
                 "epoch": progress.epoch,
             }
-            window_tokens, window_time, window_loss, window_steps = 0, 0.0, 0.0, 0
             if evaluate:
                 model.eval()
                 with ema.swapped(model) if ema is not None else contextlib.nullcontext():
@@ -260,10 +259,71 @@ def train_loop(
                 checkpoint = _checkpoint(model, optimizer, scheduler, progress, ema) if rank == 0 else None
             if report is not None:
                 report(metrics, checkpoint)
+            window = _Window.start(device)  # evaluation and checkpoints are not training time
     if ema is not None:
         ema.copy_to(model)
     model.eval()
     return TrainResult(model, schedule, history, progress, precision)
+
+
+def prepare_batch(
+    batch: dict,
+    params: Params,
+    schedule: Schedule,
+    special: SpecialIds,
+    generator: torch.Generator,
+    device: torch.device,
+) -> tuple[NoisedBatch, PackedRows | None]:
+    """A host batch noised on the host (packed into rows under a token budget) and handed to the
+    device: from page-locked memory without waiting on a GPU, so the host prepares the next batch
+    while the device still computes this one."""
+    tp = params.train
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    if tp.objective == "mlm":
+        noised = noise_for_mlm(ids, attn, special, generator)
+    else:
+        noised = noise_for_diffusion(ids, attn, schedule, special, generator)
+    packed = pack_rows(noised, tp.row_length) if tp.tokens_per_batch is not None else None
+    if device.type == "cuda":
+        noised = noised.pin_memory()
+        packed = None if packed is None else packed.pin_memory()
+    return noised.to(device, non_blocking=True), None if packed is None else packed.to(device, non_blocking=True)
+
+
+@dataclass
+class _Window:
+    """Training metrics between two reports. Sums of device tensors, so no step waits for them;
+    `read` waits once and turns them into numbers."""
+
+    started: float
+    loss_sum: torch.Tensor
+    steps: int = 0
+    tokens: int = 0
+    step_tokens: int = 0
+
+    @classmethod
+    def start(cls, device: torch.device) -> _Window:
+        return cls(time.perf_counter(), torch.zeros((), device=device))
+
+    def add(self, out, accumulate: int, real_tokens: int) -> None:
+        self.loss_sum += out.loss.detach() / accumulate
+        self.step_tokens += real_tokens
+
+    def end_step(self) -> None:
+        self.steps += 1
+        self.tokens += self.step_tokens
+        self.step_tokens = 0
+
+    def read(self, out, objective: str, world_size: int) -> dict:
+        """The window's mean loss, the last micro-batch's bound (or MLM cross-entropy) per token and
+        the real (non-pad) tokens per second over all workers."""
+        loss = float(self.loss_sum) / max(self.steps, 1)  # waits for the device, once per window
+        elapsed = time.perf_counter() - self.started
+        if objective == "diffusion":
+            last = {"train_bound": float(out.bound_sum) / max(out.num_tokens, 1)}
+        else:
+            last = {"train_mlm_ce": float(out.bound_sum) / max(out.num_masked, 1)}
+        return {"loss": loss, **last, "tokens_per_s": self.tokens * world_size / max(elapsed, 1e-9)}
 
 
 def _checkpoint(model, optimizer, scheduler, progress: TrainPosition, ema) -> Path:
