@@ -59,6 +59,12 @@ WORD_COUNTS = (
 PER_SAMPLE = "tests/test_metrics.py::test_the_headline_is_the_per_sample_mean_not_the_pooled_corpus_bleu"
 ENTROPY = "tests/test_metrics.py::test_unigram_entropy_is_exact_on_tiny_cases"
 
+HOST_SYNC = "tests/test_host_sync.py::test_a_training_step_waits_for_the_device_only_when_metrics_are_due"
+PACKED_LOSS = "tests/test_packing.py::test_packed_rows_give_the_padded_batchs_loss"
+NEIGHBOURS = "tests/test_packing.py::test_a_sentence_in_a_packed_row_does_not_see_its_neighbours"
+LOOP = "pipeline/train/loop.py"
+DENOISER = "pipeline/model/denoiser.py"
+
 ENV = {
     **OFFLINE,
     "PYTHONDONTWRITEBYTECODE": "1",
@@ -236,6 +242,81 @@ MUTATIONS = [
         ),
         ("tests/test_ablation_claims.py::test_claim_3_with_lte_trained_once_borrows_the_tad_training_seed_spread",),
     ),
+    # The GPU path: host round trips put back into a training step, and packed rows that are not
+    # the padded batch.
+    Mutation(
+        "g1",
+        "training step: the bound read on the host every micro-batch",
+        (Edit(LOOP, "window.add(out, accumulate,", "float(out.bound_sum); window.add(out, accumulate,"),),
+        (HOST_SYNC,),
+    ),
+    Mutation(
+        "g2",
+        "training step: the masked positions handed to the model as a bool mask (a nonzero inside)",
+        (
+            Edit(
+                LOSS,
+                "return denoiser(noised.x_t, noised.attention_mask, noised.s_frac, noised.flat_positions)",
+                "return denoiser(noised.x_t, noised.attention_mask, noised.s_frac, torch.zeros(noised.x_t.numel(), "
+                "dtype=torch.bool, device=noised.device).index_fill_(0, noised.flat_positions, True).view_as(noised.x_t))",
+            ),
+        ),
+        (HOST_SYNC,),
+    ),
+    Mutation(
+        "g3",
+        "denoiser: transformers builds the attention mask from the 2-D padding mask (mask.all() each forward)",
+        (Edit(DENOISER, "prepared = takes_prepared_mask(implementation) and", "prepared = False and"),),
+        (HOST_SYNC,),
+    ),
+    Mutation(
+        "g4",
+        "loss: the forbidden ids uploaded from pageable memory at every step",
+        (
+            Edit(
+                LOSS,
+                "logits = logits.index_fill(-1, id_tensor(forbidden_ids, logits.device),",
+                "logits = logits.index_fill(-1, torch.as_tensor(list(forbidden_ids), device=logits.device),",
+            ),
+        ),
+        (HOST_SYNC,),
+    ),
+    Mutation(
+        "g5",
+        "training step: the batch uploaded with a blocking copy",
+        (Edit(LOOP, "return noised.to(device, non_blocking=True),", "return noised.to(device, non_blocking=False),"),),
+        (HOST_SYNC,),
+    ),
+    Mutation(
+        "g6",
+        "packed rows: a sentence attends to every real token of its row",
+        (
+            Edit(
+                "pipeline/model/attention.py",
+                "allowed = segments[:, :, None] == segments[:, None, :]  # [B, L, L]",
+                "allowed = (segments[:, None, :] > 0).expand(-1, segments.shape[1], -1)  # MUTANT",
+            ),
+        ),
+        (PACKED_LOSS, NEIGHBOURS),
+    ),
+    Mutation(
+        "g7",
+        "packed rows: position ids count along the row instead of restarting in each sentence",
+        (
+            Edit(
+                "pipeline/diffusion/packing.py",
+                "position_ids[dest] = l_idx",
+                "position_ids[dest] = offset[b_idx] + l_idx",
+            ),
+        ),
+        (PACKED_LOSS,),
+    ),
+    Mutation(
+        "g8",
+        "packed rows: every token gets the first sentence's time features",
+        (Edit(DENOISER, "return table[segments]  # [R, P, d]", "return table[segments.clamp(max=1)]  # MUTANT"),),
+        (PACKED_LOSS,),
+    ),
 ]
 
 
@@ -247,7 +328,8 @@ def copy_repo(dest: Path) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
     for name in ("pipeline", "tests"):
         shutil.copytree(ROOT / name, dest / name, ignore=ignore)
-    shutil.copy2(ROOT / "pyproject.toml", dest / "pyproject.toml")
+    for name in ("pyproject.toml", "params.yaml"):  # tests load the default params from the root
+        shutil.copy2(ROOT / name, dest / name)
 
 
 def apply(edit: Edit, dest: Path) -> None:

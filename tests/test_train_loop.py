@@ -150,3 +150,22 @@ def test_with_accumulation_a_resumed_run_ends_with_the_weights_of_an_uninterrupt
     resumed = train_loop(params("train.steps=4", *common), tiny_data, resume_from=saved[-1])
     for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_compiled_training_follows_the_eager_run(tiny_data):
+    """train.compile: torch.compile (inductor, here on the CPU) trains the same model. Dropout is
+    off, so the first step's loss is the eager one to float tolerance (inductor fuses differently),
+    and the run ends close to it."""
+    common = ("train.steps=2", "train.eval_every=100", "train.checkpoint_every=100", "train.warmup_steps=1")
+
+    def no_dropout(model):
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        return model
+
+    eager = train_loop(params(*common), tiny_data, wrap_model=no_dropout)
+    compiled = train_loop(params(*common, "train.compile=true"), tiny_data, wrap_model=no_dropout)
+    assert compiled.history[0]["loss"] == pytest.approx(eager.history[0]["loss"], rel=1e-4)
+    for (name, a), (_, b) in zip(compiled.model.named_parameters(), eager.model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)

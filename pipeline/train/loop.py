@@ -175,12 +175,15 @@ def train_loop(
             group["lr"] = base * fn(scheduler.last_epoch)
     precision = resolve_precision(tp.precision, device)
     wrapped = wrap_model(model)
-
-    if tp.compile:
-        wrapped = torch.compile(wrapped, dynamic=True)  # batch shapes vary: one graph for all of them
+    # Batch shapes vary (sentences, masked positions): one dynamic graph serves them all. The
+    # validation bound, a short no-grad pass, runs the eager model rather than a second graph.
+    trained = torch.compile(wrapped, dynamic=True) if tp.compile else wrapped
 
     def forward(x_t, attention_mask, s, positions, **packed):
-        return wrapped(x_t, attention_mask, s, positions, **packed).logits
+        return trained(x_t, attention_mask, s, positions, **packed).logits
+
+    def eager_forward(x_t, attention_mask, s, positions):
+        return wrapped(x_t, attention_mask, s, positions).logits
 
     per_epoch = num_batches(
         data.train,
@@ -249,7 +252,7 @@ def train_loop(
                 model.eval()
                 with ema.swapped(model) if ema is not None else contextlib.nullcontext():
                     metrics["val_bound"] = validation_bound(
-                        forward, data.validation, schedule, special, params, device, precision
+                        eager_forward, data.validation, schedule, special, params, device, precision
                     )
                 metrics["val_ppl"] = float(np.exp(min(metrics["val_bound"], 50.0)))
                 model.train()
