@@ -14,7 +14,7 @@ from pipeline.data.tokenize import TokenizedSplit
 from pipeline.diffusion.loss import position_kl, sequence_bound, subs_log_probs
 from pipeline.diffusion.schedules import grid_for_steps
 from pipeline.eval.conditional import HiddenSpan, conditional_bound, hidden_span, span_fill_quality, task_set
-from tests.toy import DATA_PROBS, MASK, PAIRS, SPECIAL, VOCAB, BayesDenoiser, sequence, toy_schedule
+from tests.toy import DATA_PROBS, MASK, PAIRS, SPECIAL, VOCAB, BayesDenoiser, as_mask, sequence, toy_schedule
 
 
 class ConditionalBayes:
@@ -41,7 +41,7 @@ class ConditionalBayes:
         logits = torch.full((x_t.shape[1], VOCAB), -30.0, dtype=torch.float64)
         for i in (1, 2):
             logits[i] = torch.log(post[i - 1].clamp_min(1e-300))
-        return logits[positions[0]].float()
+        return logits[as_mask(positions, x_t.shape)[0]].float()
 
 
 def _one_hidden(pair, hidden: int):

@@ -32,6 +32,7 @@ from tests.toy import (
     SPECIAL,
     VOCAB,
     BayesDenoiser,
+    as_mask,
     centred_information,
     sequence,
     toy_schedule,
@@ -355,7 +356,7 @@ def test_training_loss_draws_stratified_times_uncorrelated_with_sentence_length(
 
     def model(x_t, attn, s, positions):
         seen.append(s.clone())
-        return torch.zeros(int(positions.sum()), VOCAB)
+        return torch.zeros(int(as_mask(positions, x_t.shape).sum()), VOCAB)
 
     gen = torch.Generator().manual_seed(3)
     correlations = []

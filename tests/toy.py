@@ -57,6 +57,14 @@ def sequence(pair) -> torch.Tensor:
     return torch.tensor([CLS, pair[0], pair[1], SEP])
 
 
+def as_mask(positions: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The Denoiser contract's `positions` (a bool mask, or flat indices into B * L) as a bool mask [B, L]."""
+    if positions.dtype == torch.bool:
+        return positions
+    mask = torch.zeros(shape[0] * shape[1], dtype=torch.bool, device=positions.device)
+    return mask.index_fill_(0, positions, True).view(shape[0], shape[1])
+
+
 class BayesDenoiser:
     """The t-aware Bayes-optimal denoiser of the toy world: per masked position, the posterior
     marginal of x0 given x_t at step t, p(x0 | x_t) ∝ p_data(x0) q(x_t | x0)."""
@@ -68,6 +76,7 @@ class BayesDenoiser:
 
     def __call__(self, x_t, attention_mask, s, positions):
         self.calls += 1
+        positions = as_mask(positions, x_t.shape)
         out = []
         for row in range(x_t.shape[0]):
             key = (tuple(x_t[row].tolist()), float(s[row]))
@@ -108,7 +117,7 @@ class ConstantDenoiser:
 
     def __call__(self, x_t, attention_mask, s, positions):
         self.calls += 1
-        return self.logits.expand(int(positions.sum()), -1).clone()
+        return self.logits.expand(int(as_mask(positions, x_t.shape).sum()), -1).clone()
 
 
 def log(x: float) -> float:

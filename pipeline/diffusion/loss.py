@@ -30,6 +30,14 @@ def subs_log_probs(logits: Tensor, forbidden_ids: Sequence[int]) -> Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
+def upload(tensor: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on `device` without making the host wait: page-locked first on CUDA (a copy
+    from pageable memory waits for the device), then a non-blocking copy."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 _ID_TENSORS: dict[tuple[tuple[int, ...], str], Tensor] = {}
 
 
@@ -205,24 +213,33 @@ def sequence_bound(
     T = schedule.num_timesteps
     if grid[0] != T or grid[-1] != 0:
         raise ValueError(f"time grid must run from T={T} down to 0, got {grid[0]}..{grid[-1]}")
-    content = content_mask(x0, special, attention_mask)
+    device = x0.device
+    # The noise is drawn on the host, as in training, so the masked positions (and how many there
+    # are) are known before each step: the device never has to report them.
+    x0_host, attn_host = x0.cpu(), attention_mask.cpu()
+    content_host = content_mask(x0_host, special, attn_host)
+    content = content_host.to(device)
     # The per-sentence schedule (spindle_paper) always sees the whole sentence.
     context = (x0, content) if schedule.token_dependent else None
-    hidden_content = None if hidden is None else hidden.to(content.device) & content
-    total = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
+    hidden_content = None if hidden is None else hidden.cpu() & content_host
+    batch, width = x0.shape
+    flat_x0 = x0.reshape(-1)
+    total = torch.zeros(batch, dtype=torch.float64, device=device)
     for t_step, s_step in zip(grid[:-1], grid[1:]):
-        t = torch.full((x0.shape[0],), float(t_step), dtype=torch.float64, device=x0.device)
-        s = torch.full_like(t, float(s_step))
-        x_t, masked = q_sample(x0, t, schedule, content, special.mask, generator)
+        t_host = torch.full((batch,), float(t_step), dtype=torch.float64)
+        _, masked = q_sample(x0_host, t_host, schedule, content_host, special.mask, generator)
         if hidden_content is not None:  # same draws as the unconditional bound, shown tokens unmasked
             masked &= hidden_content
-            x_t = torch.where(masked, x_t, x0)
-        if not masked.any():
+        if not masked.any():  # a host tensor: no wait
             continue
-        batch_index = masked.nonzero(as_tuple=True)[0]
-        logits = denoiser(x_t, attention_mask, (t / T).float(), masked)
+        flat = upload(masked.reshape(-1).nonzero(as_tuple=True)[0], device)  # [N] into B * L
+        rows = torch.div(flat, width, rounding_mode="floor")  # [N]
+        x_t = flat_x0.index_fill(0, flat, special.mask).view(batch, width)
+        t = torch.full((batch,), float(t_step), dtype=torch.float64, device=device)
+        s = torch.full_like(t, float(s_step))
+        logits = denoiser(x_t, attention_mask, (t / T).float(), flat)
         log_probs = subs_log_probs(logits, special.forbidden_outputs)
         reveal = schedule.reveal_probability(t, s, context)  # on x0's device
-        kl = position_kl(log_probs, x0[masked], _rows(reveal, batch_index))
-        total.index_add_(0, batch_index, kl.double())
+        kl = position_kl(log_probs, flat_x0.index_select(0, flat), _rows(reveal, rows))
+        total.index_add_(0, rows, kl.double())
     return total.cpu()
