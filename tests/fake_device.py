@@ -239,6 +239,10 @@ class _FromDataMode(TorchFunctionMode):
         if func is torch.Tensor.tolist and isinstance(args[0], FakeDeviceTensor):
             _record("download", func)
             return args[0].inner.tolist()  # CUDA tensors allow it (a copy to the host)
+        generator = kwargs.get("generator")
+        if isinstance(generator, torch.Generator) and id(generator) in _DEVICE_GENERATORS:
+            if _is_fake_device(kwargs.get("device")):  # a draw "on the device" with its generator
+                return FakeDeviceTensor(func(*args, **{**kwargs, "device": torch.device("cpu")}))
         if func in _FROM_DATA:
             device = kwargs.get("device")
             if func is torch.Tensor.new_tensor and device is None:
@@ -248,11 +252,35 @@ class _FromDataMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+# Generators "on the fake device": CPU generators that draws on it may use, as a CUDA generator
+# serves CUDA draws. Their stream is the CPU's, so the fake device draws the CPU's numbers.
+_DEVICE_GENERATORS: dict[int, torch.Generator] = {}
+
+
+def _device_generator(original):
+    def make(device, seed):
+        if _is_fake_device(device):
+            generator = torch.Generator().manual_seed(seed)
+            _DEVICE_GENERATORS[id(generator)] = generator
+            return generator
+        return original(device, seed)
+
+    return make
+
+
 @contextlib.contextmanager
 def on_fake_device():
-    """Inside this context FAKE (`meta`) is a device with real data; see the module docstring."""
-    with _FromDataMode(), _FakeDeviceMode():
-        yield FAKE
+    """Inside this context FAKE (`meta`) is a device with real data; see the module docstring.
+    The samplers' device generators (`pipeline.diffusion.resident.device_generator`) work on it."""
+    from pipeline.diffusion import resident
+
+    original = resident.device_generator
+    resident.device_generator = _device_generator(original)
+    try:
+        with _FromDataMode(), _FakeDeviceMode():
+            yield FAKE
+    finally:
+        resident.device_generator = original
 
 
 def to_cpu(value):

@@ -62,6 +62,9 @@ ENTROPY = "tests/test_metrics.py::test_unigram_entropy_is_exact_on_tiny_cases"
 HOST_SYNC = "tests/test_host_sync.py::test_a_training_step_waits_for_the_device_only_when_metrics_are_due"
 PACKED_LOSS = "tests/test_packing.py::test_packed_rows_give_the_padded_batchs_loss"
 NEIGHBOURS = "tests/test_packing.py::test_a_sentence_in_a_packed_row_does_not_see_its_neighbours"
+SAMPLER_SYNC = "tests/test_host_sync.py::test_a_sampler_step_on_the_device_never_waits_for_it"
+BOUND_SYNC = "tests/test_host_sync.py::test_a_bound_step_on_the_device_never_waits_for_it"
+RESIDENT = "pipeline/diffusion/resident.py"
 LOOP = "pipeline/train/loop.py"
 DENOISER = "pipeline/model/denoiser.py"
 
@@ -316,6 +319,102 @@ MUTATIONS = [
         "packed rows: every token gets the first sentence's time features",
         (Edit(DENOISER, "return table[segments]  # [R, P, d]", "return table[segments.clamp(max=1)]  # MUTANT"),),
         (PACKED_LOSS,),
+    ),
+    Mutation(
+        "g9",
+        "device sampler: whether anything was revealed read on the host every step",
+        (
+            Edit(
+                RESIDENT,
+                "hit = still & (slots.read(u_reveal) < chance)",
+                "hit = still & (slots.read(u_reveal) < chance); bool(hit.any())",
+            ),
+        ),
+        (SAMPLER_SYNC,),
+    ),
+    Mutation(
+        "g10",
+        "device sampler: the truncated table copied to the host and back",
+        (
+            Edit(
+                RESIDENT,
+                "self.overflow |= overflow.any()",
+                "self.overflow |= overflow.any(); probs = probs.cpu().to(self.device)",
+            ),
+        ),
+        (SAMPLER_SYNC,),
+    ),
+    Mutation(
+        "g11",
+        "device sampler: the top-k overflow flag checked every step",
+        (Edit(RESIDENT, "self.overflow |= overflow.any()", "self.overflow |= bool(overflow.any())"),),
+        (SAMPLER_SYNC,),
+    ),
+    Mutation(
+        "g12",
+        "device sampler: the forward timed by waiting for its result",
+        (
+            Edit(
+                RESIDENT,
+                "self.wall += time.perf_counter() - tick",
+                "logits.sum().item(); self.wall += time.perf_counter() - tick",
+            ),
+        ),
+        (SAMPLER_SYNC,),
+    ),
+    Mutation(
+        "g13",
+        "device confidence sampler: the reveal counts read on the host",
+        (
+            Edit(
+                RESIDENT,
+                "keep = masked & (rank < counts[:, None])",
+                "keep = masked & (rank < torch.tensor(counts.tolist(), device=device)[:, None])",
+            ),
+        ),
+        (SAMPLER_SYNC,),
+    ),
+    Mutation(
+        "g14",
+        "Gibbs on the device: its uniforms drawn on the host",
+        (
+            Edit(
+                SAMPLERS,
+                "u = torch.rand(batch, generator=gen, dtype=torch.float64, device=here)",
+                "u = torch.rand(batch, dtype=torch.float64).to(here)",
+            ),
+        ),
+        (SAMPLER_SYNC,),
+    ),
+    Mutation(
+        "g15",
+        "bound: the masked positions handed to the model as a device bool mask",
+        (
+            Edit(
+                LOSS,
+                "logits = denoiser(x_t, attention_mask, (t / T).float(), flat)",
+                "logits = denoiser(x_t, attention_mask, (t / T).float(), masked.to(device))",
+            ),
+        ),
+        (BOUND_SYNC,),
+    ),
+    Mutation(
+        "g16",
+        "device sampler: the spindle token drawn from p, not p a",
+        (Edit(RESIDENT, "per_id = reveal if reveal.shape[-1] != 1 else None", "per_id = None  # MUTANT"),),
+        (CHAIN,),
+    ),
+    Mutation(
+        "g17",
+        "device sampler: reveal chance mean(a) instead of sum_v p(v) a(v)",
+        (
+            Edit(
+                RESIDENT,
+                "else reveal_chances(probs, ids, reveal)\n            hit",
+                "else reveal.mean().expand(slots.count)\n            hit",
+            ),
+        ),
+        (CHAIN, REVEALS),
     ),
 ]
 

@@ -46,6 +46,9 @@ T = 64
 
 
 def run(kind: str, denoiser, templates=TEMPLATES, seed: int = 0, **kw):
+    """`kind` is a sampler; `resident-<kind>` runs it device-resident (here on the CPU)."""
+    if kind.startswith("resident-"):
+        kind, kw = kind.removeprefix("resident-"), {**kw, "resident": True}
     canvas = template_canvas(templates, SPECIAL, CLS, SEP)
     schedule = toy_schedule("spindle", T)
     if kind == "gibbs":
@@ -72,6 +75,11 @@ KINDS = [
     "confidence-margin",
     "confidence-entropy",
     "gibbs",
+    "resident-ancestral",
+    "resident-remdm",
+    "resident-confidence-prob",
+    "resident-confidence-margin",
+    "resident-gibbs",
 ]
 
 
@@ -131,7 +139,8 @@ def test_the_conditional_chain_samples_the_exact_conditional_of_the_data(schedul
     assert torch.allclose(freq, joint / joint.sum(), atol=0.045), (freq, joint / joint.sum())
 
 
-def test_confidence_sampler_reveals_what_the_linear_schedule_expects_each_step():
+@pytest.mark.parametrize("resident", [False, True], ids=["host", "resident"])
+def test_confidence_sampler_reveals_what_the_linear_schedule_expects_each_step(resident):
     # Linear, T = 8, 8 gaps, one step per time step: the chain expects exactly one reveal per step.
     out = confidence_sample(
         ConstantDenoiser(torch.tensor([0, 0, 0, 0, 0.2, 0.5, 0.3])),
@@ -142,6 +151,7 @@ def test_confidence_sampler_reveals_what_the_linear_schedule_expects_each_step()
         SEP,
         grid=time_grid(8, 1),
         seed=0,
+        resident=resident,
     )
     assert out.trace == [3 * m for m in range(7, -1, -1)]
 
@@ -238,8 +248,9 @@ def test_a_request_longer_than_the_window_is_refused_by_number(tokenizer):
         check_fits([prompt_template(tokenizer, "hi", 2), prompt_template(tokenizer, "hi", 11)], 10)
 
 
+@pytest.mark.parametrize("resident", [False, True], ids=["host", "resident"])
 @pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
-def test_remdm_keeps_the_forward_marginals_whatever_its_budget(eta):
+def test_remdm_keeps_the_forward_marginals_whatever_its_budget(eta, resident):
     """ReMDM's point: with remasking, a position is still [MASK] at step s with probability
     1 - alpha_s, as in the forward process (the reveal chance a' compensates sigma)."""
     T, n, rows = 8, 4, 3000
@@ -253,6 +264,7 @@ def test_remdm_keeps_the_forward_marginals_whatever_its_budget(eta):
         grid=time_grid(T, 1),
         seed=0,
         remask=eta,
+        resident=resident,
     )
     masked_share = torch.tensor(out.trace, dtype=torch.float64) / (n * rows)
     expected = torch.arange(T - 1, -1, -1, dtype=torch.float64) / T  # 1 - alpha_s = s / T

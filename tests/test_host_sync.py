@@ -8,6 +8,7 @@ real accelerator would have to answer to the host. Each waits-list below names t
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pipeline.train.loop import train_loop
 from tests.fake_device import FAKE, on_fake_device, recording_traffic
@@ -56,3 +57,94 @@ def test_the_recorder_sees_a_scalar_read_inside_a_step(tiny_data, monkeypatch):
     monkeypatch.setattr(loop, "bound_loss", reading_the_loss)
     traffic = traffic_of(params(*REPORTS), tiny_data)
     assert [kind for kind, _ in traffic.waits("after step 2")] == ["sync"]
+
+
+# -- samplers and the bound ------------------------------------------------------------------------
+
+
+class Marking:
+    """A denoiser that starts a new traffic section at every call: what a step does between two
+    model calls (truncation, reveal chances, draws, writing the canvas) lands in one section."""
+
+    def __init__(self, denoise, traffic) -> None:
+        self.denoise, self.traffic, self.calls = denoise, traffic, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        self.traffic.mark(f"call {self.calls}")
+        return self.denoise(*args, **kwargs)
+
+
+def sampler_run(kind: str):
+    from pipeline.diffusion.samplers import ancestral_sample, confidence_sample, gibbs_sample
+    from pipeline.diffusion.schedules import time_grid
+    from tests.toy import CLS, SEP, SPECIAL, toy_schedule
+
+    schedule, grid = toy_schedule("spindle", 16), time_grid(16, 2)
+    truncation = {"top_k": 3, "top_p": 0.9, "temperature": 0.9}
+    lengths = [3, 1, 5, 4]
+
+    def run(denoiser, device):
+        common = dict(seed=5, device=device, **truncation)
+        if kind == "gibbs":
+            return gibbs_sample(denoiser, lengths, SPECIAL, CLS, SEP, sweeps=2, **common)
+        if kind == "confidence":
+            return confidence_sample(denoiser, schedule, lengths, SPECIAL, CLS, SEP, grid=grid, **common)
+        remask = 0.3 if kind == "remdm" else 0.0
+        cache = kind == "cached"
+        return ancestral_sample(
+            denoiser, schedule, lengths, SPECIAL, CLS, SEP, grid=grid, cache=cache, remask=remask, **common
+        )
+
+    return run
+
+
+@pytest.mark.parametrize("kind", ["ancestral", "cached", "remdm", "confidence", "gibbs"])
+def test_a_sampler_step_on_the_device_never_waits_for_it(kind):
+    """Between two model calls nothing goes to or comes from the host; the tokens come back once,
+    after the chain, and they are the CPU's (the fake device draws the CPU's stream)."""
+    from tests.test_samplers import tiny_bert
+
+    run = sampler_run(kind)
+    model = tiny_bert()
+    want = run(model.denoise, "cpu")
+    with on_fake_device(), recording_traffic() as traffic:
+        model.to(FAKE)
+        marking = Marking(model.denoise, traffic)
+        got = run(marking, FAKE)
+    assert torch.equal(got.tokens, want.tokens)
+    steps = [f"call {k}" for k in range(1, marking.calls)]  # the last section holds the final read
+    assert len(steps) >= 7
+    for section in steps:
+        assert traffic.events[section] == [], section  # no wait, no copy either way
+    assert traffic.waits(f"call {marking.calls}")  # the tokens (and the trace) are read once, at the end
+
+
+@pytest.mark.parametrize("conditional", [False, True], ids=["bound", "conditional_bound"])
+def test_a_bound_step_on_the_device_never_waits_for_it(conditional):
+    """Each step of the bound's chain: its noise drawn on the host and its masked positions
+    uploaded without blocking; the per-sentence sums read once, at the end."""
+    from pipeline.diffusion.loss import sequence_bound
+    from pipeline.diffusion.schedules import grid_for_steps
+    from tests.test_samplers import tiny_bert
+    from tests.toy import SPECIAL, toy_schedule
+
+    ids = torch.tensor([[1, 4, 5, 6, 2, 0], [1, 6, 6, 4, 5, 2], [1, 5, 2, 0, 0, 0]])
+    attn = ids != 0
+    hidden = torch.zeros_like(attn)
+    hidden[:, 2:4] = True
+    schedule = toy_schedule("spindle", 64)
+    grid = grid_for_steps(64, 8)
+    model = tiny_bert()
+    kw = dict(hidden=hidden if conditional else None)
+    want = sequence_bound(model.denoise, ids, attn, schedule, SPECIAL, grid, torch.Generator().manual_seed(2), **kw)
+    with on_fake_device(), recording_traffic() as traffic:
+        model.to(FAKE)
+        marking = Marking(model.denoise, traffic)
+        got = sequence_bound(
+            marking, ids.to(FAKE), attn.to(FAKE), schedule, SPECIAL, grid, torch.Generator().manual_seed(2), **kw
+        )
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert marking.calls >= 4
+    for section in [f"call {k}" for k in range(1, marking.calls)]:
+        assert traffic.waits(section) == [], section

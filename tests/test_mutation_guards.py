@@ -172,7 +172,8 @@ ROWS = 20000
         ("linear", 6, 3, True),
     ],
 )
-def test_ancestral_sampler_draws_x0_from_the_exact_reverse_chain_distribution(name, T, steps, cache):
+@pytest.mark.parametrize("resident", [False, True], ids=["host", "resident"])
+def test_ancestral_sampler_draws_x0_from_the_exact_reverse_chain_distribution(name, T, steps, cache, resident):
     """Catches: a stale cache (no refresh after a reveal), the spindle token drawn from p instead
     of p a, the reveal chance mean(a) instead of sum_v p(v) a(v), and revealing nothing until the
     last step (which loses the context dependence of the chain)."""
@@ -181,16 +182,19 @@ def test_ancestral_sampler_draws_x0_from_the_exact_reverse_chain_distribution(na
     denoiser = ContextDenoiser()
     expected = _exact_final_distribution(denoiser, schedule, grid)
     assert float(expected.sum()) == pytest.approx(1.0, abs=1e-9)
-    out = ancestral_sample(denoiser, schedule, [2] * ROWS, SPECIAL, CLS, SEP, grid=grid, seed=11, cache=cache)
+    out = ancestral_sample(
+        denoiser, schedule, [2] * ROWS, SPECIAL, CLS, SEP, grid=grid, seed=11, cache=cache, resident=resident
+    )
     chi2 = _chi_square(out.tokens, expected)
-    print(f"chi2 {name} T={T} grid={grid} cache={cache}: {chi2:.1f} (limit {CHI2_LIMIT})")
+    print(f"chi2 {name} T={T} grid={grid} cache={cache} resident={resident}: {chi2:.1f} (limit {CHI2_LIMIT})")
     assert chi2 < CHI2_LIMIT, (chi2, expected)
 
 
 # ---------------------------------------------------------------- every step reveals what the schedule says
 @pytest.mark.parametrize("name", ["linear", "spindle"])
 @pytest.mark.parametrize("step_size", [1, 4])
-def test_each_reverse_step_reveals_the_share_of_masks_the_schedule_asks_for(name, step_size):
+@pytest.mark.parametrize("resident", [False, True], ids=["host", "resident"])
+def test_each_reverse_step_reveals_the_share_of_masks_the_schedule_asks_for(name, step_size, resident):
     """With a constant denoiser p, each masked position is revealed at step t -> s independently
     with chance c = sum_v p(v) a(v) (= a for linear), so given the masks left before the step the
     number revealed is Binomial(left, c). Catches one-step generation (nothing revealed before
@@ -199,7 +203,9 @@ def test_each_reverse_step_reveals_the_share_of_masks_the_schedule_asks_for(name
     probs = torch.tensor([0, 0, 0, 0, 0.1, 0.1, 0.8], dtype=torch.float64)  # mostly the rare id
     schedule = toy_schedule(name, T)
     grid = time_grid(T, step_size)
-    out = ancestral_sample(ConstantDenoiser(probs), schedule, [length] * rows, SPECIAL, CLS, SEP, grid=grid, seed=4)
+    out = ancestral_sample(
+        ConstantDenoiser(probs), schedule, [length] * rows, SPECIAL, CLS, SEP, grid=grid, seed=4, resident=resident
+    )
     left = rows * length
     worst = 0.0
     for (t_step, s_step), after in zip(zip(grid[:-1], grid[1:]), out.trace):

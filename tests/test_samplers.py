@@ -22,6 +22,9 @@ def tiny_bert(time_design: str = "none", T: int = 64):
 
 
 def run_sampler(kind: str, denoiser, schedule_name: str = "spindle", seed: int = 0, **kw):
+    """`kind` is a sampler; `resident-<kind>` runs it device-resident (here on the CPU)."""
+    if kind.startswith("resident-"):
+        kind, kw = kind.removeprefix("resident-"), {**kw, "resident": True}
     T = 64
     schedule = toy_schedule(schedule_name, T)
     if kind == "gibbs":
@@ -32,7 +35,7 @@ def run_sampler(kind: str, denoiser, schedule_name: str = "spindle", seed: int =
     )
 
 
-SAMPLERS = ["ancestral", "cached", "skipping", "gibbs"]
+SAMPLERS = ["ancestral", "cached", "skipping", "gibbs", "resident-ancestral", "resident-skipping", "resident-gibbs"]
 
 
 @pytest.mark.parametrize("kind", SAMPLERS)
@@ -171,3 +174,24 @@ def test_spindle_sampler_reveals_every_mask_on_its_last_step_with_a_full_vocabul
         out = ancestral_sample(denoiser, schedule, [n] * rows, special, 101, 102, grid=[2048, 0], seed=seed)
         assert not (out.tokens == special.mask).any()
         assert out.trace == [0]
+
+
+def test_device_resident_top_k_keeps_ties_with_the_kth_token_as_the_host_does():
+    """Three ids tie for the top: top-k of 1 keeps all three on both paths (same tokens)."""
+    probs = torch.tensor([0, 0, 0, 0, 0.3, 0.3, 0.3])
+    host = run_sampler("ancestral", ConstantDenoiser(probs), top_k=1, seed=4)
+    resident = run_sampler("resident-ancestral", ConstantDenoiser(probs), top_k=1, seed=4)
+    assert torch.equal(resident.tokens, host.tokens)
+    assert len({int(v) for row, n in enumerate(LENGTHS) for v in host.tokens[row, 1 : n + 1]}) > 1
+
+
+def test_more_ties_than_the_device_path_keeps_fall_back_to_the_exact_host_path(monkeypatch):
+    """A flat model ties every id: the fixed-width device truncation would cut ties, notices it
+    on the device, and the call is answered by the host sampler instead (same tokens)."""
+    from pipeline.diffusion import resident
+
+    monkeypatch.setattr(resident, "TOP_K_MARGIN", 1)
+    flat = torch.tensor([0, 0, 0, 0, 1 / 3, 1 / 3, 1 / 3])
+    host = run_sampler("ancestral", ConstantDenoiser(flat), top_k=1, seed=9)
+    fallback = run_sampler("resident-ancestral", ConstantDenoiser(flat), top_k=1, seed=9)
+    assert torch.equal(fallback.tokens, host.tokens)

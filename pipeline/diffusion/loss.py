@@ -225,6 +225,9 @@ def sequence_bound(
     batch, width = x0.shape
     flat_x0 = x0.reshape(-1)
     total = torch.zeros(batch, dtype=torch.float64, device=device)
+    top = torch.full((batch,), float(T), dtype=torch.float64, device=device)
+    schedule.reveal_probability(top, top, context)  # its tables move to the device now, not mid-chain
+    id_tensor(special.forbidden_outputs, device)  # and the ids SUBS excludes
     for t_step, s_step in zip(grid[:-1], grid[1:]):
         t_host = torch.full((batch,), float(t_step), dtype=torch.float64)
         _, masked = q_sample(x0_host, t_host, schedule, content_host, special.mask, generator)

@@ -14,9 +14,10 @@ the ones the dense [.., V] rows hold (`truncated_probs` scatters the same number
 CDF over the kept ids in id order has the dense CDF's values at those ids (the dense one only adds
 zeros in between), so the inverse-CDF draw picks the same token. top_k = 0 keeps dense rows.
 
-Devices: everything handed to the denoiser is on `device`, and truncation runs there; the
-canvas, the kept probabilities (host memory) and the seeded draws stay on the CPU, so the only
-copies per model call are the inputs up and one [N, K] table (plus its ids) down.
+Devices: on the CPU these host samplers run the MLM head only at the [MASK] positions left
+(finding them is free there). On an accelerator every sampler runs device-resident instead
+(`pipeline.diffusion.resident`): canvas, truncation, reveal chances and the float64 draws on the
+model's device with fixed shapes, so no step waits for the device; `resident=` forces either.
 """
 
 from __future__ import annotations
@@ -326,6 +327,18 @@ def _pad(kept: Kept, k: int) -> Kept:
     )
 
 
+def runs_resident(device: torch.device | str, resident: bool | None) -> bool:
+    """Whether a sampler runs device-resident: by default exactly on accelerators."""
+    return torch.device(device).type != "cpu" if resident is None else resident
+
+
+def _uploaded(x: Tensor, attn: Tensor, device: torch.device | str) -> tuple[Tensor, Tensor]:
+    from pipeline.diffusion.loss import upload
+
+    device = torch.device(device)
+    return upload(x, device), upload(attn, device)
+
+
 def _check_grid(schedule: Schedule, grid: Sequence[int]) -> None:
     T = schedule.num_timesteps
     if grid[0] != T or grid[-1] != 0:
@@ -351,6 +364,7 @@ def ancestral_sample(
     progress: Callable[[int], None] | None = None,
     canvas: tuple[Tensor, Tensor] | None = None,
     remask: float = 0.0,
+    resident: bool | None = None,
 ) -> SampleOutput:
     """Reverse process on a descending time grid (T ... 0; step skipping = a coarser grid).
 
@@ -371,6 +385,27 @@ def ancestral_sample(
         raise ValueError(f"the remasking budget eta must lie in [0, 1], got {remask}")
     T = schedule.num_timesteps
     start = time.perf_counter()
+    if runs_resident(device, resident):
+        from pipeline.diffusion import resident as on_device
+
+        x, attn = starting_canvas(lengths, canvas, special, cls_id, sep_id)
+        tokens, calls, model_seconds, overflowed, left = on_device.ancestral_chain(
+            denoiser,
+            schedule,
+            *_uploaded(x, attn, device),
+            x == special.mask,
+            special,
+            grid=grid,
+            truncation=(top_k, top_p, temperature),
+            generator=on_device.device_generator(torch.device(device), seed),
+            remask=remask,
+            progress=progress,
+        )
+        if not overflowed:
+            batch = x.shape[0]
+            seconds = time.perf_counter() - start
+            return SampleOutput(tokens, attn, calls, torch.full((batch,), calls), seconds, model_seconds, left)
+        # more top-k ties than the device path keeps: the host path below is exact for any ties
     gen = torch.Generator().manual_seed(seed)
     x, attn = starting_canvas(lengths, canvas, special, cls_id, sep_id)
     batch, width = x.shape
@@ -465,44 +500,64 @@ def gibbs_sample(
     seed: int = 0,
     device: torch.device | str = "cpu",
     canvas: tuple[Tensor, Tensor] | None = None,
+    resident: bool | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> SampleOutput:
     """BERT-Mouth (Wang & Cho 2019): from all [MASK], repeatedly mask one position per row and
     resample it from the MLM. The first sweep visits positions in a random order, so every
     [MASK] is filled; later sweeps revisit every position in a fresh random order.
 
     With a `canvas`, only its [MASK] positions are free: fixed tokens are never masked again.
-    Not the model's chain: no bound applies to its samples."""
+    Not the model's chain: no bound applies to its samples. The positions it visits are fixed
+    in advance, so it runs the same code on every device (device-resident on accelerators)."""
+    from pipeline.diffusion import resident as on_device
+    from pipeline.diffusion.loss import id_tensor, upload
+
     start = time.perf_counter()
-    gen = torch.Generator().manual_seed(seed)
     x, attn = starting_canvas(lengths, canvas, special, cls_id, sep_id)
     free = x == special.mask  # [B, L] the positions this sampler may write
     batch, width = x.shape
     n_free = free.sum(1)  # [B]
     if (n_free == 0).any():
         raise ValueError("every canvas row needs at least one [MASK] position to sample")
+    visits = int(n_free.max())
     last_free = torch.where(free, torch.arange(width)[None, :], 0).amax(1)  # [B]
-    forbidden = special.forbidden_outputs
-    calls, model_seconds = 0, 0.0
-    rows = torch.arange(batch)
+    model_device = torch.device(device)
+    keep_on_device = runs_resident(model_device, resident)
+    here = model_device if keep_on_device else torch.device("cpu")  # where canvas and draws live
+    gen = on_device.device_generator(here, seed)
+    x, attn, free, n_free, last_free = (upload(t, here) for t in (x, attn, free, n_free, last_free))
+    forbidden = id_tensor(special.forbidden_outputs, model_device)
+    timer = on_device.ForwardTimer(model_device)
+    rows = torch.arange(batch, device=here)
+    ones = torch.ones(batch, dtype=torch.float32, device=model_device)
+    visited = 0
     for _ in range(max(1, sweeps)):
         # [B, L-2] random order of each row's free positions (content lies in 1..L-2); a row with
         # fewer free positions than the longest keeps revisiting its last one, which is harmless.
-        keys = torch.rand(batch, width - 2, generator=gen, dtype=torch.float64)
-        keys[~free[:, 1 : width - 1]] = 2.0
+        keys = torch.rand(batch, width - 2, generator=gen, dtype=torch.float64, device=here)
+        keys = torch.where(free[:, 1 : width - 1], keys, 2.0)
         order = keys.argsort(1) + 1
-        for j in range(int(n_free.max())):
+        for j in range(visits):
             pos = torch.where(j < n_free, order[:, j], last_free)  # [B]
-            x[rows, pos] = special.mask
-            sel = torch.zeros_like(x, dtype=torch.bool)
-            sel[rows, pos] = True
-            s_frac = torch.ones(batch, dtype=torch.float32, device=device)
-            logits, seconds = _timed_forward(denoiser, x.to(device), attn.to(device), s_frac, sel.to(device))  # [B, V]
-            model_seconds += seconds
-            calls += 1
-            kept = truncate(logits, forbidden, top_k, top_p, temperature, sparse=_SPARSE_TOP_K)  # [B, K]
-            u = torch.rand(batch, generator=gen, dtype=torch.float64)
-            x[rows, pos] = draw_token(kept, u)
-    return SampleOutput(x, attn, calls, torch.full((batch,), calls), time.perf_counter() - start, model_seconds)
+            flat = rows * width + pos  # [B] the visited position of each row, in B * L
+            x.view(-1).index_fill_(0, flat, special.mask)
+            if keep_on_device:
+                logits = timer(denoiser, x, attn, ones, flat)  # [B, V]
+                probs, ids, _ = on_device.truncate_fixed(logits, forbidden, top_k, top_p, temperature)
+                u = torch.rand(batch, generator=gen, dtype=torch.float64, device=here)
+                x[rows, pos] = on_device.draw_tokens(probs, ids, u)
+            else:
+                logits = timer(denoiser, x.to(model_device), attn.to(model_device), ones, flat.to(model_device))
+                kept = truncate(logits, special.forbidden_outputs, top_k, top_p, temperature, sparse=_SPARSE_TOP_K)
+                u = torch.rand(batch, generator=gen, dtype=torch.float64)
+                x[rows, pos] = draw_token(kept, u)
+            visited += 1
+            if progress is not None:
+                progress(visited)
+    calls = timer.calls
+    tokens, attn = x.cpu(), attn.cpu()
+    return SampleOutput(tokens, attn, calls, torch.full((batch,), calls), time.perf_counter() - start, timer.seconds())
 
 
 CONFIDENCE_SCORES = ("prob", "margin", "entropy")
@@ -559,6 +614,7 @@ def confidence_sample(
     device: torch.device | str = "cpu",
     progress: Callable[[int], None] | None = None,
     canvas: tuple[Tensor, Tensor] | None = None,
+    resident: bool | None = None,
 ) -> SampleOutput:
     """Confidence-ordered unmasking (MaskGIT; LLaDA's "low-confidence remasking").
 
@@ -572,6 +628,26 @@ def confidence_sample(
     _check_grid(schedule, grid)
     T = schedule.num_timesteps
     start = time.perf_counter()
+    if runs_resident(device, resident):
+        from pipeline.diffusion import resident as on_device
+
+        x, attn = starting_canvas(lengths, canvas, special, cls_id, sep_id)
+        tokens, calls, model_seconds, overflowed, left = on_device.confidence_chain(
+            denoiser,
+            schedule,
+            *_uploaded(x, attn, device),
+            x == special.mask,
+            special,
+            grid=grid,
+            score=score,
+            truncation=(top_k, top_p, temperature),
+            generator=on_device.device_generator(torch.device(device), seed),
+            progress=progress,
+        )
+        if not overflowed:
+            batch = x.shape[0]
+            seconds = time.perf_counter() - start
+            return SampleOutput(tokens, attn, calls, torch.full((batch,), calls), seconds, model_seconds, left)
     gen = torch.Generator().manual_seed(seed)
     x, attn = starting_canvas(lengths, canvas, special, cls_id, sep_id)
     batch, width = x.shape
