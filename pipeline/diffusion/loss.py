@@ -16,7 +16,7 @@ from torch import Tensor
 
 from pipeline.diffusion.forward import Denoiser, SpecialIds, content_mask, q_sample
 from pipeline.diffusion.noising import NoisedBatch, noise_for_diffusion, noise_for_mlm
-from pipeline.diffusion.packing import PackedRows
+from pipeline.diffusion.packing import SentenceRows
 from pipeline.diffusion.schedules import Schedule
 
 
@@ -107,7 +107,7 @@ def _rows(table: Tensor, batch_index: Tensor) -> Tensor:
     return table.float().index_select(0, batch_index)
 
 
-def _logits(denoiser: Denoiser, noised: NoisedBatch, packed: PackedRows | None) -> Tensor:
+def _logits(denoiser: Denoiser, noised: NoisedBatch, packed: SentenceRows | None) -> Tensor:
     """The denoiser at the masked positions, [N, V] in the padded layout's order."""
     if packed is None:
         return denoiser(noised.x_t, noised.attention_mask, noised.s_frac, noised.flat_positions)
@@ -122,7 +122,7 @@ def bound_loss(
     schedule: Schedule,
     special: SpecialIds,
     hybrid_lambda: float = 0.0,
-    packed: PackedRows | None = None,
+    packed: SentenceRows | None = None,
 ) -> LossOutput:
     """The per-token NLL bound of a batch noised on the host (`noise_for_diffusion`), computed
     where its tensors are, with no host round trip. `packed`: the same batch laid out as packed
@@ -149,7 +149,7 @@ def bound_loss(
 
 
 def cross_entropy_loss(
-    denoiser: Denoiser, noised: NoisedBatch, special: SpecialIds, packed: PackedRows | None = None
+    denoiser: Denoiser, noised: NoisedBatch, special: SpecialIds, packed: SentenceRows | None = None
 ) -> LossOutput:
     """Masked-LM cross-entropy of a batch masked on the host (`noise_for_mlm`). Not a bound."""
     if noised.num_masked == 0:

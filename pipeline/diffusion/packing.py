@@ -22,7 +22,7 @@ from pipeline.diffusion.noising import NoisedBatch
 
 
 @dataclass(frozen=True)
-class PackedRows:
+class SentenceRows:
     """A noised batch re-laid as R rows of P slots. Segment 0 is padding; segment k >= 1 is the
     batch's sentence k - 1."""
 
@@ -31,12 +31,12 @@ class PackedRows:
     position_ids: Tensor  # [R, P] long, each token's index inside its sentence (0 on padding)
     flat_positions: Tensor  # [N] long, the masked positions in R * P, in the padded layout's order
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedRows:
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SentenceRows:
         return replace(
             self, **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)}
         )
 
-    def pin_memory(self) -> PackedRows:
+    def pin_memory(self) -> SentenceRows:
         return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
 
     @property
@@ -67,7 +67,7 @@ def first_fit_rows(lengths: np.ndarray, row_length: int) -> tuple[np.ndarray, np
     return row, offset
 
 
-def pack_rows(noised: NoisedBatch, row_length: int) -> PackedRows:
+def pack_rows(noised: NoisedBatch, row_length: int) -> SentenceRows:
     """The sentences of a host batch [B, L] in rows of `row_length` slots (see the module doc)."""
     if noised.device.type != "cpu":
         raise ValueError(f"rows are packed on the host, got a batch on {noised.device}")
@@ -91,7 +91,7 @@ def pack_rows(noised: NoisedBatch, row_length: int) -> PackedRows:
     def rows_of(values: np.ndarray) -> Tensor:
         return torch.from_numpy(values.reshape(num_rows, row_length))
 
-    return PackedRows(
+    return SentenceRows(
         input_ids=rows_of(ids),
         segments=rows_of(segments),
         position_ids=rows_of(position_ids),

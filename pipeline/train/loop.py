@@ -23,7 +23,7 @@ from pipeline.data.tokenize import TokenizedSplit
 from pipeline.diffusion.forward import SpecialIds
 from pipeline.diffusion.loss import bound_loss, cross_entropy_loss, diffusion_loss
 from pipeline.diffusion.noising import NoisedBatch, noise_for_diffusion, noise_for_mlm
-from pipeline.diffusion.packing import PackedRows, pack_rows
+from pipeline.diffusion.packing import SentenceRows, pack_rows
 from pipeline.diffusion.schedules import Schedule, schedule_from_params
 from pipeline.model.denoiser import DiffusionBertForDenoising
 from pipeline.model.loading import build_model, load_tokenizer
@@ -276,7 +276,7 @@ def prepare_batch(
     special: SpecialIds,
     generator: torch.Generator,
     device: torch.device,
-) -> tuple[NoisedBatch, PackedRows | None]:
+) -> tuple[NoisedBatch, SentenceRows | None]:
     """A host batch noised on the host (packed into rows under a token budget) and handed to the
     device: from page-locked memory without waiting on a GPU, so the host prepares the next batch
     while the device still computes this one."""
@@ -306,10 +306,10 @@ class _Window:
 
     @classmethod
     def start(cls, device: torch.device) -> _Window:
-        return cls(time.perf_counter(), torch.zeros((), device=device))
+        return cls(time.perf_counter(), torch.zeros((), dtype=torch.float64, device=device))
 
     def add(self, out, accumulate: int, real_tokens: int) -> None:
-        self.loss_sum += out.loss.detach() / accumulate
+        self.loss_sum += out.loss.detach().double() / accumulate  # float64, as a host sum would be
         self.step_tokens += real_tokens
 
     def end_step(self) -> None:
