@@ -2,6 +2,7 @@
 
     bash benchmarks/gpu_check.sh            # all visible GPUs (torchrun), prints tokens/s and MFU
     python benchmarks/gpu_check.py --device cpu --tiny   # a smoke run anywhere
+    ... --json PATH                          # also write the numbers (rank 0)
 
 Needs only torch and this repository: the encoder is a plain-torch BERT of bert-base's shape
 (12 layers, 768 wide, 12 heads, 3072 FFN, 30522 ids, tied MLM head) and the loss is this
@@ -13,6 +14,7 @@ token ids with LM1B-like lengths, so nothing is downloaded. MFU counts 6 x non-e
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -95,6 +97,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128, help="per GPU")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer 64-wide model (smoke test)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the numbers here (rank 0)")
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -136,7 +139,7 @@ def main() -> None:
     if world > 1:
         dist.all_reduce(rate)
     if rank == 0:
-        peak = matmul_peak(device, 2048 if args.tiny or device.type != "cuda" else 8192)
+        peak = matmul_peak(device, 8192 if device.type == "cuda" else 256)  # bf16 on a CPU can be slow
         flops = model.flops_per_token(args.seq_len)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         print(f"device: {name} x {world}; model: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params")
@@ -147,6 +150,18 @@ def main() -> None:
             f"MFU: {float(rate) / world * flops / peak:.1%} of the measured bf16 matmul peak "
             f"({peak / 1e12:.1f} TFLOP/s per device; {flops / 1e6:.0f} MFLOP per token)"
         )
+        if args.json is not None:
+            numbers = {
+                "device": name,
+                "devices": world,
+                "tokens_per_s": float(rate),
+                "mfu": float(rate) / world * flops / peak,
+                "bf16_peak_tflops": peak / 1e12,
+                "mflop_per_token": flops / 1e6,
+                "last_loss": out.loss.item(),
+            }
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(numbers, indent=1) + "\n")
     if world > 1:
         dist.destroy_process_group()
 
