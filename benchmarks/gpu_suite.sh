@@ -25,7 +25,8 @@
 # code of those two stages (gpu_pipeline.py --part data), which needs the whole stack, MLflow too.
 #
 # A machine without the Python stack can get it from a bundle: SITE_BUNDLE=<site.tar.xz> is
-# unpacked to /tmp/site and put first on PYTHONPATH (see README "GPU").
+# unpacked to /tmp/site and put first on PYTHONPATH (`bash benchmarks/gpu_bundle.sh` builds one:
+# Ray, pydantic and the default tokenizer, 29 MiB).
 # Knobs: PYTHON (default .venv/bin/python when there, else python3), SUITE_BUDGET_S (seconds for
 # all parts; 450 on a GPU), <PART>_TIMEOUT (DEVICE_TESTS_TIMEOUT, TRAIN_EAGER_TIMEOUT, ...),
 # TOKENS_PER_BATCH (16384), PIPELINE_ARGS (more flags for every gpu_pipeline.py part).
