@@ -349,9 +349,7 @@ def trained_model(args: argparse.Namespace, device: torch.device):
 def default_model(device: torch.device):
     """The default denoiser (all-MiniLM-L6-v2, untrained diffusion head) with a linear schedule."""
     from pipeline.diffusion.schedules import build_schedule
-    from pipeline.model.loading import build_denoiser, load_tokenizer
-
-    from pipeline.model.loading import default_model_dir
+    from pipeline.model.loading import build_denoiser, default_model_dir, load_tokenizer
 
     what = "default model (all-MiniLM-L6-v2)"
     if (default_model_dir() / "model.safetensors").is_file():
