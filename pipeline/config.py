@@ -123,6 +123,11 @@ class TrainParams(_Group):
                 "train.packed (sentences cut into fixed rows) and train.tokens_per_batch (whole sentences in "
                 "packed rows) are two different layouts; set one of them"
             )
+        if self.global_batch_size is not None and self.tokens_per_batch is not None:
+            raise ValueError(
+                "train.global_batch_size counts sentences and train.tokens_per_batch counts tokens; with a token "
+                "budget each step takes tokens_per_batch x workers tokens: unset train.global_batch_size"
+            )
         return self
 
     def accumulation_steps(self, world_size: int) -> int:

@@ -161,6 +161,7 @@ def test_token_budget_batches_hold_at_most_the_budget_and_every_sentence_once():
         (["train.packed=true", "train.tokens_per_batch=4096"], "two different layouts"),
         (["train.tokens_per_batch=4096", "train.row_length=32"], "train.row_length=32"),
         (["train.tokens_per_batch=16"], "train.tokens_per_batch=16"),
+        (["train.tokens_per_batch=4096", "train.global_batch_size=64"], "unset train.global_batch_size"),
     ],
 )
 def test_token_budget_params_that_cannot_work_are_refused_naming_the_key(overrides, message):
