@@ -65,10 +65,24 @@ class NoisedBatch:
         return replace(self, **pinned)
 
 
-def _positions(masked: Tensor) -> tuple[Tensor, Tensor]:
-    """Masked [B, L] -> (flat indices [N] into B * L, rows [N]), row-major."""
+def _noised(
+    x0: Tensor, attention_mask: Tensor, x_t: Tensor, masked: Tensor, content: Tensor, t: Tensor, s_frac: Tensor
+) -> NoisedBatch:
+    """The batch with its masked positions [B, L] as flat indices [N] (row-major) and their rows."""
     flat = masked.reshape(-1).nonzero(as_tuple=True)[0]  # [N]
-    return flat, flat // masked.shape[1]
+    return NoisedBatch(
+        x0=x0,
+        attention_mask=attention_mask,
+        x_t=x_t,
+        t=t,
+        s_frac=s_frac,
+        flat_positions=flat,
+        batch_index=flat // masked.shape[1],
+        target=x0.reshape(-1)[flat],
+        content=content,
+        num_tokens=int(content.sum()),
+        num_masked=int(flat.numel()),
+    )
 
 
 def noise_for_diffusion(
@@ -87,20 +101,7 @@ def noise_for_diffusion(
     else:
         t = stratified_times(batch, T, generator)  # [B] in 1..T
     x_t, masked = q_sample(x0, t.cpu(), schedule, maskable, special.mask, generator)
-    flat, rows = _positions(masked)
-    return NoisedBatch(
-        x0=x0,
-        attention_mask=attention_mask,
-        x_t=x_t,
-        t=t.cpu(),
-        s_frac=(t.cpu() / T).to(torch.float32),
-        flat_positions=flat,
-        batch_index=rows,
-        target=x0.reshape(-1)[flat],
-        content=maskable,
-        num_tokens=int(maskable.sum()),
-        num_masked=int(flat.numel()),
-    )
+    return _noised(x0, attention_mask, x_t, masked, maskable, t.cpu(), (t.cpu() / T).to(torch.float32))
 
 
 def noise_for_mlm(
@@ -114,18 +115,6 @@ def noise_for_mlm(
     maskable = content_mask(x0, special, attention_mask)
     u = torch.rand(x0.shape, generator=generator, dtype=torch.float64, device="cpu")
     masked = maskable & (u < mask_prob)
-    flat, rows = _positions(masked)
+    x_t = torch.where(masked, torch.full_like(x0, special.mask), x0)
     batch = x0.shape[0]
-    return NoisedBatch(
-        x0=x0,
-        attention_mask=attention_mask,
-        x_t=torch.where(masked, torch.full_like(x0, special.mask), x0),
-        t=torch.ones(batch, dtype=torch.float64),
-        s_frac=torch.ones(batch, dtype=torch.float32),
-        flat_positions=flat,
-        batch_index=rows,
-        target=x0.reshape(-1)[flat],
-        content=maskable,
-        num_tokens=int(maskable.sum()),
-        num_masked=int(flat.numel()),
-    )
+    return _noised(x0, attention_mask, x_t, masked, maskable, torch.ones(batch, dtype=torch.float64), torch.ones(batch))

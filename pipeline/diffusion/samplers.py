@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -332,11 +333,36 @@ def runs_resident(device: torch.device | str, resident: bool | None) -> bool:
     return torch.device(device).type != "cpu" if resident is None else resident
 
 
-def _uploaded(x: Tensor, attn: Tensor, device: torch.device | str) -> tuple[Tensor, Tensor]:
+def _resident(
+    chain: Callable[..., tuple[Tensor, int, float, bool, list[int]]],
+    denoiser: Denoiser,
+    schedule: Schedule,
+    lengths: Sequence[int] | Tensor | None,
+    canvas: tuple[Tensor, Tensor] | None,
+    special: SpecialIds,
+    cls_id: int,
+    sep_id: int,
+    device: torch.device | str,
+    seed: int,
+    start: float,
+    truncation: tuple[int, float, float],
+) -> SampleOutput | None:
+    """A chain of `pipeline.diffusion.resident` on the model's device, from the host canvas; None
+    when more top-k ties occurred than it keeps (the caller then runs the exact host path)."""
+    from pipeline.diffusion import resident as on_device
     from pipeline.diffusion.loss import upload
 
     device = torch.device(device)
-    return upload(x, device), upload(attn, device)
+    x, attn = starting_canvas(lengths, canvas, special, cls_id, sep_id)
+    generator = on_device.device_generator(device, seed)
+    tokens, calls, model_seconds, overflowed, left = chain(
+        denoiser, schedule, upload(x, device), upload(attn, device), x == special.mask, special,
+        truncation=truncation, generator=generator,
+    )  # fmt: skip
+    if overflowed:
+        return None
+    seconds = time.perf_counter() - start
+    return SampleOutput(tokens, attn, calls, torch.full((x.shape[0],), calls), seconds, model_seconds, left)
 
 
 def _check_grid(schedule: Schedule, grid: Sequence[int]) -> None:
@@ -388,23 +414,11 @@ def ancestral_sample(
     if runs_resident(device, resident):
         from pipeline.diffusion import resident as on_device
 
-        x, attn = starting_canvas(lengths, canvas, special, cls_id, sep_id)
-        tokens, calls, model_seconds, overflowed, left = on_device.ancestral_chain(
-            denoiser,
-            schedule,
-            *_uploaded(x, attn, device),
-            x == special.mask,
-            special,
-            grid=grid,
-            truncation=(top_k, top_p, temperature),
-            generator=on_device.device_generator(torch.device(device), seed),
-            remask=remask,
-            progress=progress,
-        )
-        if not overflowed:
-            batch = x.shape[0]
-            seconds = time.perf_counter() - start
-            return SampleOutput(tokens, attn, calls, torch.full((batch,), calls), seconds, model_seconds, left)
+        chain = partial(on_device.ancestral_chain, grid=grid, remask=remask, progress=progress)
+        done = _resident(chain, denoiser, schedule, lengths, canvas, special, cls_id, sep_id, device, seed, start,
+                         truncation=(top_k, top_p, temperature))  # fmt: skip
+        if done is not None:
+            return done
         # more top-k ties than the device path keeps: the host path below is exact for any ties
     gen = torch.Generator().manual_seed(seed)
     x, attn = starting_canvas(lengths, canvas, special, cls_id, sep_id)
@@ -631,23 +645,11 @@ def confidence_sample(
     if runs_resident(device, resident):
         from pipeline.diffusion import resident as on_device
 
-        x, attn = starting_canvas(lengths, canvas, special, cls_id, sep_id)
-        tokens, calls, model_seconds, overflowed, left = on_device.confidence_chain(
-            denoiser,
-            schedule,
-            *_uploaded(x, attn, device),
-            x == special.mask,
-            special,
-            grid=grid,
-            score=score,
-            truncation=(top_k, top_p, temperature),
-            generator=on_device.device_generator(torch.device(device), seed),
-            progress=progress,
-        )
-        if not overflowed:
-            batch = x.shape[0]
-            seconds = time.perf_counter() - start
-            return SampleOutput(tokens, attn, calls, torch.full((batch,), calls), seconds, model_seconds, left)
+        chain = partial(on_device.confidence_chain, grid=grid, score=score, progress=progress)
+        done = _resident(chain, denoiser, schedule, lengths, canvas, special, cls_id, sep_id, device, seed, start,
+                         truncation=(top_k, top_p, temperature))  # fmt: skip
+        if done is not None:
+            return done
     gen = torch.Generator().manual_seed(seed)
     x, attn = starting_canvas(lengths, canvas, special, cls_id, sep_id)
     batch, width = x.shape
