@@ -16,6 +16,7 @@ from pipeline.diffusion.packing import first_fit_rows, pack_rows
 from pipeline.diffusion.schedules import build_schedule
 from pipeline.model.families import UnsupportedDesignError
 from tests.test_model_families import T, perturb_time_modules, tiny
+from tests.test_train_loop import tiny_data  # noqa: F401  (fixture)
 
 SENTENCES = [
     "the cat sat on the mat .",
@@ -167,3 +168,12 @@ def test_token_budget_batches_hold_at_most_the_budget_and_every_sentence_once():
 def test_token_budget_params_that_cannot_work_are_refused_naming_the_key(overrides, message):
     with pytest.raises(ParamsError, match=message):
         load_params("params.yaml", overrides)
+
+
+def test_training_with_a_token_budget_refuses_a_design_that_cannot_pack_before_any_step(tiny_data):
+    from pipeline.train.loop import train_loop
+    from tests.test_train_loop import params
+
+    p = params("train.tokens_per_batch=160", "train.row_length=64", "model.time_design=prefix", "train.steps=1")
+    with pytest.raises(UnsupportedDesignError, match="prefix"):
+        train_loop(p, tiny_data, on_step=lambda step: pytest.fail("a step ran"))

@@ -164,6 +164,8 @@ def train_loop(
     torch.manual_seed(tp.seed + rank)
     model = build_model(params, schedule).to(device)  # type: ignore[arg-type]  # transformers' wrapped .to
     prefer_fast_attention(model, device)
+    if tp.tokens_per_batch is not None:  # refuse a family or design that cannot pack before any step
+        model.encoder_family.check_packing(model.mlm.config, model.config.time_design)
     optimizer = build_optimizer(model, tp.lr, tp.weight_decay)
     scheduler = build_scheduler(optimizer, tp.warmup_steps, tp.steps, tp.min_lr_ratio)
     ema = EMA(model, tp.ema_decay) if tp.ema_decay > 0 else None
