@@ -202,6 +202,9 @@ SCHEDULE_ONLY = {"power_gamma": "power"}
 # computed before them: hashed only when set otherwise, so finished rows stay reusable.
 NEUTRAL_DEFAULTS = {
     ("train", "global_batch_size"): None,
+    ("train", "tokens_per_batch"): None,  # padded batches of train.batch_size, as measured
+    ("train", "row_length"): 128,  # read only under a token budget
+    ("train", "compile"): False,
     ("model", "family"): "bert",
     ("diffusion", "power_gamma"): 1.0,  # read only by the power schedule
     ("ablation", "out"): "outputs/ablation",  # where, not what

@@ -76,7 +76,7 @@ def truncate_fixed(
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """Truncated p_theta(x0 | x_t) with a fixed width: (probs [M, K], ids [M, K] ascending or
     None for dense rows, overflow [M] bool: more ties with the k-th logit than the margin holds)."""
-    from pipeline.diffusion.samplers import _top_p_mask
+    from pipeline.diffusion.samplers import top_p_mask
 
     scaled = logits.float() / temperature  # [M, V], a new tensor
     scaled.index_fill_(-1, forbidden, float("-inf"))
@@ -90,10 +90,10 @@ def truncate_fixed(
         ids, by_id = ids.sort(-1)  # ascending ids: the CDF order of the host path
         values = values.gather(-1, by_id)
         if top_p < 1.0:
-            values = _top_p_mask(values, top_p)
+            values = top_p_mask(values, top_p)
         return torch.softmax(values, dim=-1), ids, overflow
     if top_p < 1.0:
-        scaled = _top_p_mask(scaled, top_p)
+        scaled = top_p_mask(scaled, top_p)
     overflow = torch.zeros(scaled.shape[0], dtype=torch.bool, device=scaled.device)
     return torch.softmax(scaled, dim=-1), None, overflow
 

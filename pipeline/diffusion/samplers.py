@@ -101,7 +101,7 @@ def _scaled_logits(logits: Tensor, forbidden_ids: Sequence[int], temperature: fl
     return logits
 
 
-def _top_p_mask(logits: Tensor, top_p: float) -> Tensor:
+def top_p_mask(logits: Tensor, top_p: float) -> Tensor:
     """Nucleus truncation of logits [N, K]: keep the most likely entries up to and including the
     one whose cumulative probability crosses top_p (ties ordered by column). [N, K]"""
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
@@ -160,7 +160,7 @@ def sparse_truncation(
     kept entries only: (probs [N, K] float32, ids [N, K] ascending)."""
     values, ids = _top_k_entries(logits, forbidden_ids, top_k, temperature)
     if top_p < 1.0:
-        values = _top_p_mask(values, top_p)
+        values = top_p_mask(values, top_p)
     return torch.softmax(values, dim=-1), ids
 
 
@@ -178,7 +178,7 @@ def truncated_probs(
         return torch.zeros(logits.shape, dtype=torch.float32, device=logits.device).scatter_(-1, ids, probs)
     logits = _scaled_logits(logits, forbidden_ids, temperature)
     if top_p < 1.0:
-        logits = _top_p_mask(logits, top_p)
+        logits = top_p_mask(logits, top_p)
     return torch.softmax(logits, dim=-1)
 
 
