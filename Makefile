@@ -48,7 +48,7 @@ ablation: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro token_stats
 	$(BIN)/dbert ablation
 
-# Issue 13's schedule experiment: linear, spindle (lambda at its cap), the exact power schedule (gamma
+# The schedule experiment: linear, spindle (lambda at its cap), the exact power schedule (gamma
 # from a Tune sweep, README) and the MDLM recipe, 3 training seeds each, + LTE/PTE once for claim 3;
 # TAD, 2,000 steps, 1,024 test sentences x 2 bound seeds. Resumable row by row and from checkpoints
 # in outputs/schedules/; each finished row and the report so far are copied to reports/schedules/
