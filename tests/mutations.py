@@ -286,8 +286,14 @@ MUTATIONS = [
     ),
     Mutation(
         "g5",
-        "training step: the batch uploaded with a blocking copy",
-        (Edit(LOOP, "return noised.to(device, non_blocking=True),", "return noised.to(device, non_blocking=False),"),),
+        "uploads to the device made with a blocking copy",
+        (
+            Edit(
+                "pipeline/tensors.py",
+                "return tensor.to(device, non_blocking=True)",
+                "return tensor.to(device, non_blocking=False)",
+            ),
+        ),
         (HOST_SYNC,),
     ),
     Mutation(

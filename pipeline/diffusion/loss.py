@@ -18,6 +18,7 @@ from pipeline.diffusion.forward import Denoiser, SpecialIds, content_mask, q_sam
 from pipeline.diffusion.noising import NoisedBatch, noise_for_diffusion, noise_for_mlm
 from pipeline.diffusion.packing import SentenceRows
 from pipeline.diffusion.schedules import Schedule
+from pipeline.tensors import id_tensor, upload
 
 
 def subs_log_probs(logits: Tensor, forbidden_ids: Sequence[int]) -> Tensor:
@@ -28,27 +29,6 @@ def subs_log_probs(logits: Tensor, forbidden_ids: Sequence[int]) -> Tensor:
     if forbidden_ids:
         logits = logits.index_fill(-1, id_tensor(forbidden_ids, logits.device), float("-inf"))
     return torch.log_softmax(logits, dim=-1)
-
-
-def upload(tensor: Tensor, device: torch.device) -> Tensor:
-    """A host tensor on `device` without making the host wait: page-locked first on CUDA (a copy
-    from pageable memory waits for the device), then a non-blocking copy."""
-    if device.type == "cuda":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
-
-
-_ID_TENSORS: dict[tuple[tuple[int, ...], str], Tensor] = {}
-
-
-def id_tensor(ids: Sequence[int], device: torch.device) -> Tensor:
-    """`ids` as a long tensor on `device`, uploaded once per (ids, device): a fresh upload from
-    pageable host memory at every step would wait for the device."""
-    key = (tuple(ids), str(device))
-    hit = _ID_TENSORS.get(key)
-    if hit is None:
-        hit = _ID_TENSORS[key] = torch.as_tensor(list(ids), dtype=torch.long, device=device)
-    return hit
 
 
 def position_kl(log_probs: Tensor, x0: Tensor, reveal: Tensor) -> Tensor:
@@ -173,7 +153,7 @@ def diffusion_loss(
     """One stochastic estimate of the per-token NLL bound, with stratified t across the batch:
     the noise drawn on the host (`noise_for_diffusion`), the loss on x0's device."""
     noised = noise_for_diffusion(x0.cpu(), attention_mask.cpu(), schedule, special, generator)
-    return bound_loss(denoiser, noised.to(x0.device), schedule, special, hybrid_lambda)
+    return bound_loss(denoiser, noised.uploaded(x0.device), schedule, special, hybrid_lambda)
 
 
 def mlm_loss(
@@ -187,7 +167,7 @@ def mlm_loss(
     """Plain masked-LM cross-entropy (BERT's 15%, all replaced by [MASK]): the fine-tune behind
     the BERT-Mouth baseline, which then samples by Gibbs sampling. Not a bound."""
     noised = noise_for_mlm(x0.cpu(), attention_mask.cpu(), special, generator, mask_prob)
-    return cross_entropy_loss(denoiser, noised.to(x0.device), special)
+    return cross_entropy_loss(denoiser, noised.uploaded(x0.device), special)
 
 
 @torch.no_grad()

@@ -12,12 +12,14 @@ The noise of the next batch is drawn while the device still works on this one.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from pipeline.diffusion.forward import SpecialIds, content_mask, q_sample, stratified_continuous_times, stratified_times
 from pipeline.diffusion.schedules import Schedule
+from pipeline.tensors import upload
 
 
 @dataclass(frozen=True)
@@ -45,24 +47,16 @@ class NoisedBatch:
     def device(self) -> torch.device:
         return self.x0.device
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> NoisedBatch:
-        """Every tensor on `device`; with `non_blocking` (from pinned memory) the copies are queued
-        behind the device's work instead of waiting for it."""
-        moved = {
-            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), Tensor)
-        }
+    def uploaded(self, device: torch.device | str) -> NoisedBatch:
+        """Every tensor on `device`, copied without making the host wait (`pipeline.tensors.upload`):
+        the host draws the next batch's noise while the device still computes this one."""
+        device = torch.device(device)
+        moved: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                moved[f.name] = upload(value, device)
         return replace(self, **moved)
-
-    def pin_memory(self) -> NoisedBatch:
-        """Page-locked host copies (CUDA only), so that `to(cuda, non_blocking=True)` is asynchronous."""
-        pinned = {
-            f.name: getattr(self, f.name).pin_memory()
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), Tensor)
-        }
-        return replace(self, **pinned)
 
 
 def _noised(

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from pipeline.diffusion.noising import NoisedBatch
+from pipeline.tensors import upload
 
 
 @dataclass(frozen=True)
@@ -31,13 +32,10 @@ class SentenceRows:
     position_ids: Tensor  # [R, P] long, each token's index inside its sentence (0 on padding)
     flat_positions: Tensor  # [N] long, the masked positions in R * P, in the padded layout's order
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> SentenceRows:
-        return replace(
-            self, **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)}
-        )
-
-    def pin_memory(self) -> SentenceRows:
-        return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+    def uploaded(self, device: torch.device | str) -> SentenceRows:
+        """Every tensor on `device`, copied without making the host wait (`pipeline.tensors.upload`)."""
+        device = torch.device(device)
+        return replace(self, **{f.name: upload(getattr(self, f.name), device) for f in fields(self)})
 
     @property
     def slots(self) -> int:

@@ -25,7 +25,15 @@ import torch
 from torch import Tensor
 
 from pipeline.diffusion.forward import Denoiser, SpecialIds
+from pipeline.diffusion.samplers import (
+    confidence,
+    draw_categorical,
+    remdm_probabilities,
+    reveal_counts,
+    top_p_mask,
+)
 from pipeline.diffusion.schedules import Schedule
+from pipeline.tensors import id_tensor, upload
 
 TOP_K_MARGIN = 16
 DRAW_CHUNK = 2048  # positions per float64 CDF: bounds its memory at DRAW_CHUNK * K * 8 bytes
@@ -76,8 +84,6 @@ def truncate_fixed(
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """Truncated p_theta(x0 | x_t) with a fixed width: (probs [M, K], ids [M, K] ascending or
     None for dense rows, overflow [M] bool: more ties with the k-th logit than the margin holds)."""
-    from pipeline.diffusion.samplers import top_p_mask
-
     scaled = logits.float() / temperature  # [M, V], a new tensor
     scaled.index_fill_(-1, forbidden, float("-inf"))
     vocab = scaled.shape[-1]
@@ -117,8 +123,6 @@ def reveal_chances(probs: Tensor, ids: Tensor | None, reveal: Tensor) -> Tensor:
 def draw_tokens(probs: Tensor, ids: Tensor | None, uniforms: Tensor, reveal: Tensor | None = None) -> Tensor:
     """A token per slot from p(v), or from p(v) a(v) given a per-id `reveal` [V]: [M] ids.
     Column by inverse CDF as on the host (`draw_categorical`), in chunks of slots."""
-    from pipeline.diffusion.samplers import draw_categorical
-
     out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
     for start in range(0, probs.shape[0], DRAW_CHUNK):
         stop = start + DRAW_CHUNK
@@ -143,8 +147,6 @@ class Slots:
     fixed for the whole chain and computed on the host before it starts."""
 
     def __init__(self, free_host: Tensor, device: torch.device) -> None:
-        from pipeline.diffusion.loss import upload
-
         batch, width = free_host.shape
         flat = free_host.reshape(-1).nonzero(as_tuple=True)[0]
         self.batch, self.width, self.count = batch, width, int(flat.numel())
@@ -172,8 +174,6 @@ class Chain:
         truncation: tuple[int, float, float],
         device: torch.device,
     ) -> None:
-        from pipeline.diffusion.loss import id_tensor
-
         self.denoiser, self.slots, self.truncation, self.device = denoiser, slots, truncation, device
         self.forbidden = id_tensor(special.forbidden_outputs, device)
         self.timer = ForwardTimer(device)
@@ -210,8 +210,6 @@ def ancestral_chain(
 ) -> tuple[Tensor, int, float, bool, list[int]]:
     """The ancestral (or ReMDM) reverse process of `samplers.ancestral_sample` on x's device.
     Returns (tokens [B, L] on the host, model calls, model seconds, overflowed, trace)."""
-    from pipeline.diffusion.samplers import remdm_probabilities
-
     device = x.device
     T = schedule.num_timesteps
     batch, width = x.shape
@@ -273,8 +271,6 @@ def confidence_chain(
     progress: Callable[[int], None] | None,
 ) -> tuple[Tensor, int, float, bool, list[int]]:
     """`samplers.confidence_sample` on x's device; returns as `ancestral_chain`."""
-    from pipeline.diffusion.samplers import confidence, draw_categorical, reveal_counts
-
     device = x.device
     T = schedule.num_timesteps
     batch, width = x.shape

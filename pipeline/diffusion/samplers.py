@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
 from pipeline.diffusion.canvas import starting_canvas
 from pipeline.diffusion.forward import Denoiser, SpecialIds
 from pipeline.diffusion.schedules import Schedule
+from pipeline.tensors import id_tensor, upload
 
 # False: keep dense [.., V] rows even under top-k (the reference the exactness tests and
 # benchmarks/bench_sampler.py compare the sparse path with). Same tokens either way.
@@ -350,7 +351,6 @@ def _resident(
     """A chain of `pipeline.diffusion.resident` on the model's device, from the host canvas; None
     when more top-k ties occurred than it keeps (the caller then runs the exact host path)."""
     from pipeline.diffusion import resident as on_device
-    from pipeline.diffusion.loss import upload
 
     device = torch.device(device)
     x, attn = starting_canvas(lengths, canvas, special, cls_id, sep_id)
@@ -525,7 +525,6 @@ def gibbs_sample(
     Not the model's chain: no bound applies to its samples. The positions it visits are fixed
     in advance, so it runs the same code on every device (device-resident on accelerators)."""
     from pipeline.diffusion import resident as on_device
-    from pipeline.diffusion.loss import id_tensor, upload
 
     start = time.perf_counter()
     x, attn = starting_canvas(lengths, canvas, special, cls_id, sep_id)

@@ -289,10 +289,7 @@ def prepare_batch(
     else:
         noised = noise_for_diffusion(ids, attn, schedule, special, generator)
     packed = pack_rows(noised, tp.row_length) if tp.tokens_per_batch is not None else None
-    if device.type == "cuda":
-        noised = noised.pin_memory()
-        packed = None if packed is None else packed.pin_memory()
-    return noised.to(device, non_blocking=True), None if packed is None else packed.to(device, non_blocking=True)
+    return noised.uploaded(device), None if packed is None else packed.uploaded(device)
 
 
 @dataclass
