@@ -139,7 +139,17 @@ def report_only(params: Params, root: Path, command: str = "dbert ablation --rep
         )
     state_path = out / "state.json"
     parent = read_json(state_path).get("parent_run_id", "") if state_path.is_file() else ""
-    report = build_report(params, results, parent, planned=len(runs), command=command)
+    earlier = _earlier_report(publish)
+    report = build_report(
+        params, results, parent or earlier.get("mlflow_parent_run_id", ""), planned=len(runs), command=command
+    )
+    trained_by = earlier.get("trained_by") or (
+        {"command": earlier["command"], "git_commit": earlier["git_commit"]}
+        if earlier.get("command") and "--report-only" not in earlier["command"]
+        else None
+    )
+    if trained_by:  # a re-render keeps the provenance of the rows it renders
+        report["trained_by"] = trained_by
     if publish is not None:
         _publish(results, publish, report)
         written = publish / "report"
@@ -154,6 +164,12 @@ def report_only(params: Params, root: Path, command: str = "dbert ablation --rep
         "rows": len(results),
         "claims": {c["claim"]: c["verdict"] for c in report["claims"]},
     }
+
+
+def _earlier_report(publish: Path | None) -> dict:
+    """The published report.json a re-render replaces ({} when there is none)."""
+    path = None if publish is None else publish / "report" / "report.json"
+    return read_json(path) if path is not None and path.is_file() else {}
 
 
 def _finished_result(row_run: RowRun, out: Path, publish: Path | None) -> dict | None:

@@ -151,7 +151,9 @@ def test_unknown_rows_are_refused_with_their_names():
 
 def test_difference_interval_is_the_welch_t_interval():
     out = rep.difference_interval((10.0, 1.0, 3), (12.0, 2.0, 3))
-    half = 2.776 * math.sqrt(1 / 3 + 4 / 3)  # t(0.975, df=4)
+    # Welch-Satterthwaite: (1/3 + 4/3)^2 / ((1/3)^2/2 + (4/3)^2/2) = 50/17 df, t(0.975, 50/17) = 3.21876 (mpmath)
+    assert out["df"] == pytest.approx(50 / 17)
+    half = 3.218759 * math.sqrt(1 / 3 + 4 / 3)
     assert out["difference"] == -2.0
     assert out["low"] == pytest.approx(-2.0 - half) and out["high"] == pytest.approx(-2.0 + half)
     assert rep.verdict_lower(out) == rep.UNSURE
@@ -547,6 +549,20 @@ def test_report_only_renders_the_finished_rows_and_trains_nothing(tmp_path):
     assert read_json(publish / "rows/dbert_power_tad/result.json")["fingerprint"] == runs["dbert_power_tad"].fingerprint
     assert summary["report"] == str(publish / "report") and summary["rows"] == 2
     assert not (out / "rows/dbert_linear_tad").exists() and not list(tmp_path.rglob("mlflow.db"))
+    assert "trained_by" not in report  # the earlier report was none: nothing to carry
+
+    # A re-render of a published report (fresh checkout: no state.json) keeps who trained the rows.
+    (out / "state.json").unlink()
+    write_json_atomic(
+        {**report, "command": "dbert ablation --set x=1", "git_commit": "abc"}, publish / "report/report.json"
+    )
+    ablation.report_only(params, tmp_path, command="dbert ablation --report-only")
+    again = read_json(publish / "report/report.json")
+    assert again["mlflow_parent_run_id"] == "p123"
+    assert again["trained_by"] == {"command": "dbert ablation --set x=1", "git_commit": "abc"}
+    assert "trained by `dbert ablation --set x=1` at commit `abc`" in (publish / "report/report.md").read_text()
+    ablation.report_only(params, tmp_path)  # a re-render of a re-render still names the training
+    assert read_json(publish / "report/report.json")["trained_by"]["command"] == "dbert ablation --set x=1"
 
 
 def test_choosing_gamma_changes_only_the_power_rows(tmp_path):

@@ -142,10 +142,10 @@ def test_claim_3_with_lte_trained_once_borrows_the_tad_training_seed_spread():
 
 def test_seeds_needed_is_the_two_sample_power_formula_with_the_pooled_training_seed_std():
     # d = 100 - 102 = -2, pooled s = sqrt((2 * 16 + 2 * 4) / 4) = sqrt(10); the smallest n with
-    # (t_0.975 + t_0.80)(df = 2n - 2) s sqrt(2 / n) <= 2: at n = 40 (df 78: 2.000 + 0.848)
-    # 2.848 x 3.162 x 0.2236 = 2.014 > 2, at n = 41 1.989 (the normal formula's 39.2 -> 40 is short)
+    # (t_0.975 + t_0.80)(df = 2n - 2) s sqrt(2 / n) <= 2: at n = 40 (df 78: 1.9908 + 0.8463)
+    # 2.8371 x 3.162 x 0.2236 = 2.006 > 2, at n = 41 1.981 (the normal formula's 39.2 -> 40 is short)
     assert rep.pooled_std((100.0, 4.0, 3), (102.0, 2.0, 3)) == pytest.approx(math.sqrt(10))
-    assert rep.detectable(math.sqrt(10), 40) == pytest.approx(2.014, abs=1e-3)
+    assert rep.detectable(math.sqrt(10), 40) == pytest.approx(2.006, abs=1e-3)
     assert rep.seeds_needed((100.0, 4.0, 3), (102.0, 2.0, 3)) == 41
     # few seeds: t quantiles, not z: n = 3 (df 4) detects (2.776 + 0.941) sqrt(2/3) s = 3.035 s
     assert rep.detectable(1.0, 3) == pytest.approx(3.035, abs=1e-3)

@@ -1,5 +1,5 @@
 """How many training seeds a schedule comparison needs, from the training-seed spread an ablation
-report measured (issue 13's plan): the pooled std of the bound perplexity over training seeds of
+report measured: the pooled std of the bound perplexity over training seeds of
 every row trained with several seeds, then the smallest difference a two-sided 95% two-sample
 t-test detects with 80% power for n seeds per row, and the seeds each effect size would need.
 

@@ -14,30 +14,20 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
-# Two-sided 95% and one-sided 80% (the power term) Student t quantiles by degrees of freedom; a
-# df between entries takes the entry below it (a slightly larger, safe value). No scipy needed.
-_T975 = {
-    1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-    12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000, 120: 1.980,
-}  # fmt: skip
-_T80 = {1: 1.376, 2: 1.061, 3: 0.978, 4: 0.941, 5: 0.920, 6: 0.906, 8: 0.889, 10: 0.879, 14: 0.868, 18: 0.862,
-        22: 0.858, 30: 0.854, 60: 0.848, 120: 0.845}  # fmt: skip
+from pipeline.ablation.student_t import t_ppf, welch_df
 
 HOLDS, FAILS, UNSURE = "holds", "does not hold", "cannot tell"
 
 
-def _tabulated(table: dict[int, float], df: int) -> float:
-    return table[max(k for k in table if k <= df)] if df >= 1 else math.inf
+def t_quantile(df: float) -> float:
+    """Two-sided 95% Student t quantile (the intervals), exact for any real df; inf below df 1e-9
+    (no spread measured: no interval)."""
+    return t_ppf(0.975, df) if df > 1e-9 else math.inf
 
 
-def t_quantile(df: int) -> float:
-    """Two-sided 95% Student t quantile (the intervals)."""
-    return _tabulated(_T975, df)
-
-
-def t80(df: int) -> float:
-    """One-sided 80% Student t quantile (80% power)."""
-    return _tabulated(_T80, df)
+def t80(df: float) -> float:
+    """One-sided 80% Student t quantile (80% power), exact for any real df."""
+    return t_ppf(0.8, df) if df > 1e-9 else math.inf
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -48,14 +38,15 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def difference_interval(a: tuple[float, float, int], b: tuple[float, float, int]) -> dict[str, float]:
-    """95% interval of mean_a - mean_b from (mean, std, n) of each (Welch standard error,
-    conservative df = n_a + n_b - 2)."""
+    """Welch's 95% interval of mean_a - mean_b from (mean, std, n) of each: the unpooled standard
+    error with the Welch–Satterthwaite df (`welch_df`), so unequal spreads keep their coverage.
+    `df` is returned with the interval, since at a few seeds it sets most of the width."""
     (ma, sa, na), (mb, sb, nb) = a, b
     se = math.sqrt(sa * sa / na + sb * sb / nb)
-    df = na + nb - 2
-    half = t_quantile(df) * se if df >= 1 else math.inf  # one value each: no interval at all
+    df = welch_df(sa * sa, na, sb * sb, nb) if max(na, nb) >= 2 else 0.0
+    half = t_quantile(df) * se if max(na, nb) >= 2 else math.inf  # one value each: no interval at all
     diff = ma - mb
-    return {"difference": diff, "low": diff - half, "high": diff + half, "n_a": na, "n_b": nb}
+    return {"difference": diff, "low": diff - half, "high": diff + half, "n_a": na, "n_b": nb, "df": df}
 
 
 def paired_interval(a_runs: Sequence[dict], b_runs: Sequence[dict], metric: str = "ppl_token") -> dict[str, float]:
@@ -72,6 +63,7 @@ def paired_interval(a_runs: Sequence[dict], b_runs: Sequence[dict], metric: str 
         "high": mean + half,
         "n_a": len(diffs),
         "n_b": len(diffs),
+        "df": float(len(diffs) - 1),
         "paired": True,
     }
 
@@ -341,6 +333,7 @@ def _training_comparison(a_runs: Sequence[dict], b_runs: Sequence[dict]) -> dict
         half = t_quantile(n - 1) * std * math.sqrt(1 / sa[2] + 1 / sb[2])
         diff = sa[0] - sb[0]
         interval = {"difference": diff, "low": diff - half, "high": diff + half, "n_a": sa[2], "n_b": sb[2]}
+        interval["df"] = float(n - 1)  # the one std's own degrees of freedom
         sa, sb = (sa[0], std, 2), (sb[0], std, 2)  # what seeds_needed pools: that one std
     else:
         interval = difference_interval(sa, sb)
@@ -580,6 +573,8 @@ def markdown_claims(claims: Sequence[dict]) -> str:
                 )
                 continue
             how = f"paired over {c['n_a']} evaluation seeds" if c.get("paired") else f"n={c['n_a']}+{c['n_b']}"
+            if not c.get("paired") and c.get("df") is not None and math.isfinite(c["high"]):
+                how += f", t at {c['df']:.2f} df"
             line = f"   - `{c['a']}` − `{c['b']}` PPL/token: {_fmt_interval(c)} (95%, {c['covers']}, {how}) → {_fmt_verdict(c)}"
             if c.get("reference"):
                 line += " (reference row: shown, does not decide the claim)"

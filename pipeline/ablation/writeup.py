@@ -128,6 +128,18 @@ def write_report(report: dict, directory: Path) -> None:
     write_file_atomic(directory / "report.md", markdown(report))
 
 
+def _trained_by(report: dict) -> list[str]:
+    """A re-rendered report names the command and commit that trained its rows."""
+    trained = report.get("trained_by")
+    if not trained:
+        return []
+    return [
+        f"Re-rendered from the published rows, which were trained by `{trained['command']}` at commit "
+        f"`{trained['git_commit']}`.",
+        "",
+    ]
+
+
 def markdown(report: dict) -> str:
     """report.md: budget, table, the claims with their intervals, the plots, the MLflow run ids."""
     budget = report["budget"]
@@ -137,6 +149,7 @@ def markdown(report: dict) -> str:
         f"Command: `{report['command']}`; MLflow parent run `{report['mlflow_parent_run_id']}`; "
         f"commit `{report['git_commit']}`.",
         "",
+        *_trained_by(report),
         *_partial_notice(report),
         f"Budget per row: {budget['train_steps']} optimizer steps, batch "
         f"{budget['batch_size']}, lr {budget['lr']}, model `{budget['model']}`.",
