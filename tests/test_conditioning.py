@@ -271,6 +271,51 @@ def test_remdm_keeps_the_forward_marginals_whatever_its_budget(eta, resident):
     assert torch.allclose(masked_share, expected, atol=0.015), (masked_share, expected)
 
 
+class _CanvasRecorder(ConstantDenoiser):
+    """A constant denoiser that keeps the step and canvas of every call (x before each step)."""
+
+    def __init__(self, probs: torch.Tensor, num_timesteps: int) -> None:
+        super().__init__(probs)
+        self.num_timesteps = num_timesteps
+        self.calls_seen: list[tuple[int, torch.Tensor]] = []
+
+    def __call__(self, x_t, attention_mask, s, positions):
+        self.calls_seen.append((round(float(s[0]) * self.num_timesteps), x_t.clone()))
+        return super().__call__(x_t, attention_mask, s, positions)
+
+
+@pytest.mark.parametrize("resident", [False, True], ids=["host", "resident"])
+@pytest.mark.parametrize("eta", [0.3, 1.0])
+def test_remdm_remasks_each_position_as_often_as_its_sigma_says(eta, resident):
+    """ReMDM-cap's sigma = min(eta, (1 - alpha_s) / alpha_t) sets how often a generated token goes
+    back to [MASK]: a position is generated before step t -> s with chance alpha_t (the forward
+    marginal), so it is sent back sum_t alpha_t sigma(t, s) times on average. Linear, T = 8:
+    1.5 at eta = 1 and 0.6875 at eta = 0.3. A smaller sigma with a' recomputed from it would keep
+    the marginals (the test above) and lower this.
+
+    Counted from the canvases the model is shown, one long row per chain (every call shows the whole
+    row): a token generated at the call before step t and [MASK] at the call before step t - 1 was
+    sent back at step t. The rows are long enough that every step but the last has a call (and the
+    last has none only when nothing went back to [MASK] before it)."""
+    T, n, chains = 8, 40, 60
+    remasks = 0
+    for seed in range(chains):
+        model = _CanvasRecorder(torch.tensor([0, 0, 0, 0, 0.2, 0.5, 0.3]), T)
+        ancestral_sample(
+            model, toy_schedule("linear", T), [n], SPECIAL, CLS, SEP,
+            grid=time_grid(T, 1), seed=seed, remask=eta, resident=resident,
+        )  # fmt: skip
+        steps = [t for t, _ in model.calls_seen]
+        # a call before every step up to the last one (none before 1 -> 0 only when nothing is masked)
+        assert steps == list(range(T, T - len(steps), -1)) and len(steps) >= T - 1
+        masked = torch.stack([x for _, x in model.calls_seen]) == SPECIAL.mask  # [calls, 1, L]
+        remasks += int((~masked[:-1] & masked[1:]).sum())  # generated before step t, [MASK] after it
+    alpha = lambda t: 1 - t / T  # noqa: E731
+    expected = sum(alpha(t) * min(eta, (1 - alpha(t - 1)) / alpha(t)) for t in range(T - 1, 0, -1))
+    assert expected == pytest.approx({1.0: 1.5, 0.3: 0.6875}[eta])
+    assert remasks / (n * chains) == pytest.approx(expected, abs=0.08)
+
+
 def test_remdm_sends_tokens_back_and_costs_more_calls_when_cached():
     model = tiny_bert()
     schedule = toy_schedule("spindle", T)

@@ -487,15 +487,19 @@ def remdm_probabilities(schedule: Schedule, t: Tensor, s: Tensor, eta: float) ->
     """ReMDM-cap's step t -> s: (a'(v), sigma(v)), each [V] or [1] float64.
 
     sigma = min(eta, (1 - alpha_s) / alpha_t) is the chance a generated v is sent back to [MASK];
-    a' = (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t) the chance a [MASK] is revealed as v. The
-    cap keeps a' <= 1; together they keep q(position masked at s) = 1 - alpha_s."""
+    a' = (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t) = a + sigma alpha_t / (1 - alpha_t) the
+    chance a [MASK] is revealed as v, with a the plain chain's reveal chance. The cap keeps
+    a' <= 1; together they keep q(position masked at s) = 1 - alpha_s. Computed from the masked
+    chances 1 - alpha (`Schedule.masked_vocab`) and the schedule's own stable a, so a' stays
+    exact where alpha_t rounds to 1."""
     a_t = schedule.alpha_vocab(t)[0]
-    a_s = schedule.alpha_vocab(s)[0]
-    cap = torch.where(a_t > 0, (1.0 - a_s) / torch.where(a_t > 0, a_t, 1.0), torch.ones_like(a_t))
+    m_t = schedule.masked_vocab(t)[0]
+    m_s = schedule.masked_vocab(s)[0]
+    cap = torch.where(a_t > 0, m_s / torch.where(a_t > 0, a_t, 1.0), torch.ones_like(a_t))
     sigma = cap.clamp(max=eta).clamp_min(0.0)
-    denom = 1.0 - a_t
-    safe = denom > 0
-    reveal = torch.where(safe, (a_s - (1.0 - sigma) * a_t) / torch.where(safe, denom, 1.0), torch.ones_like(a_t))
+    plain = schedule.reveal_probability(t, s)[0]
+    safe = m_t > 0
+    reveal = torch.where(safe, plain + sigma * a_t / torch.where(safe, m_t, 1.0), torch.ones_like(a_t))
     return reveal.clamp(0.0, 1.0), sigma
 
 

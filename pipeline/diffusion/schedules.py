@@ -5,7 +5,9 @@ token with vocabulary id v is still unmasked at step t. Time is given in steps t
 (floats allowed: the continuous-time loss samples t/T in [eps, 1]); s = t / T is the fraction.
 
 Every schedule has alpha_0 = 1, alpha_T = 0 and alpha non-increasing in t for every id, which is
-what makes the posterior and the bound of `loss.py` exact. Token-dependent schedules (spindle)
+what makes the posterior and the bound of `loss.py` exact. The masked chance 1 - alpha_t(v) is
+computed directly where a schedule can (`masked_vocab`), not as 1 - alpha: near t = 0 alpha
+rounds to 1 and the reveal chances of the reverse chain would come out as 0/0. Token-dependent schedules (spindle)
 return one alpha per vocabulary id, shape [B, V]; the others return [B, 1], broadcastable.
 
 Devices: results live on the device of the context's ids when a context is given, else on t's
@@ -76,20 +78,23 @@ class Schedule(ABC):
             return table.expand(ids.shape[0], ids.shape[1])
         return table.gather(1, ids)
 
+    def masked_vocab(self, t: Tensor, context: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """1 - alpha_t(v), the chance a token v is [MASK] at step t, without the cancellation of
+        1 - alpha near t = 0. Same shape and device as `alpha_vocab`, float64."""
+        s = self._fraction(t, context)
+        return self._masked(s, context).clamp(0.0, 1.0)
+
     def dalpha_vocab(self, t: Tensor, context: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """d alpha / d s (s = t / T), same shape and device as `alpha_vocab`; for the continuous loss."""
         s = self._fraction(t, context)
         return self._dalpha(s, context)
 
     def reveal_probability(self, t: Tensor, s: Tensor, context: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """a(v) = (alpha_s(v) - alpha_t(v)) / (1 - alpha_t(v)): chance a masked v is revealed
-        when stepping from t to s < t. [B, V] or [B, 1], float64. Where alpha_t(v) = 1 no token
-        v can be masked, so a = 1 there (keeps 0/0 out of the bound)."""
-        a_t = self.alpha_vocab(t, context)
-        a_s = self.alpha_vocab(s, context)
-        denom = 1.0 - a_t
-        safe = denom > 0
-        return torch.where(safe, (a_s - a_t) / torch.where(safe, denom, 1.0), torch.ones_like(a_t)).clamp(0.0, 1.0)
+        """a(v) = (alpha_s(v) - alpha_t(v)) / (1 - alpha_t(v)) = (m_t(v) - m_s(v)) / m_t(v) with
+        m = 1 - alpha (`masked_vocab`): chance a masked v is revealed when stepping from t to
+        s < t. [B, V] or [B, 1], float64. Where m_t(v) = 0 no token v can be masked, so a = 1
+        there (keeps 0/0 out of the bound)."""
+        return self._reveal(self._fraction(t, context), self._fraction(s, context), context).clamp(0.0, 1.0)
 
     # -- helpers ------------------------------------------------------------------------------
     def _fraction(self, t: Tensor, context: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -121,6 +126,17 @@ class Schedule(ABC):
     @abstractmethod
     def _dalpha(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor: ...
 
+    def _masked(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor:
+        """1 - alpha on fractions; schedules with a closed form for it override this."""
+        return 1.0 - self._alpha(s, context)
+
+    def _reveal(self, s_t: Tensor, s_s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor:
+        """a on fractions s_s < s_t: (m_t - m_s) / m_t, 1 where m_t = 0."""
+        m_t = self._masked(s_t, context).clamp(0.0, 1.0)
+        m_s = self._masked(s_s, context).clamp(0.0, 1.0)
+        safe = m_t > 0
+        return torch.where(safe, (m_t - m_s) / torch.where(safe, m_t, 1.0), torch.ones_like(m_t))
+
     def describe(self) -> dict[str, Any]:
         return {"schedule": self.name, "num_timesteps": self.num_timesteps}
 
@@ -137,6 +153,9 @@ class LinearSchedule(Schedule):
 
     def _alpha(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor:
         return (1.0 - s)[:, None]
+
+    def _masked(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor:
+        return s[:, None]
 
     def _dalpha(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor:
         return -torch.ones_like(s)[:, None]
@@ -206,6 +225,10 @@ class SpindleSchedule(Schedule):
         h = self._table("h", s.device)
         return 1.0 - s[:, None] - self.spindle_lambda * torch.sin(math.pi * s)[:, None] * h[None, :]
 
+    def _masked(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor:
+        h = self._table("h", s.device)
+        return s[:, None] + self.spindle_lambda * torch.sin(math.pi * s)[:, None] * h[None, :]
+
     def _dalpha(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor:
         h = self._table("h", s.device)
         return -1.0 - self.spindle_lambda * math.pi * torch.cos(math.pi * s)[:, None] * h[None, :]
@@ -243,6 +266,19 @@ class PowerSchedule(Schedule):
     def _alpha(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor:
         w = self._table("w", s.device)
         return 1.0 - s[:, None] ** w[None, :]  # 0^w = 0: alpha_0 = 1 for every id
+
+    def _masked(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor:
+        w = self._table("w", s.device)
+        return s[:, None] ** w[None, :]
+
+    def _reveal(self, s_t: Tensor, s_s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor:
+        """a(v) = 1 - (s_s / s_t)^w(v) = -expm1(w(v) log1p((s_s - s_t) / s_t)): exact where
+        alpha_t rounds to 1 (large gamma, small t), e.g. gamma 3, T 2048, step 100 -> 99, h = -1:
+        0.183, where (alpha_s - alpha_t) / (1 - alpha_t) gives 1. 1 at s_t = 0 (nothing masked)."""
+        w = self._table("w", s_t.device)
+        safe = s_t > 0
+        step = torch.log1p((s_s - s_t) / torch.where(safe, s_t, 1.0))  # log(s_s / s_t) <= 0, -inf at s_s = 0
+        return torch.where(safe[:, None], -torch.expm1(w[None, :] * step[:, None]), torch.ones_like(w)[None, :])
 
     def _dalpha(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor:
         w = self._table("w", s.device)
@@ -297,6 +333,10 @@ class SpindlePaperSchedule(Schedule):
     def _alpha(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor:
         centred = self._table("w", s.device)[None, :] - self._centre(context, s.shape[0], s.device)  # [B, V]
         return 1.0 - s[:, None] + self.spindle_lambda * torch.sin(math.pi * s)[:, None] * centred
+
+    def _masked(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor:
+        centred = self._table("w", s.device)[None, :] - self._centre(context, s.shape[0], s.device)
+        return s[:, None] - self.spindle_lambda * torch.sin(math.pi * s)[:, None] * centred
 
     def _dalpha(self, s: Tensor, context: tuple[Tensor, Tensor] | None) -> Tensor:
         centred = self._table("w", s.device)[None, :] - self._centre(context, s.shape[0], s.device)
