@@ -115,8 +115,7 @@ def bound_loss(
     context = (noised.x0, noised.content) if schedule.token_dependent else None
     t = noised.t
     if schedule.continuous:
-        alpha = schedule.alpha_vocab(t, context)
-        weight = -schedule.dalpha_vocab(t, context) / (1.0 - alpha).clamp_min(1e-12)
+        weight = -schedule.dalpha_vocab(t, context) / schedule.masked_vocab(t, context).clamp_min(1e-12)
         per_position = continuous_position_loss(log_probs, noised.target, _rows(weight, noised.batch_index))
     else:
         reveal = schedule.reveal_probability(t, t - 1, context)  # [B, V] or [B, 1], on t's device
