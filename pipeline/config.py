@@ -106,8 +106,10 @@ class TrainParams(_Group):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
     max_failures: int = Field(2, ge=0)
-    # Samples per optimizer step over all workers; None: batch_size x workers. Set, it stays the
-    # same whatever the worker count: each worker accumulates global / (batch_size x workers).
+    # Sentences per optimizer step over all workers; None: batch_size x workers. Set, the step is
+    # the same whatever the worker count: the mean of global / batch_size micro-batches (each a
+    # per-token mean), with noise and dropout keyed by the micro-batch's place in the global batch;
+    # each worker accumulates global / (batch_size x workers) of them (pipeline.train.loop).
     global_batch_size: int | None = Field(None, ge=1)
     # Where Ray keeps runs and checkpoints: None (<project>/ray_results), a shared path, or a URI.
     storage: str | None = None

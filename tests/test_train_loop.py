@@ -106,10 +106,12 @@ def test_the_global_batch_stays_the_same_whatever_the_worker_count():
 
 def test_an_accumulated_step_has_the_gradient_of_the_mean_loss_over_its_micro_batches(tiny_data):
     """The loop's gradient after one step of 2 micro-batches equals the gradient of the mean of
-    the two micro-batch losses, computed here in one graph with the same noise and dropout."""
+    the two micro-batch losses (each its own per-token mean: the micro-batches weigh the same, not
+    their tokens), computed here in one graph with the same noise and dropout (both keyed by the
+    micro-batch's place in the global batch)."""
     from pipeline.diffusion.loss import diffusion_loss
     from pipeline.train.checkpoint import TrainPosition
-    from pipeline.train.loop import build_schedule_for, micro_seed, training_batches
+    from pipeline.train.loop import build_schedule_for, global_micro_seed, training_batches
 
     p = params("train.steps=1", "train.batch_size=4", "train.global_batch_size=8", "train.grad_clip=0")
     captured = {}
@@ -125,7 +127,8 @@ def test_an_accumulated_step_has_the_gradient_of_the_mean_loss_over_its_micro_ba
     losses = []
     for micro in range(2):
         batch = next(batches)
-        gen = torch.Generator().manual_seed(micro_seed(p.train.seed, 0, 0, micro))
+        torch.manual_seed(global_micro_seed(p.train.seed, 0, micro))
+        gen = torch.Generator().manual_seed(global_micro_seed(p.train.seed, 0, micro))
 
         def forward(x, a, s, pos):
             return model(x, a, s, pos).logits
@@ -137,6 +140,43 @@ def test_an_accumulated_step_has_the_gradient_of_the_mean_loss_over_its_micro_ba
         if reference.grad is None:
             continue
         assert torch.allclose(ours.grad, reference.grad, rtol=1e-4, atol=1e-7), name
+
+
+def _ddp_rank(rank: int, world_size: int, overrides: list[str], data: TrainData, rendezvous: str, out: str) -> None:
+    """One DDP worker over gloo (what Ray Train's prepare_model sets up), in its own process."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
+    try:
+        result = train_loop(
+            params(*overrides), data, rank=rank, world_size=world_size, wrap_model=DistributedDataParallel
+        )
+        if rank == 0:
+            weights = {name: p.detach().clone() for name, p in result.model.named_parameters()}
+            torch.save({"weights": weights, "grad_norm": [h["grad_norm"] for h in result.history]}, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_global_batch_gives_the_same_steps_on_one_worker_and_on_two_ddp_workers(tiny_data, tmp_path):
+    """train.global_batch_size = 32, batch_size = 8: one worker accumulating 4 micro-batches and two
+    DDP workers (gloo, separate processes) accumulating 2 each take the same sentences, noise and
+    dropout per step and weigh the micro-batches alike, so they train the same weights (to float
+    rounding: DDP adds the gradients in another order). Five steps: the 120 training sentences
+    make 15 micro-batches, an odd count, cut to 12 on both so that the epoch ends after step 3."""
+    overrides = ["train.steps=5", "train.batch_size=8", "train.global_batch_size=32", "train.eval_every=1",
+                 "train.checkpoint_every=100", "train.warmup_steps=1"]  # fmt: skip
+    single = train_loop(params(*overrides), tiny_data)
+    out = tmp_path / "rank0.pt"
+    torch.multiprocessing.spawn(
+        _ddp_rank, args=(2, overrides, tiny_data, str(tmp_path / "rendezvous"), str(out)), nprocs=2, join=True
+    )
+    ddp = torch.load(out)
+    assert ddp["grad_norm"] == pytest.approx([h["grad_norm"] for h in single.history], rel=1e-5)
+    for name, p in single.model.named_parameters():
+        assert torch.allclose(p, ddp["weights"][name], rtol=1e-5, atol=1e-6), name
 
 
 def test_with_accumulation_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tiny_data):

@@ -121,8 +121,15 @@ def _batch_index_lists(
     rank: int,
     world_size: int,
     tokens_per_batch: int | None = None,
+    per_step: int = 1,
 ) -> list[np.ndarray]:
-    """This rank's batches (row indices into the packed matrix, or sequence indices)."""
+    """This rank's batches (row indices into the packed matrix, or sequence indices).
+
+    The epoch's batches are dealt round-robin: rank r takes batches r, r + W, r + 2W, ... So with
+    `per_step` micro-batches per rank per optimizer step, step n covers the epoch's batches
+    n K ... n K + K - 1 (K = W x per_step) whatever the split into ranks and micro-batches. The
+    epoch is cut to a multiple of K, so no step straddles two epochs (and no rank runs an extra
+    step: DDP would hang)."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     mixed = epoch_seed(seed, epoch)
@@ -140,9 +147,10 @@ def _batch_index_lists(
         batches = length_bucketed_batches(
             split.lengths, batch_size, mixed, bucket_factor, drop_last
         )
-    per_rank = len(batches) // world_size if world_size > 1 else len(batches)
-    # Equal counts per rank: DDP hangs if one rank runs an extra step.
-    return batches[rank::world_size][:per_rank]
+    if per_step < 1:
+        raise ValueError(f"per_step must be >= 1, got {per_step}")
+    usable = len(batches) - len(batches) % (world_size * per_step)
+    return batches[:usable][rank::world_size]
 
 
 def num_batches(
@@ -154,18 +162,20 @@ def num_batches(
     world_size: int = 1,
     tokens_per_batch: int | None = None,
     seed: int = 0,
+    per_step: int = 1,
 ) -> int:
     """Batches per epoch per rank (independent of seed and epoch, except under a token budget,
-    where it is epoch 0's count)."""
+    where it is epoch 0's count); `per_step` as in `iterate_batches`."""
+    group = world_size * per_step
     if tokens_per_batch is not None:
         total = len(token_budget_batches(split.lengths, tokens_per_batch, epoch_seed(seed, 0), drop_last))
-        return total // world_size if world_size > 1 else total
+        return total // group * per_step
     if packed and seq_len is None:
         raise ValueError("packed batches need seq_len")
     n = len(split.ids) // seq_len if packed and seq_len else len(split)
     # Bucketing leaves a partial batch only at the end of the last chunk: the plain count holds.
     total = n // batch_size if drop_last else -(-n // batch_size)
-    return total // world_size if world_size > 1 else total
+    return total // group * per_step
 
 
 def iterate_batches(
@@ -182,16 +192,20 @@ def iterate_batches(
     rank: int = 0,
     world_size: int = 1,
     tokens_per_batch: int | None = None,
+    per_step: int = 1,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield {"input_ids": Long [B, L], "attention_mask": Bool [B, L]} for one epoch.
 
     Padded mode uses length buckets and pads to the longest in the batch; `tokens_per_batch`
     takes random sentences up to that many tokens (padded here, packed into rows after noising);
     packed mode yields full rows of seq_len. `start_batch` skips batches a resumed run already saw this epoch.
+    With `world_size` ranks, rank `rank` takes every world_size-th batch; `per_step` (micro-batches
+    per rank per optimizer step) cuts the epoch so that its steps are whole (`_batch_index_lists`).
     """
     batches = _batch_index_lists(
-        split, batch_size, seed, epoch, packed, seq_len, bucket_factor, drop_last, rank, world_size, tokens_per_batch
-    )
+        split, batch_size, seed, epoch, packed, seq_len, bucket_factor, drop_last, rank, world_size, tokens_per_batch,
+        per_step,
+    )  # fmt: skip
     rows = pack_sequences(split, seq_len) if packed and seq_len is not None else None
     for batch in batches[start_batch:]:
         if rows is not None:

@@ -70,6 +70,14 @@ def micro_seed(seed: int, rank: int, step: int, micro: int) -> int:
     return (step_seed(seed, rank, step) + micro * 7_919_000_003) % (2**63 - 1)
 
 
+def global_micro_seed(seed: int, step: int, index: int) -> int:
+    """With `train.global_batch_size`: the seed of a step's `index`-th micro-batch in the global
+    batch (micro m of rank r is index m x world_size + r, the batch it reads), for its noise and its
+    dropout alike. No rank or worker count enters, so the step is the same whatever `num_workers`.
+    On one worker it is `micro_seed` (rank 0)."""
+    return micro_seed(seed, 0, step, index)
+
+
 def training_batches(
     data: TrainData, params: Params, special: SpecialIds, progress: TrainPosition, rank: int, world_size: int
 ) -> Iterator[dict]:
@@ -90,6 +98,7 @@ def training_batches(
             drop_last=True,
             rank=rank,
             world_size=world_size,
+            per_step=tp.accumulation_steps(world_size),
         ):
             progress.batch_in_epoch += 1
             yield batch
@@ -196,6 +205,7 @@ def train_loop(
         world_size=world_size,
         tokens_per_batch=tp.tokens_per_batch,
         seed=tp.seed,
+        per_step=tp.accumulation_steps(world_size),
     )
     if per_epoch == 0:
         one_batch = f"{tp.tokens_per_batch} tokens" if tp.tokens_per_batch else f"{tp.batch_size} sequences"
@@ -205,7 +215,11 @@ def train_loop(
         )
     history: list[dict] = []
     model.train()
+    # A step is the mean of its micro-batches' per-token losses: each worker averages its
+    # `accumulate` micro-batches and DDP averages the workers, so every one of the global batch's
+    # global_batch_size / batch_size micro-batches weighs the same, however they are split.
     accumulate = tp.accumulation_steps(world_size)
+    keyed = tp.global_batch_size is not None  # draws keyed by the global batch (`global_micro_seed`)
     stream = training_batches(data, params, special, progress, rank, world_size)
     # Losses and the bound stay on the device and are read (one wait) only when metrics are due.
     window = _Window.start(device)
@@ -214,7 +228,12 @@ def train_loop(
         optimizer.zero_grad(set_to_none=True)
         for micro in range(accumulate):
             batch = next(stream)
-            gen = torch.Generator().manual_seed(micro_seed(tp.seed, rank, progress.step, micro))
+            if keyed:
+                seed = global_micro_seed(tp.seed, progress.step, micro * world_size + rank)
+                torch.manual_seed(seed)  # dropout as well as the noise: the same on any worker
+            else:
+                seed = micro_seed(tp.seed, rank, progress.step, micro)
+            gen = torch.Generator().manual_seed(seed)
             noised, packed = prepare_batch(batch, params, schedule, special, gen, device)
             last_micro = micro == accumulate - 1
             # DDP all-reduces gradients on the last micro-batch only
