@@ -67,6 +67,18 @@ BOUND_SYNC = "tests/test_host_sync.py::test_a_bound_step_on_the_device_never_wai
 RESIDENT = "pipeline/diffusion/resident.py"
 LOOP = "pipeline/train/loop.py"
 DENOISER = "pipeline/model/denoiser.py"
+REPORT = "pipeline/ablation/report.py"
+SCHEDULES = "pipeline/diffusion/schedules.py"
+COVERAGE = "tests/test_intervals.py::test_welch_intervals_cover_95_percent_at_three_seeds_and_unequal_spreads"
+WELCH = "tests/test_ablation.py::test_difference_interval_is_the_welch_t_interval"
+CONTINUOUS = "tests/test_continuous_loss.py"
+PRECISION = "tests/test_schedule_precision.py"
+REMASKS = "test_remdm_remasks_each_position_as_often_as_its_sigma_says"
+REMDM_EXACT = "test_remdm_sigma_is_the_cap_and_its_reveal_chance_keeps_the_marginal_exactly"
+ACCUMULATED = (
+    "tests/test_train_loop.py::test_an_accumulated_step_has_the_gradient_of_the_mean_loss_over_its_micro_batches"
+)
+DDP_STEPS = "tests/test_train_loop.py::test_a_global_batch_gives_the_same_steps_on_one_worker_and_on_two_ddp_workers"
 
 ENV = {
     **OFFLINE,
@@ -421,6 +433,94 @@ MUTATIONS = [
             ),
         ),
         (CHAIN, REVEALS),
+    ),
+    Mutation(
+        "s1",
+        "report intervals: Welch's standard error at the pooled df n_a + n_b - 2 (too narrow)",
+        (Edit(REPORT, "df = welch_df(sa * sa, na, sb * sb, nb) if max(na, nb) >= 2 else 0.0", "df = na + nb - 2"),),
+        (COVERAGE, WELCH),
+    ),
+    Mutation(
+        "s2",
+        "MDLM loss: the 1/s weight replaced by 1",
+        (
+            Edit(
+                LOSS,
+                "weight = -schedule.dalpha_vocab(t, context) / schedule.masked_vocab(t, context).clamp_min(1e-12)",
+                "weight = torch.ones_like(schedule.masked_vocab(t, context))  # MUTANT",
+                line=True,
+            ),
+        ),
+        (f"{CONTINUOUS}::test_the_mdlm_loss_is_the_one_over_s_weighted_masked_cross_entropy",),
+    ),
+    Mutation(
+        "s3",
+        "continuous loss: the token-dependent middle term dropped",
+        (
+            Edit(
+                LOSS,
+                "return -w_x0 * lp_x0 + (log_probs.exp() * weight).sum(-1) - w_x0",
+                "return -w_x0 * lp_x0  # MUTANT",
+                line=True,
+            ),
+        ),
+        (
+            f"{CONTINUOUS}::test_a_token_dependent_continuous_loss_keeps_its_middle_term",
+            f"{CONTINUOUS}::test_the_continuous_integrand_is_the_discrete_kl_per_unit_time_in_the_small_step_limit",
+        ),
+    ),
+    Mutation(
+        "s4",
+        "ReMDM: sigma halved, a' recomputed from it (the forward marginals still hold)",
+        (
+            Edit(
+                SAMPLERS,
+                "sigma = cap.clamp(max=eta).clamp_min(0.0)",
+                "sigma = 0.5 * cap.clamp(max=eta).clamp_min(0.0)  # MUTANT",
+                line=True,
+            ),
+        ),
+        (f"tests/test_conditioning.py::{REMASKS}", f"{PRECISION}::{REMDM_EXACT}"),
+    ),
+    Mutation(
+        "s5",
+        "schedules: a(v) = (alpha_s - alpha_t) / (1 - alpha_t) again (1 where alpha_t rounds to 1)",
+        (
+            Edit(
+                SCHEDULES,
+                "return self._reveal(self._fraction(t, context), self._fraction(s, context), context).clamp(0.0, 1.0)",
+                "return torch.where(self.alpha_vocab(t, context) < 1, (self.alpha_vocab(s, context) - "
+                "self.alpha_vocab(t, context)) / (1 - self.alpha_vocab(t, context)).clamp_min(1e-300), "
+                "torch.ones_like(self.alpha_vocab(t, context))).clamp(0.0, 1.0)  # MUTANT",
+                line=True,
+            ),
+        ),
+        (f"{PRECISION}::test_power_reveal_chance_is_exact_where_alpha_rounds_to_one",),
+    ),
+    Mutation(
+        "s6",
+        "accumulation: micro-batches weighted by their tokens, not equally",
+        (
+            Edit(
+                LOOP,
+                "(out.loss / accumulate if accumulate > 1 else out.loss).backward()",
+                "(out.loss * out.num_tokens / 60.0).backward()  # MUTANT",
+                line=True,
+            ),
+        ),
+        (ACCUMULATED, DDP_STEPS),
+    ),
+    Mutation(
+        "s7",
+        "global batch: noise and dropout keyed by (rank, micro) again, not the place in the global batch",
+        (Edit(LOOP, "keyed = tp.global_batch_size is not None", "keyed = False  # MUTANT", line=True),),
+        (ACCUMULATED, DDP_STEPS),
+    ),
+    Mutation(
+        "s8",
+        "global batch: the epoch not cut to whole steps (a step straddles epochs differently per worker count)",
+        (Edit(LOOP, "per_step=tp.accumulation_steps(world_size),\n        ):", "\n        ):"),),
+        (DDP_STEPS,),
     ),
 ]
 
