@@ -34,7 +34,10 @@ from pipeline.data.stats import TokenStatistics
 from pipeline.data.tokenize import tokenize_lines
 from pipeline.diffusion.forward import SpecialIds
 from pipeline.eval.bound import perplexity_bound
-from pipeline.eval.generation import generate
+try:
+    from pipeline.generation.sampling import generate
+except ImportError:  # a revision before pipeline.generation
+    from pipeline.eval.generation import generate
 from pipeline.model.loading import load_tokenizer
 from pipeline.train.loop import TrainData, train_loop
 

@@ -100,9 +100,9 @@ def main() -> None:
             ema.update(model)
         if step in eval_at:
             if state["schedule"] is None:
-                from pipeline.train.loop import build_schedule_for
+                from pipeline.assembly import schedule_for
 
-                state["schedule"] = build_schedule_for(params, data.stats)
+                state["schedule"] = schedule_for(params, data.stats)
             row = {"step": step, "seconds": round(time.perf_counter() - start, 1), "raw": score(model)}
             for decay, ema in state["emas"].items():
                 with ema.swapped(model):

@@ -1,4 +1,4 @@
-"""Does the model's bound pick the true length of a hidden span? (`pipeline.eval.gap_length`)
+"""Does the model's bound pick the true length of a hidden span? (`pipeline.generation.gap_length`)
 
 On test sentences of at least 6 content WordPieces, hide a word-aligned middle span of true
 length m (the infill task's span, capped at `--max-gap`), score every candidate length 1..max-gap
@@ -25,7 +25,7 @@ from pipeline.data.stats import length_log_probs
 from pipeline.data.tokenize import TokenizedSplit
 from pipeline.diffusion.forward import SpecialIds
 from pipeline.eval.conditional import hidden_span
-from pipeline.eval.gap_length import choose_gap_length, gap_length_scores
+from pipeline.generation.gap_length import choose_gap_length, gap_length_scores
 from pipeline.model.export import load_exported
 
 

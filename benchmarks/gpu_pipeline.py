@@ -405,7 +405,7 @@ def part_bound(args: argparse.Namespace) -> None:
 
 def sampling_rows(args: argparse.Namespace, model, tokenizer, schedule, device: torch.device) -> dict:
     """fp32 and bf16 rows for one model, each after a short warm-up chain on a GPU (kernels, allocator)."""
-    from pipeline.eval.generation import generate
+    from pipeline.generation.sampling import generate
     from pipeline.model.precision import autocast
 
     def run(precision: str, samples: int, steps: int):

@@ -14,7 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.vocab import DEVICE_PATTERN, TIME_DESIGNS, Precision, ScheduleName, TimeDesign
+from pipeline.limits import max_spindle_lambda
+from pipeline.vocab import DEVICE_PATTERN, SAMPLERS, TIME_DESIGNS, Precision, SamplerName, ScheduleName, TimeDesign
 
 
 class ParamsError(ValueError):
@@ -146,11 +147,8 @@ class TrainParams(_Group):
         return self.global_batch_size // per_step
 
 
-SamplerName = Literal["ancestral", "remdm", "confidence", "gibbs"]
-
-
 def _every_sampler() -> list[SamplerName]:
-    return ["ancestral", "remdm", "confidence", "gibbs"]
+    return list(SAMPLERS)
 
 
 class EvalParams(_Group):
@@ -283,9 +281,6 @@ class Params(_Group):
 
     @model_validator(mode="after")
     def _spindle_keeps_alpha_monotone(self) -> Params:
-        # Imported lazily: the bound lives with the schedules, which need torch.
-        from pipeline.diffusion.schedules import max_spindle_lambda
-
         d = self.diffusion
         if d.schedule == "spindle" and d.spindle_lambda > max_spindle_lambda(d.num_timesteps):
             raise ValueError(
@@ -311,12 +306,21 @@ class Params(_Group):
         return self
 
     def flat(self) -> dict[str, Any]:
-        """Flattened `group.key` -> value, for MLflow params."""
-        out: dict[str, Any] = {}
-        for group, values in self.model_dump().items():
-            for key, value in values.items():
-                out[f"{group}.{key}"] = value
-        return out
+        """Flattened `group.key` -> value, for MLflow params and row fingerprints."""
+        return flatten(self.model_dump())
+
+
+def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as `a.b.c` -> value (an empty mapping stays a value): the one flattening
+    of params, for `Params.flat` and for MLflow params given as plain mappings."""
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -386,6 +390,27 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
             raise ParamsError(f"params file {p} must hold a mapping of stage groups")
         raw = loaded or {}
     return params_from_dict(apply_overrides(raw, list(overrides or [])))
+
+
+def experiment_overrides(path: str | Path) -> list[str]:
+    """An experiment file (a YAML mapping in params.yaml's shape holding only what the experiment
+    changes) as `key=value` overrides, applied before any `--set`. Its values are the params an
+    experiment's rows run with, so a row fingerprints the same whether it came from the file or
+    from the same `--set` arguments."""
+    p = Path(path)
+    if not p.is_file():
+        raise ParamsError(f"experiment file {p} does not exist")
+    loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    if not isinstance(loaded, dict) or not loaded:
+        raise ParamsError(f"experiment file {p} must hold a mapping of param groups (like params.yaml)")
+    overrides = []
+    for key, value in flatten(loaded).items():
+        if "." not in key:
+            raise ParamsError(f"experiment file {p}: {key!r} is not a group of keys (e.g. train: {{steps: 100}})")
+        overrides.append(
+            f"{key}={yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix('...').strip()}"
+        )
+    return overrides
 
 
 def _describe(err: ValidationError) -> str:

@@ -19,6 +19,11 @@ TIME_DESIGNS: tuple[TimeDesign, ...] = get_args(TimeDesign)
 ScheduleName = Literal["linear", "cosine", "loglinear", "spindle", "spindle_paper", "power"]
 SCHEDULES: tuple[ScheduleName, ...] = get_args(ScheduleName)
 
+# Samplers of `dbert generate`, the evaluate stage and the comparison (pipeline.generation.sampling):
+# the model's reverse chain, ReMDM remasking, confidence-ordered unmasking, BERT-Mouth Gibbs.
+SamplerName = Literal["ancestral", "remdm", "confidence", "gibbs"]
+SAMPLERS: tuple[SamplerName, ...] = get_args(SamplerName)
+
 # Floating-point precision of training and evaluation; auto picks bf16 where it is fast.
 Precision = Literal["auto", "fp32", "bf16"]
 # Where evaluation runs: auto (the first CUDA GPU when one is visible, else the CPU), cpu, cuda, cuda:N.

@@ -47,6 +47,16 @@ SetOption = Annotated[
         help="Override a param, e.g. train.lr=3e-4 (the syntax of `dvc exp run -S`); repeatable.",
     ),
 ]
+ExperimentOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--experiment",
+        "-e",
+        metavar="FILE",
+        dir_okay=False,
+        help="An experiment file (experiments/*.yaml): params.yaml-shaped overrides, applied before any --set.",
+    ),
+]
 RootOption = Annotated[
     Path | None,
     typer.Option(
@@ -126,11 +136,12 @@ def train_command(
     set_: SetOption = None,
     root: RootOption = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the last run from its latest checkpoint.")] = False,
+    experiment: ExperimentOption = None,
 ) -> None:
     run_stage(
         train,
         params,
-        set_,
+        with_experiment(experiment, set_),
         root,
         quiet_transformers=True,
         resume=resume,
@@ -196,6 +207,7 @@ def tune_command(
     params: ParamsOption = None,
     set_: SetOption = None,
     root: RootOption = None,
+    experiment: ExperimentOption = None,
     apply: Annotated[
         bool,
         typer.Option(
@@ -214,7 +226,7 @@ def tune_command(
                 + " ".join(f"-S {o}" for o in summary["overrides"])
             )
 
-    run_stage(tune, params, set_, root, bars=False, apply=apply, on_proposal=show)
+    run_stage(tune, params, with_experiment(experiment, set_), root, bars=False, apply=apply, on_proposal=show)
 
 
 @app.command(
@@ -252,20 +264,22 @@ def ablation_command(
             "ablation.publish), e.g. while the rows run elsewhere or after the report code changed.",
         ),
     ] = False,
+    experiment: ExperimentOption = None,
 ) -> None:
     import time
 
+    if report_only and (rows or fresh or background):
+        raise typer.BadParameter("--report-only reports the whole plan: drop --row, --fresh and --background")
+    if background:
+        ablation_in_background(params, set_, root, rows, fresh, experiment)
+        return
+    set_ = with_experiment(experiment, set_)
     if report_only:
-        if rows or fresh or background:
-            raise typer.BadParameter("--report-only reports the whole plan: drop --row, --fresh and --background")
         with user_errors():
             summary = ablation.report_only(*resolve(params, set_, root), command=_command_line())
         typer.echo(f"report: {summary['report']}/report.md ({summary['rows']} rows finished)")
         for number, verdict in summary["claims"].items():
             typer.echo(f"claim {number}: {verdict}")
-        return
-    if background:
-        ablation_in_background(params, set_, root, rows, fresh)
         return
 
     def on_row(index: int, total: int, key: str, status: str) -> None:
@@ -289,6 +303,16 @@ def ablation_command(
         typer.echo(f"claim {number}: {verdict}")
 
 
+def with_experiment(experiment: Path | None, overrides: list[str] | None) -> list[str]:
+    """The experiment file's overrides, then the command line's `--set`s (a bad file: one-line error)."""
+    if experiment is None:
+        return list(overrides or [])
+    from pipeline.config import experiment_overrides
+
+    with user_errors():
+        return [*experiment_overrides(experiment), *(overrides or [])]
+
+
 def _command_line() -> str:
     """`dbert <the arguments this process got>`: what a report says it was written by."""
     import shlex
@@ -298,7 +322,12 @@ def _command_line() -> str:
 
 
 def ablation_in_background(
-    params: Path | None, overrides: list[str] | None, root: Path | None, rows: list[str] | None, fresh: bool
+    params: Path | None,
+    overrides: list[str] | None,
+    root: Path | None,
+    rows: list[str] | None,
+    fresh: bool,
+    experiment: Path | None = None,
 ) -> None:
     """`dbert ablation` again in a new session, logging to `<ablation.out>/run.log` (two experiments
     with their own `ablation.out` run side by side); bad params or an unknown row fail here, not in
@@ -308,12 +337,13 @@ def ablation_in_background(
     from pipeline.ablation.rows import plan
 
     with user_errors():
-        p, r = resolve(params, overrides, root)
+        p, r = resolve(params, with_experiment(experiment, overrides), root)
         plan(p, rows)
         out = r / p.ablation.out
         out.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "stages.cli", "ablation", "--root", str(r)]
         command += [f"--params={params}"] if params else []
+        command += [f"--experiment={Path(experiment).resolve()}"] if experiment else []
         command += [f"--set={item}" for item in overrides or []] + [f"--row={row}" for row in rows or []]
         command += ["--fresh"] if fresh else []
         with open(out / "run.log", "ab") as log:

@@ -111,8 +111,8 @@ def run(
 ) -> dict:
     from pipeline.eval.evaluate import evaluate_model
     from pipeline.eval.report import draw_plots, flat_metrics
+    from pipeline.serving.registry import attach_metrics
     from pipeline.tracking.log import log_artifact, log_metrics
-    from pipeline.tracking.registry import attach_metrics
 
     layout = Layout(Path(root))
     model_dir = Path(model_dir) if model_dir is not None else layout.model

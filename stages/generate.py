@@ -49,7 +49,7 @@ DEFAULT_LENGTH = 32
 
 def resolve_lengths(layout: Layout, num: int, length: int, seed: int) -> tuple[list[int], str]:
     """Fixed lengths when `length` > 0; else drawn from the training histogram, or 32 without one."""
-    from pipeline.eval.generation import fixed_or_sampled_lengths
+    from pipeline.generation.sampling import fixed_or_sampled_lengths
 
     if length > 0:
         return fixed_or_sampled_lengths(num, length, None, seed), f"fixed {length}"
@@ -74,7 +74,7 @@ def read_requests(path: Path) -> list[str]:
 
 def build_requests(tokenizer, prompts: list[str], infills: list[str], lines: list[str], length: int) -> list:
     """The conditional requests, in the order given: prompts, then infills, then the file's lines."""
-    from pipeline.eval.templates import DEFAULT_CONTINUATION, infill_template, prompt_template, request_from_line
+    from pipeline.generation.templates import DEFAULT_CONTINUATION, infill_template, prompt_template, request_from_line
 
     new = length if length > 0 else DEFAULT_CONTINUATION
     return [
@@ -100,8 +100,8 @@ def run(
 ) -> dict:
     """`num` is the number of sentences (unconditional, default 8) or of samples per request
     (conditional, default 1)."""
-    from pipeline.eval.generation import generate
-    from pipeline.eval.templates import check_fits
+    from pipeline.generation.sampling import generate
+    from pipeline.generation.templates import check_fits
     from pipeline.model.export import load_exported
     from pipeline.model.precision import resolve_device
 
@@ -121,7 +121,7 @@ def run(
     if conditional:
         requests = build_requests(tokenizer, list(prompts or []), list(infills or []), lines, settings["length"])
         if any(r.auto_gap is not None for r in requests):  # [MASK*?]: the model's bound picks the length
-            from pipeline.eval.gap_length import length_prior, resolve_open_gap
+            from pipeline.generation.gap_length import length_prior, resolve_open_gap
 
             hist = layout.token_stats / "lengths.npy"
             prior = length_prior(str(hist) if hist.is_file() else None, model.max_positions)

@@ -11,7 +11,7 @@ Writes models/final/ (Hugging Face export: safetensors, tokenizer, schedule, mod
        `--resume` continues an interrupted run.
 
 The MLflow run of this stage is the one the Ray driver logs step metrics into; the exported
-model is logged as its artifact `model/`, and as an MLflow pyfunc (`pipeline.model.pyfunc`)
+model is logged as its artifact `model/`, and as an MLflow pyfunc (`pipeline.serving.pyfunc`)
 registered as `tracking.registered_model` (best effort: a warning when the store has no registry).
 """
 
@@ -38,9 +38,9 @@ OUTPUTS = ("models/final", "outputs/train/metrics.json", "outputs/train/history.
 
 def check_schedule(params: Params, layout: Layout) -> dict:
     """The schedule stage's report must describe the schedule these params build, and have passed."""
+    from pipeline.assembly import schedule_from_params
     from pipeline.data.stats import TokenStatistics
     from pipeline.diffusion.checks import require_passed
-    from pipeline.diffusion.schedules import schedule_from_params
 
     report = read_json(require(layout.schedule / "schedule.json", "schedule report", "schedule"))
     stats = TokenStatistics.load(require(layout.token_stats, "token statistics", "token-stats"))
@@ -72,8 +72,8 @@ def run(
     tracking_uri: str | None = None,
 ) -> dict:
     from pipeline.model.card import write_model_card
+    from pipeline.serving.registry import log_and_register
     from pipeline.tracking.log import log_artifact, log_metrics
-    from pipeline.tracking.registry import log_and_register
     from pipeline.train.history import final_metrics, history_table
     from pipeline.train.ray.driver import run_training
     from pipeline.viz import training_curves

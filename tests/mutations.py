@@ -36,6 +36,7 @@ if str(ROOT) not in sys.path:  # run as a script: `tests` is importable from the
 from tests.env import OFFLINE  # noqa: E402
 
 SAMPLERS = "pipeline/diffusion/samplers.py"
+REVERSE = "pipeline/diffusion/reverse.py"
 LOSS = "pipeline/diffusion/loss.py"
 FORWARD = "pipeline/diffusion/forward.py"
 
@@ -474,7 +475,7 @@ MUTATIONS = [
         "ReMDM: sigma halved, a' recomputed from it (the forward marginals still hold)",
         (
             Edit(
-                SAMPLERS,
+                REVERSE,
                 "sigma = cap.clamp(max=eta).clamp_min(0.0)",
                 "sigma = 0.5 * cap.clamp(max=eta).clamp_min(0.0)  # MUTANT",
                 line=True,
@@ -521,6 +522,18 @@ MUTATIONS = [
         "global batch: the epoch not cut to whole steps (a step straddles epochs differently per worker count)",
         (Edit(LOOP, "per_step=tp.accumulation_steps(world_size),\n        ):", "\n        ):"),),
         (DDP_STEPS,),
+    ),
+    Mutation(
+        "l1",
+        "layering: the model imports the generation front (an upward import)",
+        (
+            Edit(
+                "pipeline/model/export.py",
+                "from pipeline.model import modeling_diffusion_bert",
+                "from pipeline.model import modeling_diffusion_bert\nfrom pipeline.generation import api as _upward  # noqa: F401",
+            ),
+        ),
+        ("tests/test_tooling.py::test_pipeline_imports_run_one_way_down_its_layers_with_no_circle",),
     ),
 ]
 

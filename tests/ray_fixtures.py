@@ -95,11 +95,11 @@ def layout(tmp_path, tiny_data) -> Layout:
 
 def checkpoint_model(params: Params, layout: Layout, directory: Path):
     """The model a checkpoint holds, rebuilt the way the driver does."""
+    from pipeline.assembly import schedule_for
     from pipeline.data.stats import TokenStatistics
     from pipeline.model.loading import build_model
     from pipeline.train.checkpoint import load_checkpoint
-    from pipeline.train.loop import build_schedule_for
 
-    model = build_model(params, build_schedule_for(params, TokenStatistics.load(layout.token_stats)))
+    model = build_model(params, schedule_for(params, TokenStatistics.load(layout.token_stats)))
     load_checkpoint(directory, model)
     return model

@@ -159,7 +159,7 @@ def test_span_scores_are_perfect_for_the_truth_and_fall_for_wrong_fills():
 def test_gap_length_follows_the_length_prior_when_the_model_ignores_context():
     """A context-blind denoiser scores the shown words the same whatever the gap: the choice is
     the length prior's mode (L = 5 -> a gap of 2 between 3 shown words)."""
-    from pipeline.eval.gap_length import choose_gap_length, gap_length_scores
+    from pipeline.generation.gap_length import choose_gap_length, gap_length_scores
     from tests.toy import CLS, SEP, ConstantDenoiser
 
     prior = np.log(np.array([1e-9, 0.05, 0.05, 0.1, 0.1, 0.6, 0.1]))
@@ -175,7 +175,7 @@ def test_gap_length_follows_the_length_prior_when_the_model_ignores_context():
 def test_gap_length_scores_only_the_shown_words():
     """Held at [MASK] in every step, the gap never enters the bound: the bound part of the score
     of the Bayes denoiser's world is that of the one shown word."""
-    from pipeline.eval.gap_length import gap_length_scores
+    from pipeline.generation.gap_length import gap_length_scores
     from tests.toy import CLS, SEP
 
     schedule = toy_schedule("linear", 6)

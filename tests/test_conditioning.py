@@ -16,8 +16,8 @@ from pipeline.diffusion.samplers import (
     reveal_counts,
 )
 from pipeline.diffusion.schedules import time_grid
-from pipeline.eval.generation import generated_spans
-from pipeline.eval.templates import (
+from pipeline.generation.sampling import generated_spans
+from pipeline.generation.templates import (
     TemplateError,
     check_fits,
     infill_template,

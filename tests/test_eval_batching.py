@@ -9,7 +9,7 @@ import torch
 
 from pipeline.data.batching import sorted_batches
 from pipeline.eval.bound import bound_per_sequence
-from pipeline.eval.generation import generate
+from pipeline.generation.sampling import generate
 from tests.exports import export_tiny
 from tests.toy import CLS, SEP, SPECIAL, VOCAB, ConstantDenoiser, toy_schedule
 

@@ -258,8 +258,8 @@ def test_a_model_folder_only_the_driver_has_reaches_a_worker_on_another_node(clu
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from pipeline.assembly import schedule_for
     from pipeline.model.loading import build_model, load_tokenizer, random_bert_config
-    from pipeline.train.loop import build_schedule_for
     from pipeline.train.ray.inputs import TrainInputs
     from pipeline.train.ray.worker import weights_checksum
 
@@ -271,19 +271,19 @@ def test_a_model_folder_only_the_driver_has_reaches_a_worker_on_another_node(clu
     BertForMaskedLM(random_bert_config(tokenizer.vocab_size, 32, 2, 2, 64)).save_pretrained(folder)
     params = tiny_params(f"model.name_or_path={folder}")
     inputs = TrainInputs.read(layout.prepared, layout.token_stats, str(folder))
-    schedule = build_schedule_for(params, inputs.stats)
+    schedule = schedule_for(params, inputs.stats)
     want = weights_checksum(build_model(params, schedule))
     shipped = inputs.ship()
     shutil.rmtree(folder)  # the driver's copy is gone: only the object store has it now
 
     @ray.remote(num_cpus=0)
     def load_on_node(inputs, params):
+        from pipeline.assembly import schedule_for
         from pipeline.model.loading import build_model
-        from pipeline.train.loop import build_schedule_for
         from pipeline.train.ray.worker import weights_checksum
 
         data, local_params = inputs.materialize(params)
-        model = build_model(local_params, build_schedule_for(local_params, data.stats))
+        model = build_model(local_params, schedule_for(local_params, data.stats))
         return (
             local_params.model.name_or_path,
             weights_checksum(model),

@@ -59,7 +59,7 @@ def test_local_mode_training_reaches_the_configured_steps_logs_to_mlflow_and_exp
 ):
     import mlflow
 
-    from pipeline.eval.generation import generate
+    from pipeline.generation.sampling import generate
     from pipeline.model.export import load_exported
     from pipeline.tracking import runs, store
 

@@ -24,7 +24,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.tracking import registry, runs
+from pipeline.serving import registry
+from pipeline.tracking import runs
 from tests.env import PROJECT_ENV, without_project_env
 from tests.exports import export_tiny
 

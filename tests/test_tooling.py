@@ -79,3 +79,124 @@ def test_no_module_imports_a_private_name_of_another():
         for module, names in module_imports(path):
             offenders += [f"{path.relative_to(REPO)}: {module}.{n}" for n in names if n.startswith("_")]
     assert not offenders, offenders
+
+
+# The layers of pipeline/, bottom up. A module imports its own package or a lower layer only, so
+# the maths never reaches tracking or serving and nothing below the generation front reaches it.
+LAYERS = (
+    ("vocab", "errors", "signals", "project", "tensors", "limits"),
+    ("lineage", "artifacts", "viz"),
+    ("config",),
+    ("diffusion",),
+    ("data",),
+    ("model", "assembly"),
+    ("generation",),
+    ("eval",),
+    ("tracking",),
+    ("serving",),
+    ("train",),
+    ("tune",),
+    ("ablation",),
+    ("api",),
+)
+LAYER = {package: rank for rank, packages in enumerate(LAYERS) for package in packages}
+# Beyond the order: the maths takes plain arguments, never the params schema.
+FORBIDDEN = {"diffusion": ("config",)}
+
+
+def pipeline_import_graph() -> dict[str, set[str]]:
+    """module -> the pipeline modules it imports (module level, in functions, under TYPE_CHECKING)."""
+    modules = {}
+    for path in (REPO / "pipeline").rglob("*.py"):
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+        modules[name.removesuffix(".__init__")] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for module, names in module_imports(path):
+            for target in (module, *(f"{module}.{n}" for n in names)):
+                if target in modules and target != name:
+                    targets.add(target)
+        graph[name] = targets
+    return graph
+
+
+def package_of(module: str) -> str:
+    """pipeline.diffusion.loss -> diffusion; pipeline.api -> api."""
+    return module.split(".")[1] if "." in module else module
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that climbs a layer, or is forbidden, or names an unplaced package."""
+    found = []
+    for source, targets in graph.items():
+        here = package_of(source)
+        for target in sorted(targets):
+            there = package_of(target)
+            if here not in LAYER or there not in LAYER:
+                found.append(f"{source} -> {target}: package not in LAYERS")
+            elif LAYER[there] > LAYER[here] or there in FORBIDDEN.get(here, ()):
+                found.append(f"{source} -> {target}")
+    return found
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph.get(node, ()):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_pipeline_imports_run_one_way_down_its_layers_with_no_circle():
+    graph = pipeline_import_graph()
+    assert not layer_violations(graph), layer_violations(graph)
+    assert not import_cycles(graph), import_cycles(graph)
+
+
+def test_the_layer_check_sees_an_upward_import_and_a_circle():
+    graph = pipeline_import_graph()
+    upward = {**graph, "pipeline.model.export": graph["pipeline.model.export"] | {"pipeline.generation.api"}}
+    assert layer_violations(upward) == ["pipeline.model.export -> pipeline.generation.api"]
+    schema = {**graph, "pipeline.diffusion.loss": graph["pipeline.diffusion.loss"] | {"pipeline.config"}}
+    assert layer_violations(schema) == ["pipeline.diffusion.loss -> pipeline.config"]
+    circle = {
+        **graph,
+        "pipeline.diffusion.reverse": graph["pipeline.diffusion.reverse"] | {"pipeline.diffusion.samplers"},
+    }
+    assert any({"pipeline.diffusion.reverse", "pipeline.diffusion.samplers"} <= set(c) for c in import_cycles(circle))
+
+
+def test_the_library_never_imports_the_stages_and_the_schema_needs_no_torch():
+    for path in (REPO / "pipeline").rglob("*.py"):
+        assert not any(m.split(".")[0] == "stages" for m, _ in module_imports(path)), path
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.config, pipeline.vocab, pipeline.limits; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

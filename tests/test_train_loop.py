@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.assembly import schedule_for
 from pipeline.config import ParamsError, load_params
 from pipeline.data.sources import load_lm1b_mirror
 from pipeline.data.stats import TokenStatistics
@@ -56,7 +57,7 @@ def test_checkpoints_restore_optimizer_scheduler_and_data_position(tiny_data):
     saved = []
     p = params("train.steps=4", "train.checkpoint_every=2", "train.eval_every=100")
     train_loop(p, tiny_data, report=lambda m, c: saved.append(c) if c else None)
-    schedule_model = build_model(p, train_loop.__globals__["build_schedule_for"](p, tiny_data.stats))
+    schedule_model = build_model(p, schedule_for(p, tiny_data.stats))
     progress = load_checkpoint(saved[0], schedule_model)
     assert progress.step == 2 and progress.batch_in_epoch == 2 and progress.tokens_seen > 0
 
@@ -109,9 +110,10 @@ def test_an_accumulated_step_has_the_gradient_of_the_mean_loss_over_its_micro_ba
     the two micro-batch losses (each its own per-token mean: the micro-batches weigh the same, not
     their tokens), computed here in one graph with the same noise and dropout (both keyed by the
     micro-batch's place in the global batch)."""
+    from pipeline.assembly import schedule_for
     from pipeline.diffusion.loss import diffusion_loss
     from pipeline.train.checkpoint import TrainPosition
-    from pipeline.train.loop import build_schedule_for, global_micro_seed, training_batches
+    from pipeline.train.loop import global_micro_seed, training_batches
 
     p = params("train.steps=1", "train.batch_size=4", "train.global_batch_size=8", "train.grad_clip=0")
     captured = {}
@@ -119,7 +121,7 @@ def test_an_accumulated_step_has_the_gradient_of_the_mean_loss_over_its_micro_ba
     trained = captured["model"]
 
     special = SpecialIds.from_tokenizer(tiny_data.tokenizer)
-    schedule = build_schedule_for(p, tiny_data.stats)
+    schedule = schedule_for(p, tiny_data.stats)
     torch.manual_seed(p.train.seed)
     model = build_model(p, schedule)
     model.train()

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from pipeline.diffusion.forward import Denoiser, SpecialIds
-from pipeline.diffusion.samplers import (
+from pipeline.diffusion.reverse import (
     confidence,
     draw_categorical,
     remdm_probabilities,

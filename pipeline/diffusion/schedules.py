@@ -18,32 +18,17 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from pipeline.limits import max_spindle_lambda as max_spindle_lambda  # the bound the spindle obeys
 from pipeline.vocab import SCHEDULES
-
-if TYPE_CHECKING:  # pragma: no cover
-    from numpy.typing import ArrayLike
-
-    from pipeline.config import DiffusionParams
 
 
 class ScheduleError(ValueError):
     """A schedule that cannot be built as asked (unknown name, non-monotone alpha, ...)."""
-
-
-def max_spindle_lambda(num_timesteps: int) -> float:
-    """Largest lambda * max|h| that keeps the discrete spindle alpha monotone (PAPER §3).
-
-    alpha_{t-1} - alpha_t = 1/T + lambda h (sin(pi t/T) - sin(pi (t-1)/T)) and the sine
-    increment is at most sin(pi/T) in size, so lambda |h| <= 1 / (T sin(pi / T)).
-    """
-    if num_timesteps <= 1:
-        return math.inf
-    return 1.0 / (num_timesteps * math.sin(math.pi / num_timesteps))
 
 
 class Schedule(ABC):
@@ -395,18 +380,3 @@ def grid_for_steps(num_timesteps: int, num_steps: int) -> list[int]:
         raise ScheduleError(f"number of steps must be >= 1, got {num_steps}")
     num_steps = min(num_steps, num_timesteps)
     return sorted({round(j * num_timesteps / num_steps) for j in range(num_steps + 1)}, reverse=True)
-
-
-def schedule_from_params(
-    diffusion: DiffusionParams, information: ArrayLike | None = None, counts: ArrayLike | None = None
-) -> Schedule:
-    """Build the schedule a `DiffusionParams` (or any object with the same fields) describes."""
-    return build_schedule(
-        diffusion.schedule,
-        diffusion.num_timesteps,
-        information=None if information is None else torch.as_tensor(information),
-        counts=None if counts is None else torch.as_tensor(counts),
-        spindle_lambda=diffusion.spindle_lambda,
-        eps=diffusion.loglinear_eps,
-        power_gamma=diffusion.power_gamma,
-    )

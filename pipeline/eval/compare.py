@@ -22,8 +22,8 @@ from pipeline.data.tokenize import TokenizedSplit
 from pipeline.diffusion.forward import SpecialIds
 from pipeline.eval.bound import perplexity_bound
 from pipeline.eval.evaluate import corpus_label, load_for_evaluation, scored_text, test_lines_of
-from pipeline.eval.generation import CHAIN_SAMPLERS, fixed_or_sampled_lengths, generate, sampler_settings
 from pipeline.eval.metrics import generation_metrics
+from pipeline.generation.sampling import CHAIN_SAMPLERS, fixed_or_sampled_lengths, generate, sampler_settings
 from pipeline.vocab import ProgressCallback
 
 

@@ -165,8 +165,8 @@ def fill_spans(
     **sampling: Any,
 ) -> dict[str, Any]:
     """Hide each task's span, let the sampler fill it, and score the fills against the truth.
-    `sampling` goes to `pipeline.eval.generation.generate` (steps, top_k, seed, sampler, ...)."""
-    from pipeline.eval.generation import generate
+    `sampling` goes to `pipeline.generation.sampling.generate` (steps, top_k, seed, sampler, ...)."""
+    from pipeline.generation.sampling import generate
 
     truth, templates = [], []
     for i, span in zip(tasks.index, tasks.spans):

@@ -20,9 +20,9 @@ from pipeline.data.stats import length_log_probs
 from pipeline.data.tokenize import TokenizedSplit
 from pipeline.diffusion.forward import SpecialIds
 from pipeline.eval.bound import PackedRows, perplexity_bound
-from pipeline.eval.generation import fixed_or_sampled_lengths, generate, sampler_settings
 from pipeline.eval.judge import judge_metrics
 from pipeline.eval.metrics import TOKENIZATION, generation_metrics
+from pipeline.generation.sampling import fixed_or_sampled_lengths, generate, sampler_settings
 from pipeline.model.export import load_exported
 from pipeline.model.precision import autocast, resolve_device, resolve_precision
 from pipeline.vocab import ProgressCallback

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.config import flatten
 from pipeline.lineage import lineage_tags
 from pipeline.tracking.store import DEFAULT_EXPERIMENT, setup_tracking
 
@@ -34,17 +35,6 @@ def safe_key(key: str) -> str:
     return key[:MAX_KEY_LENGTH].rstrip("/") or "_"
 
 
-def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in obj.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(_flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
 def flat_params(params: Any) -> dict[str, str]:
     """`Params` (via `.flat()`), a nested or flat mapping, or None -> `{key: str(value)}`.
 
@@ -55,9 +45,9 @@ def flat_params(params: Any) -> dict[str, str]:
     if hasattr(params, "flat"):
         flat = params.flat()
     elif isinstance(params, Mapping):
-        flat = _flatten(params)
+        flat = flatten(params)
     elif hasattr(params, "model_dump"):
-        flat = _flatten(params.model_dump())
+        flat = flatten(params.model_dump())
     else:
         raise TypeError(f"cannot log params of type {type(params).__name__}")
     return {safe_key(str(k)): str(v)[:MAX_PARAM_VAL_LENGTH] for k, v in flat.items()}

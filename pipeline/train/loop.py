@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from pipeline.assembly import schedule_for
 from pipeline.config import Params
 from pipeline.data.batching import iterate_batches, num_batches
 from pipeline.data.stats import TokenStatistics
@@ -24,7 +25,7 @@ from pipeline.diffusion.forward import SpecialIds
 from pipeline.diffusion.loss import bound_loss, cross_entropy_loss, diffusion_loss
 from pipeline.diffusion.noising import NoisedBatch, noise_for_diffusion, noise_for_mlm
 from pipeline.diffusion.packing import SentenceRows, pack_rows
-from pipeline.diffusion.schedules import Schedule, schedule_from_params
+from pipeline.diffusion.schedules import Schedule
 from pipeline.model.denoiser import DiffusionBertForDenoising
 from pipeline.model.loading import build_model, load_tokenizer
 from pipeline.model.precision import autocast, prefer_fast_attention, resolve_precision
@@ -53,10 +54,6 @@ class TrainData:
             TokenStatistics.load(stats_dir),
             load_tokenizer(model_name),
         )
-
-
-def build_schedule_for(params: Params, stats: TokenStatistics) -> Schedule:
-    return schedule_from_params(params.diffusion, information=stats.centred_information(), counts=stats.counts)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -169,7 +166,7 @@ def train_loop(
     tp = params.train
     device = torch.device(device)
     special = SpecialIds.from_tokenizer(data.tokenizer)
-    schedule = build_schedule_for(params, data.stats)
+    schedule = schedule_for(params, data.stats)
     torch.manual_seed(tp.seed + rank)
     model = build_model(params, schedule).to(device)  # type: ignore[arg-type]  # transformers' wrapped .to
     prefer_fast_attention(model, device)

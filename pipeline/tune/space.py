@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config import Params, params_from_dict
+from pipeline.limits import max_spindle_lambda
 
 METRIC = "val_bound"  # what ASHA and the proposal rank trials by
 MODE = "min"
@@ -19,8 +20,6 @@ class TuneConfigError(ValueError):
 
 def search_values(params: Params) -> dict[str, list]:
     """`dotted.key -> values` searched (before wrapping in `tune.grid_search`)."""
-    from pipeline.diffusion.schedules import max_spindle_lambda
-
     tn = params.tune
     if not tn.time_designs:
         raise TuneConfigError("tune.time_designs is empty: name at least one time design to tune")

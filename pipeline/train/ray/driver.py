@@ -292,16 +292,16 @@ def export_checkpoint(params: Params, layout: Layout, checkpoint_dir: Path, expo
     write the Hugging Face export with its tokenizer and schedule inputs."""
     import torch
 
+    from pipeline.assembly import schedule_for
     from pipeline.data.stats import TokenStatistics
     from pipeline.model.export import export_model
     from pipeline.model.loading import build_model, load_tokenizer
     from pipeline.train.checkpoint import load_checkpoint
-    from pipeline.train.loop import build_schedule_for
     from pipeline.train.optim import EMA
 
     stats = TokenStatistics.load(layout.token_stats)
     tokenizer = load_tokenizer(params.model.name_or_path)
-    schedule = build_schedule_for(params, stats)
+    schedule = schedule_for(params, stats)
     rng = torch.get_rng_state()  # load_checkpoint restores the workers' RNG; keep ours
     try:
         model = build_model(params, schedule)

@@ -48,7 +48,7 @@ def log_pyfunc(export_dir: str | Path, name: str = PYFUNC_NAME):
     MLflow runs the input example through the model once while logging (a few denoising steps)."""
     import mlflow
 
-    from pipeline.model.pyfunc import EXPORT_ARTIFACT, DiffusionBertPyfunc, input_example, signature
+    from pipeline.serving.pyfunc import EXPORT_ARTIFACT, DiffusionBertPyfunc, input_example, signature
 
     with _quiet_pickling_notes():
         return mlflow.pyfunc.log_model(

@@ -20,8 +20,8 @@ from pipeline.diffusion.samplers import (
     gibbs_sample,
 )
 from pipeline.diffusion.schedules import Schedule, grid_for_steps
+from pipeline.vocab import SAMPLERS as SAMPLERS  # one definition, named here for the generation front
 
-SAMPLERS = ("ancestral", "remdm", "confidence", "gibbs")
 CHAIN_SAMPLERS = ("ancestral",)  # the model's own reverse chain: the only ones a bound speaks for
 
 
@@ -75,7 +75,7 @@ def generate(
 ) -> Generation:
     """Sample one sentence per entry of `lengths` (unconditional), or complete each of `templates`
     (content token ids, None where generated: prompts, suffixes, infilling; see
-    `pipeline.eval.templates`). Fixed tokens are never changed, by every sampler.
+    `pipeline.generation.templates`). Fixed tokens are never changed, by every sampler.
     `cache=None` caches exactly when the model is time-agnostic."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")

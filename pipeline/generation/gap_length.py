@@ -86,7 +86,7 @@ def resolve_open_gap(
     num_steps: int = 16,
     seeds: Sequence[int] = (0, 1),
 ):
-    """`request` (a `pipeline.eval.templates.Request`) with its `[MASK*?]` gap set to the chosen
+    """`request` (a `pipeline.generation.templates.Request`) with its `[MASK*?]` gap set to the chosen
     length among 1..max_gap that still fits the model's window; unchanged without an open gap."""
     if request.auto_gap is None:
         return request

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from pipeline.diffusion.samplers import decode
-from pipeline.eval.generation import Generation, generate
+from pipeline.generation.sampling import Generation, generate
 
 
 def block_plan(length: int, block: int, window: int, prompt_length: int = 0) -> list[tuple[int, int]]:

@@ -128,7 +128,7 @@ class DiffusionBertPyfunc(PythonModel):
     def load_context(self, context) -> None:
         import os
 
-        from pipeline.api import load
+        from pipeline.generation.api import load
 
         self.model = load(context.artifacts[EXPORT_ARTIFACT], device=os.environ.get(ENV_DEVICE, "auto"))
 

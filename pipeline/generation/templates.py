@@ -4,7 +4,7 @@
 - an infill template: text where `[MASK]` marks one generated WordPiece and `[MASK*n]` marks n
   (so "the [MASK*3] sat on the [MASK] ." asks for three WordPieces and then one). A template
   that starts or ends with a gap asks for a prefix or a suffix. `[MASK*?]` (one per template, the
-  template's only gap) leaves the length to the model: `pipeline.eval.gap_length` picks it.
+  template's only gap) leaves the length to the model: `pipeline.generation.gap_length` picks it.
 """
 
 from __future__ import annotations
