@@ -42,25 +42,18 @@ pull: $(STAMP)
 	$(BIN)/dvc pull
 	$(BIN)/dvc status
 
-# PAPER §8's rows, one budget each (~100 min alone on 2 cores with AMX, hours without): outputs/ablation/report/report.md
+# PAPER §8 at this scale (experiments/ablation.yaml), one budget per row (~100 min alone on 2 cores with AMX, hours
+# without); rows and report also land in reports/ablation/ (commit them: a fresh checkout reuses them)
 ablation: $(STAMP)
 	test -d .dvc || $(BIN)/dvc init -q
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro token_stats
-	$(BIN)/dbert ablation
+	$(BIN)/dbert ablation --experiment experiments/ablation.yaml
 
-# The schedule experiment: linear, spindle (lambda at its cap), the exact power schedule (gamma
-# from a Tune sweep, README) and the MDLM recipe, 3 training seeds each, + LTE/PTE once for claim 3;
-# TAD, 2,000 steps, 1,024 test sentences x 2 bound seeds. Resumable row by row and from checkpoints
-# in outputs/schedules/; each finished row and the report so far are copied to reports/schedules/
-# (commit them: a fresh checkout reuses them). ~3 h per row on 2 slow fp32 CPU cores (README), minutes of training on a GPU.
-SCHEDULE_ROWS := [dbert_linear_tad,dbert_spindle_tad,dbert_power_tad,mdlm_loglinear_tad,dbert_linear_lte,dbert_linear_pte]
-SCHEDULE_REPEAT := [dbert_linear_tad,dbert_spindle_tad,dbert_power_tad,mdlm_loglinear_tad]
-SCHEDULE_GAMMA := 0.5
-SCHEDULE_SET := --set ablation.out=outputs/schedules --set ablation.publish=reports/schedules \
-	--set ablation.rows=$(SCHEDULE_ROWS) --set ablation.repeat_rows=$(SCHEDULE_REPEAT) --set ablation.seeds=[0,1,2] \
-	--set ablation.train_steps=2000 --set ablation.detail_rows=[] --set ablation.num_sequences=1024 \
-	--set ablation.bound_seeds=[0,1] --set train.eval_every=100 --set train.eval_batches=16 \
-	--set diffusion.spindle_lambda=0.318 --set diffusion.power_gamma=$(SCHEDULE_GAMMA)
+# The schedule experiment (experiments/schedules.yaml: linear, spindle, power, the MDLM recipe, 3 training
+# seeds each, + LTE/PTE once). Resumable row by row and from checkpoints in outputs/schedules/; each
+# finished row and the report so far are copied to reports/schedules/ (commit them: a fresh checkout
+# reuses them). ~3 h per row on 2 slow fp32 CPU cores, minutes of training on a GPU.
+SCHEDULE_SET := --experiment experiments/schedules.yaml
 schedules: $(STAMP)
 	test -d .dvc || $(BIN)/dvc init -q
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro token_stats

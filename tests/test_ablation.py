@@ -66,16 +66,21 @@ def test_the_rows_set_what_the_paper_table_names():
 
 
 def make_ablations(target: str) -> list[tuple[list[str], list[str]]]:
-    """The `--set` values and `--row` names of every `dbert ablation` command `make -n target` runs."""
+    """The overrides (an `--experiment` file's, then the `--set` values) and `--row` names of every
+    `dbert ablation` command `make -n target` runs."""
     import shlex
     import subprocess
+
+    from pipeline.config import experiment_overrides
 
     make = subprocess.run(["make", "-n", target], capture_output=True, text=True, check=True).stdout
     commands = []
     for command in make.replace("\\\n", " ").split("dbert ablation")[1:]:
         words = shlex.split(command.split("&")[0].split(";")[0])
         pairs = list(zip(words, words[1:]))
-        commands.append(([v for k, v in pairs if k == "--set"], [v for k, v in pairs if k == "--row"]))
+        files = [experiment_overrides(REPO / v) for k, v in pairs if k in ("--experiment", "-e")]
+        sets = [item for overrides in files for item in overrides] + [v for k, v in pairs if k == "--set"]
+        commands.append((sets, [v for k, v in pairs if k == "--row"]))
     return commands
 
 
@@ -773,3 +778,35 @@ def test_a_row_killed_before_its_first_checkpoint_trains_again_instead_of_failin
     monkeypatch.setattr(samplers, "run", lambda *a, **k: None)
     ablation._train_and_evaluate(load_params(REPO / "params.yaml"), row_root, None, "sqlite:///x.db")
     assert resumed == [False]
+
+
+def test_cli_ablation_reads_an_experiment_file_and_its_report_names_the_file(tmp_path):
+    """`--experiment FILE`: the file's params (here its rows and folders), and the report's command
+    line names the file. The schedule experiment's published rows re-render into a report."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    experiment = REPO / "experiments/schedules.yaml"
+    result = CliRunner().invoke(
+        app, ["ablation", "--root", str(tmp_path), "--experiment", str(experiment), "--report-only"]
+    )
+    assert (
+        result.exit_code == 1
+        and "outputs/schedules/rows" in result.output
+        and "reports/schedules/rows" in result.output
+    )
+    shutil.copytree(REPO / "reports/schedules/rows", tmp_path / "reports/schedules/rows")
+    result = CliRunner().invoke(app, ["ablation", "--root", str(tmp_path), "-e", str(experiment), "--report-only"])
+    assert result.exit_code == 0, result.output
+    assert "(14 rows finished)" in result.output and "claim 2: holds" in result.output
+    assert read_json(tmp_path / "reports/schedules/report/report.json")["rows_finished"] == 14
+    missing = CliRunner().invoke(app, ["ablation", "--root", str(tmp_path), "-e", str(tmp_path / "no.yaml")])
+    assert (
+        missing.exit_code == 1
+        and missing.output.startswith("error: experiment file")
+        and "does not exist" in missing.output
+    )

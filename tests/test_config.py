@@ -77,3 +77,59 @@ def test_the_evaluation_device_resolves_auto_and_refuses_a_cuda_device_that_is_n
         resolve_device("cuda:2")
     with pytest.raises(ValueError, match="unknown device 'mps'"):
         resolve_device("mps")
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiment files
+# ---------------------------------------------------------------------------------------------
+
+
+def test_an_experiment_file_is_its_overrides_and_keeps_the_carried_rows_fingerprints():
+    """experiments/schedules.yaml gives the params the schedule experiment's rows were trained with:
+    every committed row under reports/schedules/rows has the fingerprint the file's plan gives it."""
+    import json
+
+    from pipeline.ablation.rows import plan
+    from pipeline.config import experiment_overrides
+
+    root = Path(__file__).resolve().parents[1]
+    for experiment, published in (("schedules", "reports/schedules/rows"), ("ablation", "reports/ablation/rows")):
+        params = load_params(root / "params.yaml", experiment_overrides(root / f"experiments/{experiment}.yaml"))
+        fingerprints = {run.key: run.fingerprint for run in plan(params)}
+        carried = {
+            p.parent.name: json.loads(p.read_text())["fingerprint"] for p in (root / published).glob("*/result.json")
+        }
+        assert carried and all(fingerprints[key] == value for key, value in carried.items()), experiment
+    for path in sorted((root / "experiments").glob("*.yaml")):  # every experiment file is valid params
+        load_params(root / "params.yaml", experiment_overrides(path))
+
+
+def test_an_experiment_file_equals_the_same_set_arguments_and_set_still_wins(tmp_path):
+    from pipeline.config import experiment_overrides
+
+    path = tmp_path / "e.yaml"
+    path.write_text("train:\n  steps: 7\n  lr: 3.0e-4\nablation:\n  seeds: [0, 2]\n")
+    overrides = experiment_overrides(path)
+    assert overrides == ["train.steps=7", "train.lr=0.0003", "ablation.seeds=[0, 2]"]
+    same = load_params(None, ["train.steps=7", "train.lr=3e-4", "ablation.seeds=[0,2]"])
+    assert load_params(None, overrides) == same
+    assert load_params(None, [*overrides, "train.steps=9"]).train.steps == 9
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        (None, "does not exist"),
+        ("- a\n- b\n", "must hold a mapping of param groups"),
+        ("steps: 3\n", "'steps' is not a group of keys"),
+        ("train:\n  stepz: 3\n", "train.stepz: unknown key"),
+    ],
+)
+def test_a_bad_experiment_file_is_refused_by_name(tmp_path, text, match):
+    from pipeline.config import experiment_overrides
+
+    path = tmp_path / "e.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ParamsError, match=match):
+        load_params(None, experiment_overrides(path))
