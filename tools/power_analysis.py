@@ -3,7 +3,7 @@ report measured: the pooled std of the bound perplexity over training seeds of
 every row trained with several seeds, then the smallest difference a two-sided 95% two-sample
 t-test detects with 80% power for n seeds per row, and the seeds each effect size would need.
 
-    .venv/bin/python tools/power_analysis.py reports/ablation/report.json
+    .venv/bin/python tools/power_analysis.py reports/ablation/report/report.json
 """
 
 from __future__ import annotations
