@@ -16,7 +16,7 @@ export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv repro push pull test test-unit test-fast lint format typecheck deps ablation schedules schedules-parallel schedules-report clean
+.PHONY: venv repro push pull test test-unit test-fast lint format typecheck deps ablation schedules schedules-parallel schedules-report clean mutations
 
 venv: $(STAMP)
 
@@ -79,6 +79,10 @@ schedules-parallel: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# Bugs put back by hand, one at a time, each must turn a named test red (tests/mutations.py).
+mutations: $(STAMP)
+	$(BIN)/python tests/mutations.py
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration" tests

@@ -218,7 +218,7 @@ MUTATIONS = [
                 line=True,
             ),
         ),
-        (DEVICE_LOSS,),
+        (DEVICE_LOSS, "tests/test_devices.py::test_q_sample_on_the_device_draws_the_cpu_noise"),
     ),
     Mutation(
         "d3",
@@ -522,6 +522,20 @@ MUTATIONS = [
         "global batch: the epoch not cut to whole steps (a step straddles epochs differently per worker count)",
         (Edit(LOOP, "per_step=tp.accumulation_steps(world_size),\n        ):", "\n        ):"),),
         (DDP_STEPS,),
+    ),
+    Mutation(
+        "k1",
+        "ReMDM: fixed canvas tokens (and the specials) may be sent back to [MASK]",
+        (Edit(SAMPLERS, "decoded = free & ~masked", "decoded = ~masked & attn  # MUTANT", line=True),),
+        ("tests/test_sampler_contract.py::TestEverySampler::test_fixed_canvas_tokens_are_never_changed",),
+    ),
+    Mutation(
+        "k2",
+        "samplers: truncation options no longer checked",
+        (Edit("pipeline/diffusion/sampler.py", "    check_truncation(top_k, top_p, temperature)\n", ""),),
+        (
+            "tests/test_sampler_contract.py::TestEverySampler::test_bad_truncation_is_refused_by_name_before_any_model_call",
+        ),
     ),
     Mutation(
         "l1",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 
 import numpy as np
 import torch
@@ -12,14 +11,9 @@ import torch
 from pipeline.data.batching import sorted_batches
 from pipeline.diffusion.canvas import template_canvas
 from pipeline.diffusion.forward import SpecialIds
-from pipeline.diffusion.samplers import (
-    SampleOutput,
-    ancestral_sample,
-    confidence_sample,
-    decode,
-    gibbs_sample,
-)
-from pipeline.diffusion.schedules import Schedule, grid_for_steps
+from pipeline.diffusion.sampler import sampler as make_sampler
+from pipeline.diffusion.samplers import decode
+from pipeline.diffusion.schedules import Schedule
 from pipeline.vocab import SAMPLERS as SAMPLERS  # one definition, named here for the generation front
 
 CHAIN_SAMPLERS = ("ancestral",)  # the model's own reverse chain: the only ones a bound speaks for
@@ -77,15 +71,17 @@ def generate(
     (content token ids, None where generated: prompts, suffixes, infilling; see
     `pipeline.generation.templates`). Fixed tokens are never changed, by every sampler.
     `cache=None` caches exactly when the model is time-agnostic."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if (lengths is None) == (templates is None):
         raise ValueError("give either lengths (unconditional) or templates (conditional), not both")
     special = SpecialIds.from_tokenizer(tokenizer)
     cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
     denoise = denoiser or model.denoise
     use_cache = bool(getattr(model, "time_agnostic", False)) if cache is None else cache
-    grid = grid_for_steps(schedule.num_timesteps, steps)
+    # every option checked before any model call; one sampler for every batch
+    draw = make_sampler(
+        sampler, schedule, steps=steps, cache=use_cache, top_k=top_k, top_p=top_p, temperature=temperature,
+        remdm_eta=remdm_eta, confidence_score=confidence_score, gibbs_sweeps=gibbs_sweeps,
+    )  # fmt: skip
     requests: list[Sequence[int | None]] = (
         list(templates) if templates is not None else [[None] * int(n) for n in lengths or []]
     )
@@ -99,43 +95,9 @@ def generate(
         chunk_seed = seed * 1_000_003 + number * batch_size
         chunk_lengths = [len(t) for t in chunk] if templates is None else None
         canvas = None if templates is None else template_canvas(chunk, special, cls_id, sep_id)
-        if sampler == "gibbs":
-            out: SampleOutput = gibbs_sample(
-                denoise,
-                chunk_lengths,
-                special,
-                cls_id,
-                sep_id,
-                canvas=canvas,
-                sweeps=gibbs_sweeps,
-                top_k=top_k,
-                top_p=top_p,
-                temperature=temperature,
-                seed=chunk_seed,
-                device=device,
-            )
-        else:
-            chain: Callable[..., SampleOutput] = {
-                "ancestral": partial(ancestral_sample),
-                "remdm": partial(ancestral_sample, remask=remdm_eta),
-                "confidence": partial(confidence_sample, score=confidence_score),
-            }[sampler]
-            out = chain(
-                denoise,
-                schedule,
-                chunk_lengths,
-                special,
-                cls_id,
-                sep_id,
-                canvas=canvas,
-                grid=grid,
-                cache=use_cache,
-                top_k=top_k,
-                top_p=top_p,
-                temperature=temperature,
-                seed=chunk_seed,
-                device=device,
-            )
+        out = draw(
+            denoise, special, cls_id, sep_id, lengths=chunk_lengths, canvas=canvas, seed=chunk_seed, device=device
+        )
         for row, (index, text, template) in enumerate(zip(order, decode(out.tokens, tokenizer), chunk)):
             content = out.tokens[row, 1 : len(template) + 1]
             texts[index], content_ids[index] = text, content.tolist()
