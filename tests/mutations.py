@@ -37,6 +37,7 @@ from tests.env import OFFLINE  # noqa: E402
 
 SAMPLERS = "pipeline/diffusion/samplers.py"
 REVERSE = "pipeline/diffusion/reverse.py"
+TRUNCATION = "pipeline/diffusion/truncation.py"
 LOSS = "pipeline/diffusion/loss.py"
 FORWARD = "pipeline/diffusion/forward.py"
 
@@ -68,7 +69,7 @@ BOUND_SYNC = "tests/test_host_sync.py::test_a_bound_step_on_the_device_never_wai
 RESIDENT = "pipeline/diffusion/resident.py"
 LOOP = "pipeline/train/loop.py"
 DENOISER = "pipeline/model/denoiser.py"
-REPORT = "pipeline/ablation/report.py"
+STATISTICS = "pipeline/ablation/statistics.py"
 SCHEDULES = "pipeline/diffusion/schedules.py"
 COVERAGE = "tests/test_intervals.py::test_welch_intervals_cover_95_percent_at_three_seeds_and_unequal_spreads"
 WELCH = "tests/test_ablation.py::test_difference_interval_is_the_welch_t_interval"
@@ -119,7 +120,7 @@ MUTATIONS = [
     Mutation(
         "2a",
         "spindle sampler: token drawn proportionally to p, not p a",
-        (Edit(SAMPLERS, "weights = weights * reveal", "weights = weights  # MUTANT: no a(v) weighting", line=True),),
+        (Edit(TRUNCATION, "weights = weights * reveal", "weights = weights  # MUTANT: no a(v) weighting", line=True),),
         (CHAIN, REVEALS),
     ),
     Mutation(
@@ -251,7 +252,7 @@ MUTATIONS = [
         "a row trained once is compared as if it were the mean of as many seeds as the repeated row",
         (
             Edit(
-                "pipeline/ablation/report.py",
+                "pipeline/ablation/claims.py",
                 "math.sqrt(1 / sa[2] + 1 / sb[2])",
                 "math.sqrt(1 / max(sa[2], sb[2]) + 1 / max(sa[2], sb[2]))  # MUTANT",
             ),
@@ -438,7 +439,7 @@ MUTATIONS = [
     Mutation(
         "s1",
         "report intervals: Welch's standard error at the pooled df n_a + n_b - 2 (too narrow)",
-        (Edit(REPORT, "df = welch_df(sa * sa, na, sb * sb, nb) if max(na, nb) >= 2 else 0.0", "df = na + nb - 2"),),
+        (Edit(STATISTICS, "df = welch_df(sa * sa, na, sb * sb, nb) if max(na, nb) >= 2 else 0.0", "df = na + nb - 2"),),
         (COVERAGE, WELCH),
     ),
     Mutation(

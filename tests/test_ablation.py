@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.ablation import report as rep
+from pipeline.ablation import claims as cl
+from pipeline.ablation import statistics as st
+from pipeline.ablation import tables as tb
 from pipeline.ablation.rows import ROWS, plan, row_params
 from pipeline.artifacts import Layout, read_json, write_json_atomic
 from pipeline.config import ABLATION_ROWS, PAPER_ROWS, ParamsError, load_params
@@ -155,32 +157,32 @@ def test_unknown_rows_are_refused_with_their_names():
 
 
 def test_difference_interval_is_the_welch_t_interval():
-    out = rep.difference_interval((10.0, 1.0, 3), (12.0, 2.0, 3))
+    out = st.difference_interval((10.0, 1.0, 3), (12.0, 2.0, 3))
     # Welch-Satterthwaite: (1/3 + 4/3)^2 / ((1/3)^2/2 + (4/3)^2/2) = 50/17 df, t(0.975, 50/17) = 3.21876 (mpmath)
     assert out["df"] == pytest.approx(50 / 17)
     half = 3.218759 * math.sqrt(1 / 3 + 4 / 3)
     assert out["difference"] == -2.0
     assert out["low"] == pytest.approx(-2.0 - half) and out["high"] == pytest.approx(-2.0 + half)
-    assert rep.verdict_lower(out) == rep.UNSURE
-    assert rep.verdict_lower(rep.difference_interval((10.0, 0.1, 3), (12.0, 0.1, 3))) == rep.HOLDS
-    assert rep.verdict_lower(rep.difference_interval((12.0, 0.1, 3), (10.0, 0.1, 3))) == rep.FAILS
+    assert cl.verdict_lower(out) == cl.UNSURE
+    assert cl.verdict_lower(st.difference_interval((10.0, 0.1, 3), (12.0, 0.1, 3))) == cl.HOLDS
+    assert cl.verdict_lower(st.difference_interval((12.0, 0.1, 3), (10.0, 0.1, 3))) == cl.FAILS
 
 
 def test_one_value_per_side_gives_no_interval_and_no_verdict():
-    out = rep.difference_interval((10.0, 0.0, 1), (12.0, 0.0, 1))
+    out = st.difference_interval((10.0, 0.0, 1), (12.0, 0.0, 1))
     assert out["low"] == -math.inf and out["high"] == math.inf
-    assert rep.verdict_lower(out) == rep.UNSURE
+    assert cl.verdict_lower(out) == cl.UNSURE
 
 
 def test_paired_interval_cancels_noise_shared_by_seed():
     a = [{"seed": 0, "ppl_token": 565.5}, {"seed": 1, "ppl_token": 534.1}, {"seed": 2, "ppl_token": 519.4}]
     b = [{"seed": 0, "ppl_token": 560.5}, {"seed": 1, "ppl_token": 529.3}, {"seed": 2, "ppl_token": 514.2}]
-    paired = rep.paired_interval(a, b)
-    unpaired = rep.difference_interval(
-        rep.mean_std([r["ppl_token"] for r in a]) + (3,), rep.mean_std([r["ppl_token"] for r in b]) + (3,)
+    paired = st.paired_interval(a, b)
+    unpaired = st.difference_interval(
+        st.mean_std([r["ppl_token"] for r in a]) + (3,), st.mean_std([r["ppl_token"] for r in b]) + (3,)
     )
     assert paired["difference"] == pytest.approx(unpaired["difference"])
-    assert rep.verdict_lower(unpaired) == rep.UNSURE and paired["low"] > 0  # a is reliably worse
+    assert cl.verdict_lower(unpaired) == cl.UNSURE and paired["low"] > 0  # a is reliably worse
     assert paired["high"] - paired["low"] < (unpaired["high"] - unpaired["low"]) / 10
 
 
@@ -194,9 +196,9 @@ def test_a_gap_smaller_than_two_trainings_of_one_row_stays_undecided():
         with_runs(fake("dbert_linear_pte", 0, 98.0), [108.0, 98.0, 88.0]),
         with_runs(fake("dbert_linear_tad", 1, 105.0), [115.0, 105.0, 95.0]),
     ]
-    comparison = rep.check_claims(results)[2]["comparisons"][0]
-    assert comparison["eval_only_verdict"] == rep.FAILS and comparison["training_seed_spread"] == 4.0
-    assert comparison["verdict"] == rep.UNSURE
+    comparison = cl.check_claims(results)[2]["comparisons"][0]
+    assert comparison["eval_only_verdict"] == cl.FAILS and comparison["training_seed_spread"] == 4.0
+    assert comparison["verdict"] == cl.UNSURE
 
 
 def fake(row: str, seed: int, ppl: float, std: float = 0.5, curve=(9.0, 8.0, 7.0), table=None) -> dict:
@@ -241,27 +243,27 @@ def test_claims_hold_fail_or_stay_open_as_the_numbers_say():
         fake("dbert_spindle_tad", 1, 91.0),
         fake("dbert_linear_tad", 1, 99.0),
     ]
-    claims = {c["claim"]: c for c in rep.check_claims(results)}
+    claims = {c["claim"]: c for c in cl.check_claims(results)}
     first = claims[1]["comparisons"]
-    assert first[0]["verdict"] == rep.HOLDS and first[0]["bert_lower_at_every_eval_step"]
+    assert first[0]["verdict"] == cl.HOLDS and first[0]["bert_lower_at_every_eval_step"]
     # a worse start does not count against "faster"; lower at the end but not at step 100 does
-    assert first[1]["verdict"] == rep.UNSURE and not first[1]["bert_lower_at_every_eval_step"]
-    assert claims[1]["verdict"] == rep.UNSURE
-    assert claims[2]["verdict"] == rep.HOLDS  # decided on the training-seed interval
+    assert first[1]["verdict"] == cl.UNSURE and not first[1]["bert_lower_at_every_eval_step"]
+    assert claims[1]["verdict"] == cl.UNSURE
+    assert claims[2]["verdict"] == cl.HOLDS  # decided on the training-seed interval
     assert claims[2]["comparisons"][-1]["covers"].startswith("training seeds")
     tad = {c["b"]: c["verdict"] for c in claims[3]["comparisons"]}
     assert tad == {
-        "dbert_linear_lte": rep.UNSURE,
-        "dbert_linear_pte": rep.FAILS,
+        "dbert_linear_lte": cl.UNSURE,
+        "dbert_linear_pte": cl.FAILS,
         # LTE/PTE trained once: TAD's two seeds (99, 100; std 0.707) give both sides' spread, and
         # these intervals decide: 99.5 - 80 = 19.5 ± t(1) 12.706 x 0.707 x sqrt(1/2 + 1) = 11.0
-        "dbert_linear_lte (all seeds)": rep.UNSURE,
-        "dbert_linear_pte (all seeds)": rep.FAILS,
+        "dbert_linear_lte (all seeds)": cl.UNSURE,
+        "dbert_linear_pte (all seeds)": cl.FAILS,
     }
     pte = claims[3]["comparisons"][-1]
     assert pte["decides"] and "std stands for both" in pte["covers"]
     assert (pte["low"], pte["high"]) == pytest.approx((19.5 - 11.004, 19.5 + 11.004), abs=1e-3)
-    assert claims[3]["verdict"] == rep.UNSURE
+    assert claims[3]["verdict"] == cl.UNSURE
     assert claims[4]["verdict"] == "not run (rows missing)"
 
 
@@ -279,15 +281,15 @@ def test_steps_claim_needs_rising_time_and_a_bound_that_does_not_get_worse():
 
     smooth = [row(2, 300.0, 0.1), row(8, 120.0, 0.2), row(64, 90.0, 0.9)]
     bumpy = [row(2, 300.0, 0.1), row(8, 120.0, 0.2), row(64, 150.0, 0.9)]
-    assert rep.check_claims([fake("dbert_spindle_tad", 0, 90.0, table=smooth)])[3]["verdict"] == rep.HOLDS
-    assert rep.check_claims([fake("dbert_spindle_tad", 0, 90.0, table=bumpy)])[3]["verdict"] == rep.FAILS
+    assert cl.check_claims([fake("dbert_spindle_tad", 0, 90.0, table=smooth)])[3]["verdict"] == cl.HOLDS
+    assert cl.check_claims([fake("dbert_spindle_tad", 0, 90.0, table=bumpy)])[3]["verdict"] == cl.FAILS
 
 
 def test_mean_curves_average_the_seeds_at_the_steps_they_all_evaluated(tmp_path):
     a = fake("dbert_linear_tad", 0, 90.0, curve=(9.0, 8.0, 7.0))
     b = fake("dbert_linear_tad", 1, 91.0, curve=(10.0, 6.0, None))  # its step-150 evaluation is missing
     c = fake("dbert_spindle_tad", 0, 80.0, curve=(9.5, 7.5, 6.5))
-    curves = rep.mean_curves([b, c, a])
+    curves = tb.mean_curves([b, c, a])
     assert curves["dbert_linear_tad"] == {
         "step": [50.0, 100.0],
         "mean": [9.5, 7.0],
@@ -309,7 +311,7 @@ def test_markdown_table_flags_leaky_and_packed_rows_and_shows_both_training_seed
         fake("dbert_spindle_paper_tad", 0, 40.0),
     ]
     results[0]["evaluate"]["format"] = results[1]["evaluate"]["format"] = "padded"
-    text = rep.markdown_table(rep.table_rows(results), label="LM1B-sample")
+    text = tb.markdown_table(tb.table_rows(results), label="LM1B-sample")
     assert "LM1B-sample numbers" in text
     assert "90.0 / 91.0" in text and "(LEAKY)" in text and "40.0 ± 0.5" in text
     # mean ± std over the two training seeds: sqrt(((90 - 90.5)^2 + (91 - 90.5)^2) / 1) = 0.707
@@ -320,9 +322,9 @@ def test_the_table_shows_each_rows_training_precision_and_each_seeds_where_they_
     results = [fake("dbert_linear_tad", 0, 90.0), fake("dbert_linear_tad", 1, 91.0), fake("dbert_spindle_tad", 0, 89.0)]
     results[0]["train"]["precision"] = "fp32"  # seed 0 ran on a machine without fast bf16
     results[1]["train"]["precision"] = results[2]["train"]["precision"] = "bf16"
-    lines = {line["row"]: line for line in rep.table_rows(results)}
+    lines = {line["row"]: line for line in tb.table_rows(results)}
     assert lines["dbert_linear_tad"]["train_precision"] == ["fp32", "bf16"]
-    table = rep.markdown_table(list(lines.values()), label="LM1B-sample").splitlines()
+    table = tb.markdown_table(list(lines.values()), label="LM1B-sample").splitlines()
     assert table[2].endswith("| Train min | Precision |")
     linear = next(t for t in table if t.startswith("| `dbert_linear_tad`"))
     spindle = next(t for t in table if t.startswith("| `dbert_spindle_tad`"))

@@ -12,7 +12,9 @@ from pathlib import Path
 import mpmath
 import pytest
 
-from pipeline.ablation import report as rep
+from pipeline.ablation import claims as cl
+from pipeline.ablation import statistics as st
+from pipeline.ablation import tables as tb
 from pipeline.ablation.student_t import t_pdf, t_ppf, t_sf, welch_df
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,9 +68,9 @@ def _coverage(std_a: float, std_b: float, n: int, draws: int, seed: int) -> tupl
     rng = random.Random(seed)
     welch = pooled = 0
     for _ in range(draws):
-        a = rep.mean_std([rng.gauss(0.0, std_a) for _ in range(n)]) + (n,)
-        b = rep.mean_std([rng.gauss(0.0, std_b) for _ in range(n)]) + (n,)
-        interval = rep.difference_interval(a, b)
+        a = st.mean_std([rng.gauss(0.0, std_a) for _ in range(n)]) + (n,)
+        b = st.mean_std([rng.gauss(0.0, std_b) for _ in range(n)]) + (n,)
+        interval = st.difference_interval(a, b)
         welch += interval["low"] <= 0.0 <= interval["high"]
         se = math.sqrt(a[1] ** 2 / n + b[1] ** 2 / n)
         pooled += abs(a[0] - b[0]) <= t_ppf(0.975, 2 * n - 2) * se
@@ -85,11 +87,9 @@ def test_welch_intervals_cover_95_percent_at_three_seeds_and_unequal_spreads():
 
 
 def test_the_schedule_experiment_intervals_recomputed_from_its_carried_rows():
-    rows = rep.by_row(
-        json.loads(p.read_text()) for p in sorted((ROOT / "reports/schedules/rows").glob("*/result.json"))
-    )
-    spindle = rep._training_comparison(rows["dbert_spindle_tad"], rows["dbert_linear_tad"])
-    power = rep._training_comparison(rows["dbert_power_tad"], rows["dbert_linear_tad"])
+    rows = tb.by_row(json.loads(p.read_text()) for p in sorted((ROOT / "reports/schedules/rows").glob("*/result.json")))
+    spindle = cl.training_comparison(rows["dbert_spindle_tad"], rows["dbert_linear_tad"])
+    power = cl.training_comparison(rows["dbert_power_tad"], rows["dbert_linear_tad"])
     assert (round(spindle["difference"], 2), round(spindle["low"], 2), round(spindle["high"], 2)) == (
         -5.89,
         -9.02,
@@ -98,4 +98,4 @@ def test_the_schedule_experiment_intervals_recomputed_from_its_carried_rows():
     assert spindle["df"] == pytest.approx(2.17, abs=0.005)
     assert (round(power["difference"], 2), round(power["low"], 2), round(power["high"], 2)) == (-3.78, -6.69, -0.87)
     assert power["df"] == pytest.approx(2.52, abs=0.005)
-    assert spindle["verdict"] == power["verdict"] == rep.HOLDS
+    assert spindle["verdict"] == power["verdict"] == cl.HOLDS

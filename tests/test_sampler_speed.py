@@ -13,22 +13,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.diffusion import samplers
+from pipeline.diffusion import samplers, truncation
 from pipeline.diffusion.canvas import template_canvas
 from pipeline.diffusion.forward import SpecialIds, at_positions
 from pipeline.diffusion.samplers import (
-    Kept,
     ancestral_sample,
     confidence,
     confidence_sample,
     draw_categorical,
-    draw_token,
     gibbs_sample,
-    reveal_chance,
-    sparse_truncation,
-    truncated_probs,
 )
 from pipeline.diffusion.schedules import build_schedule, max_spindle_lambda, time_grid
+from pipeline.diffusion.truncation import Kept, draw_token, reveal_chance, sparse_truncation, truncated_probs
 
 V, T = 64, 32
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
@@ -240,8 +236,8 @@ def test_the_kept_entries_are_the_ones_a_dense_mask_keeps(monkeypatch, top_k, to
     """Against the old dense code, not the shared one: the top k + 1 + min(F, 8) raw logits decide
     the set unless a row is crowded by forbidden ids or tied at the k-th, and then the dense rows do."""
     fallbacks = []
-    dense_entries = samplers._dense_top_k_entries
-    monkeypatch.setattr(samplers, "_dense_top_k_entries", lambda *a: fallbacks.append(1) or dense_entries(*a))
+    dense_entries = truncation._dense_top_k_entries
+    monkeypatch.setattr(truncation, "_dense_top_k_entries", lambda *a: fallbacks.append(1) or dense_entries(*a))
     for name, logits in awkward_logits(top_k, forbidden).items():
         fallbacks.clear()
         want = dense_mask_reference(logits, forbidden, top_k, top_p, temperature)  # [N, V]
@@ -249,7 +245,7 @@ def test_the_kept_entries_are_the_ones_a_dense_mask_keeps(monkeypatch, top_k, to
         got = torch.zeros_like(want).scatter_(-1, ids, probs)
         assert torch.equal(got > 0, want > 0), name
         assert torch.allclose(got, want, rtol=1e-6, atol=1e-7), name
-        expect_fallback = {"plain": False, "crowded": len(forbidden) > samplers._MARGIN, "ulp": temperature != 1.0}
+        expect_fallback = {"plain": False, "crowded": len(forbidden) > truncation._MARGIN, "ulp": temperature != 1.0}
         if name in expect_fallback:
             assert bool(fallbacks) == expect_fallback[name], name
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.ablation.report import by_row, detectable, seeds_for, train_seed_stats  # noqa: E402
+from pipeline.ablation.statistics import detectable, seeds_for  # noqa: E402
+from pipeline.ablation.tables import by_row, train_seed_stats  # noqa: E402
 from pipeline.artifacts import read_json  # noqa: E402
 
 

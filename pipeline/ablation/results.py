@@ -1,7 +1,7 @@
 """One ablation row's result, read back from the outputs its own stages wrote (train's metrics
 and history, evaluate's report), with the MLflow run ids they trace to.
 
-`pipeline.ablation.report` turns a list of these into the table and the claims.
+`pipeline.ablation.tables` and `pipeline.ablation.claims` turn a list of these into the table and the claims.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 plots, and the parent MLflow run's metrics.
 
 Built from the row results of `pipeline.ablation.results` with the table and claims of
-`pipeline.ablation.report`.
+`pipeline.ablation.tables` and `pipeline.ablation.claims` (as markdown: `pipeline.ablation.report`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.ablation.report import check_claims, markdown_claims, markdown_table, mean_curves, table_rows
+from pipeline.ablation.claims import check_claims
+from pipeline.ablation.report import markdown_claims
+from pipeline.ablation.tables import markdown_table, mean_curves, table_rows
 from pipeline.artifacts import write_file_atomic, write_json
 from pipeline.config import Params
 from pipeline.eval.evaluate import corpus_label, evaluation_settings
