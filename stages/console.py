@@ -49,7 +49,7 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(stop.exit_code if stop else 130) from None
     except (typer.Exit, typer.Abort):
         raise
-    except Exception as err:  # noqa: BLE001 - classified below
+    except Exception as err:
         if not _is_user_error(err) or os.environ.get("DBERT_DEBUG"):
             raise
         typer.echo(f"error: {one_line(err)}", err=True)

@@ -73,7 +73,7 @@ def run(params: Params, root: Path, *, progress: ProgressCallback | None = None)
                 split.save(tmp / name)
                 sizes[name] = {
                     "sequences": len(split),
-                    "tokens": int(len(split.ids)),
+                    "tokens": len(split.ids),
                     "content_tokens": split.num_content_tokens,
                     "words": int(np.asarray(split.word_counts).sum()),
                     "truncated": split.num_truncated,  # cut at a word boundary; words counted = kept

@@ -165,7 +165,7 @@ class FakeDeviceTensor(torch.Tensor):
         # torch.save of a device tensor: its data, read back on the CPU (as map_location="cpu" would).
         return self.inner.__reduce_ex__(protocol)
 
-    def __repr__(self) -> str:  # noqa: D105
+    def __repr__(self) -> str:
         return f"FakeDeviceTensor({self.inner!r})"
 
     @classmethod
@@ -240,9 +240,9 @@ class _FromDataMode(TorchFunctionMode):
             _record("download", func)
             return args[0].inner.tolist()  # CUDA tensors allow it (a copy to the host)
         generator = kwargs.get("generator")
-        if isinstance(generator, torch.Generator) and id(generator) in _DEVICE_GENERATORS:
-            if _is_fake_device(kwargs.get("device")):  # a draw "on the device" with its generator
-                return FakeDeviceTensor(func(*args, **{**kwargs, "device": torch.device("cpu")}))
+        device_draw = isinstance(generator, torch.Generator) and id(generator) in _DEVICE_GENERATORS
+        if device_draw and _is_fake_device(kwargs.get("device")):  # a draw "on the device" with its generator
+            return FakeDeviceTensor(func(*args, **{**kwargs, "device": torch.device("cpu")}))
         if func in _FROM_DATA:
             device = kwargs.get("device")
             if func is torch.Tensor.new_tensor and device is None:

@@ -53,7 +53,7 @@ def ray_cluster(request):
     if not ray.is_initialized():
         init_local_ray()
         request.config.add_cleanup(lambda: ray.shutdown() if ray.is_initialized() else None)
-    yield ray
+    return ray
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ bound's denominators, and a tiny end-to-end run on real LM1B-sample text with a 
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def make_ablations(target: str) -> list[tuple[list[str], list[str]]]:
     commands = []
     for command in make.replace("\\\n", " ").split("dbert ablation")[1:]:
         words = shlex.split(command.split("&")[0].split(";")[0])
-        pairs = list(zip(words, words[1:]))
+        pairs = list(itertools.pairwise(words))
         files = [experiment_overrides(REPO / v) for k, v in pairs if k in ("--experiment", "-e")]
         sets = [item for overrides in files for item in overrides] + [v for k, v in pairs if k == "--set"]
         commands.append((sets, [v for k, v in pairs if k == "--row"]))
@@ -145,9 +146,9 @@ def test_only_the_detail_row_gets_the_steps_table_and_top_k_curve():
 def test_unknown_rows_are_refused_with_their_names():
     with pytest.raises(ValueError, match="nope"):
         plan(load_params(None), only=["nope"])
-    with pytest.raises(ParamsError, match="ablation.rows"):
+    with pytest.raises(ParamsError, match=r"ablation.rows"):
         load_params(None, ["ablation.rows=[nope]"])
-    with pytest.raises(ParamsError, match="ablation.seeds"):
+    with pytest.raises(ParamsError, match=r"ablation.seeds"):
         load_params(None, ["ablation.seeds=[1,1]"])
 
 
@@ -179,7 +180,7 @@ def test_paired_interval_cancels_noise_shared_by_seed():
     b = [{"seed": 0, "ppl_token": 560.5}, {"seed": 1, "ppl_token": 529.3}, {"seed": 2, "ppl_token": 514.2}]
     paired = st.paired_interval(a, b)
     unpaired = st.difference_interval(
-        st.mean_std([r["ppl_token"] for r in a]) + (3,), st.mean_std([r["ppl_token"] for r in b]) + (3,)
+        (*st.mean_std([r["ppl_token"] for r in a]), 3), (*st.mean_std([r["ppl_token"] for r in b]), 3)
     )
     assert paired["difference"] == pytest.approx(unpaired["difference"])
     assert cl.verdict_lower(unpaired) == cl.UNSURE and paired["low"] > 0  # a is reliably worse
@@ -396,7 +397,7 @@ def ablated(tmp_path_factory, lm1b_dir):
         params, root, on_row=on_row, progress=lambda task, n, total: progressed.setdefault(task, []).append((n, total))
     )
     mp.undo()
-    yield {
+    return {
         "root": root,
         "params": params,
         "summary": summary,
@@ -711,7 +712,7 @@ def test_changing_only_the_evaluation_re_evaluates_without_retraining(ablated):
     detail = read_json(root / "outputs/ablation/rows/dbert_spindle_tad/result.json")
     assert detail["evaluate"]["steps_table"][0]["num_samples"] == 3
     # a new parent (the ablation params changed): every row is its child, reused rows point back
-    client, runs = _runs(root)
+    client, _ = _runs(root)
     report = read_json(root / "outputs/ablation/report/report.json")
     parents = {r["key"]: client.get_run(r["mlflow"]["row"]).data.tags["mlflow.parentRunId"] for r in report["rows"]}
     assert set(parents.values()) == {report["mlflow_parent_run_id"]}

@@ -4,6 +4,7 @@ bias, and the task spans and span scores of the conditional evaluation."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -56,7 +57,7 @@ def exact_conditional_bound(denoiser, schedule, pair, hidden: int, grid) -> floa
     x0, masked, x_t = _one_hidden(pair, hidden)
     context = (x0, x0 > 3) if schedule.token_dependent else None
     total = 0.0
-    for t_step, s_step in zip(grid[:-1], grid[1:]):
+    for t_step, s_step in itertools.pairwise(grid):
         t = torch.full((1,), float(t_step), dtype=torch.float64)
         alpha = float(schedule.alpha(t, x0, x0 > 3)[0, hidden])
         reveal = schedule.reveal_probability(t, torch.full_like(t, float(s_step)), context)
@@ -70,7 +71,7 @@ def exact_conditional_nll(denoiser, schedule, pair, hidden: int, grid) -> float:
     """-log P(the model's chain over the one hidden position ends at its true token)."""
     x0, masked, x_t = _one_hidden(pair, hidden)
     still_masked, hit = 1.0, 0.0
-    for t_step, s_step in zip(grid[:-1], grid[1:]):
+    for t_step, s_step in itertools.pairwise(grid):
         t = torch.full((1,), float(t_step), dtype=torch.float64)
         a = schedule.reveal_probability(t, torch.full_like(t, float(s_step)))[0].double()  # [V] or [1]
         logits = denoiser(x_t, x0 != 0, t.float() / schedule.num_timesteps, masked)

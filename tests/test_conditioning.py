@@ -228,7 +228,7 @@ def test_a_prompt_is_followed_by_length_gaps(tokenizer):
 
 
 @pytest.mark.parametrize(
-    "make,match",
+    ("make", "match"),
     [
         (lambda tok: infill_template(tok, "no gap here"), "has no gap"),
         (lambda tok: infill_template(tok, "zero [MASK*0] here"), "asks for no WordPiece"),

@@ -24,7 +24,7 @@ def test_overrides_use_dvc_syntax_and_parse_yaml_values():
 
 
 @pytest.mark.parametrize(
-    "override,fragment",
+    ("override", "fragment"),
     [
         ("train.lrr=1", "train.lrr: unknown key"),
         ("trainer.lr=1", "trainer: unknown key"),

@@ -79,7 +79,7 @@ def test_undecodable_bytes_raise_corpus_error_naming_the_file_and_line(tmp_path)
 
 def test_missing_file_raises_corpus_error_naming_the_path(tmp_path):
     missing = tmp_path / "nope.txt"
-    with pytest.raises(CorpusError, match="nope.txt"):
+    with pytest.raises(CorpusError, match=r"nope.txt"):
         read_text_file(missing)
 
 
@@ -91,7 +91,7 @@ def test_missing_mirror_directory_raises_corpus_error_naming_it(tmp_path):
 
 def test_missing_shard_raises_corpus_error_naming_the_shard(tmp_path):
     (tmp_path / "news.en.heldout-00010-of-00050").write_text("a sentence\n")
-    with pytest.raises(CorpusError, match="news.en.heldout-00013-of-00050"):
+    with pytest.raises(CorpusError, match=r"news.en.heldout-00013-of-00050"):
         load_lm1b_mirror(tmp_path, train_shards=(10,), test_shards=(13,))
 
 
@@ -278,7 +278,7 @@ def test_save_load_round_trip_and_byte_identical_rerun(test_shard_lines, tokeniz
 
 
 def test_loading_a_missing_split_says_what_is_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="ids.npy"):
+    with pytest.raises(FileNotFoundError, match=r"ids.npy"):
         TokenizedSplit.load(tmp_path / "nothing")
 
 

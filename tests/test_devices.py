@@ -34,7 +34,7 @@ from tests.fake_device import (
     to_cpu,
 )
 from tests.test_samplers import tiny_bert
-from tests.test_train_loop import tiny_data  # noqa: F401  (fixture)
+from tests.test_train_loop import tiny_data
 from tests.toy import CLS, SEP, SPECIAL, toy_schedule
 
 REAL_DEVICE = os.environ.get("DBERT_TEST_DEVICE")  # e.g. cuda: run on a real accelerator instead

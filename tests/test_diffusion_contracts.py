@@ -98,7 +98,7 @@ def test_spindle_lambda_that_breaks_monotonicity_is_refused_with_the_limit_in_th
     limit = max_spindle_lambda(100)
     with pytest.raises(ScheduleError, match="non-monotone"):
         build_schedule("spindle", 100, information=centred_information(), spindle_lambda=limit * 1.01)
-    with pytest.raises(ParamsError, match="diffusion.spindle_lambda"):
+    with pytest.raises(ParamsError, match=r"diffusion.spindle_lambda"):
         load_params(None, ["diffusion.spindle_lambda=0.5", "diffusion.num_timesteps=100"])
 
 
@@ -223,7 +223,7 @@ def _exact_expected_bound(denoiser, schedule, pair, grid) -> float:
     maskable = content_mask(x0, SPECIAL)
     context = (x0, maskable) if schedule.token_dependent else None
     total = 0.0
-    for t_step, s_step in zip(grid[:-1], grid[1:]):
+    for t_step, s_step in itertools.pairwise(grid):
         t = torch.full((1,), float(t_step), dtype=torch.float64)
         alpha = schedule.alpha(t, x0, maskable)[0]
         reveal = schedule.reveal_probability(t, torch.full_like(t, float(s_step)), context)
@@ -246,7 +246,7 @@ def _exact_model_nll(denoiser, schedule, pair, grid) -> float:
     """-log of the probability that the model's own reverse chain ends at x0 (DP over states)."""
     x0 = sequence(pair)[None, :]
     states = {(True, True): 1.0}  # which content positions are still [MASK]; x_T is all [MASK]
-    for t_step, s_step in zip(grid[:-1], grid[1:]):
+    for t_step, s_step in itertools.pairwise(grid):
         t = torch.full((1,), float(t_step), dtype=torch.float64)
         reveal = schedule.reveal_probability(t, torch.full_like(t, float(s_step)))
         new: dict = {}

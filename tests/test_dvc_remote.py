@@ -4,15 +4,17 @@ then has nothing to reproduce and can generate from the pulled model."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import operator
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.dvc_fixtures import REPO, git, reproduced_repo, run  # noqa: F401 (fixture)
+from tests.dvc_fixtures import REPO, git, reproduced_repo, run
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("clean_env")]
 
@@ -53,7 +55,9 @@ def test_every_output_a_second_machine_needs_is_cached_so_push_and_pull_carry_it
         "schedule": ["data/schedule"],
         "train": ["models/final"],
     }
-    assert all(path.startswith(tuple(f"{p}/" for p in sum(cached.values(), []))) for path in NEEDED)
+    assert all(
+        path.startswith(tuple(f"{p}/" for p in functools.reduce(operator.iadd, cached.values(), []))) for path in NEEDED
+    )
 
 
 def md5(path: Path) -> str:

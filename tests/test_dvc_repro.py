@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from stages.common import code_deps
-from tests.dvc_fixtures import REPO, git, reproduced_repo, run  # noqa: F401 (fixture)
+from tests.dvc_fixtures import REPO, git, reproduced_repo, run
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("clean_env")]
 
@@ -177,3 +177,29 @@ def test_prepare_reruns_when_the_hashing_it_records_changes():
 
     source = Path(inspect.getsourcefile(file_md5)).resolve().relative_to(REPO).as_posix()
     assert source in dvc_yaml()["stages"]["prepare"]["deps"]
+
+
+@pytest.mark.slow
+def test_your_own_corpus_runs_end_to_end_from_text_files(reproduced_repo, tmp_path, lm1b_dir):
+    """The README's "your own corpus": text files with one sentence per line, `data.source:
+    text_files` in params.yaml, then `dvc repro` reruns every stage on them (a clone of the
+    reproduced project, so the shared one stays as it is)."""
+    from pipeline.data.sources import load_lm1b_mirror
+
+    repo = tmp_path / "mine"
+    git(tmp_path, "clone", "-q", str(reproduced_repo.repo), str(repo))
+    (tmp_path / "shared").symlink_to(reproduced_repo.repo.parent / "shared")  # where mirror_dir points
+    lines = load_lm1b_mirror(lm1b_dir, max_sentences=150)
+    corpus = repo / "corpus"
+    corpus.mkdir()
+    (corpus / "train.txt").write_text("\n".join(lines.train[:120]) + "\n")
+    (corpus / "test.txt").write_text("\n".join(lines.test[:30]) + "\n")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"].update(source="text_files", train_files=["corpus/train*.txt"], test_files=["corpus/test.txt"])
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    done = run(repo, "dvc", "repro", timeout=900)
+    assert ran(done) == set(PIPELINE), done.stdout
+    meta = json.loads((repo / "data/prepared/meta.json").read_text())
+    assert meta["source"] == "text_files"
+    assert json.loads((repo / "outputs/evaluate/report.json").read_text())["label"] == "text_files"
+    assert json.loads((repo / "outputs/evaluate/metrics.json").read_text())["bound.ppl_token_mean"] > 0

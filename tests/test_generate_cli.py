@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.test_cli import PARAMS, assert_one_line_error, invoke, tiny_model  # noqa: F401 - fixture
+from tests.test_cli import PARAMS, assert_one_line_error, invoke, tiny_model
 
 SAMPLING = ("--steps", "4", "--top-k", "20", "--seed", "1")
 
@@ -15,7 +15,7 @@ def generate(tmp_path, model, *args: str):
     return invoke("generate", "--params", str(PARAMS), "--root", str(tmp_path), "--model", str(model), *args)
 
 
-def test_prompt_and_infill_keep_the_given_words_for_every_sampler(tmp_path, tiny_model):  # noqa: F811
+def test_prompt_and_infill_keep_the_given_words_for_every_sampler(tmp_path, tiny_model):
     for sampler in ("ancestral", "remdm", "confidence", "gibbs"):
         result = generate(
             tmp_path,
@@ -49,7 +49,7 @@ def test_prompt_and_infill_keep_the_given_words_for_every_sampler(tmp_path, tiny
             assert "[MASK]" not in row["text"]
 
 
-def test_a_request_file_mixes_prompts_and_templates_and_prints_one_line_each(tmp_path, tiny_model):  # noqa: F811
+def test_a_request_file_mixes_prompts_and_templates_and_prints_one_line_each(tmp_path, tiny_model):
     requests = tmp_path / "requests.txt"
     requests.write_text("once upon a time\n\n[MASK*4] , he said .\n")
     result = generate(tmp_path, tiny_model, "--input", str(requests), "--length", "3", *SAMPLING)
@@ -58,7 +58,7 @@ def test_a_request_file_mixes_prompts_and_templates_and_prints_one_line_each(tmp
     assert len(lines) == 2 and lines[0].startswith("once upon a time") and lines[1].endswith(", he said.")
 
 
-def test_bad_requests_are_one_line_errors_naming_the_problem(tmp_path, tiny_model):  # noqa: F811
+def test_bad_requests_are_one_line_errors_naming_the_problem(tmp_path, tiny_model):
     assert_one_line_error(generate(tmp_path, tiny_model, "--infill", "no gap here"), "has no gap")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
@@ -70,7 +70,7 @@ def test_bad_requests_are_one_line_errors_naming_the_problem(tmp_path, tiny_mode
     assert_one_line_error(generate(tmp_path, tiny_model, "--format", "xml", "--prompt", "hi"), "--format")
 
 
-def test_the_three_line_api_completes_infills_and_samples(tiny_model):  # noqa: F811
+def test_the_three_line_api_completes_infills_and_samples(tiny_model):
     from pipeline.api import load
 
     model = load(tiny_model)
@@ -93,7 +93,7 @@ def test_block_plan_shows_the_latest_context_and_covers_the_length():
         block_plan(10, 9, 8)
 
 
-def test_block_decoding_writes_past_the_window_and_keeps_the_prompt(tiny_model):  # noqa: F811
+def test_block_decoding_writes_past_the_window_and_keeps_the_prompt(tiny_model):
     from pipeline.api import load
     from pipeline.generation.blocks import generate_blocks
 
@@ -109,7 +109,7 @@ def test_block_decoding_writes_past_the_window_and_keeps_the_prompt(tiny_model):
     assert out.texts[0].startswith("once upon a time")
 
 
-def test_the_api_writes_long_texts_block_by_block(tiny_model):  # noqa: F811
+def test_the_api_writes_long_texts_block_by_block(tiny_model):
     from pipeline.api import load
 
     model = load(tiny_model)
@@ -118,7 +118,7 @@ def test_the_api_writes_long_texts_block_by_block(tiny_model):  # noqa: F811
     assert len(model.generate(2, model.window + 5, steps=4)) == 2
 
 
-def test_an_open_gap_gets_a_length_from_the_model_and_keeps_the_words(tmp_path, tiny_model):  # noqa: F811
+def test_an_open_gap_gets_a_length_from_the_model_and_keeps_the_words(tmp_path, tiny_model):
     result = generate(tmp_path, tiny_model, "--infill", "the [MASK*?] was closed .", "--format", "jsonl", *SAMPLING)
     assert result.exit_code == 0, result.output
     [row] = [json.loads(line) for line in result.stdout.splitlines()]

@@ -12,7 +12,7 @@ import torch
 
 from pipeline.train.loop import train_loop
 from tests.fake_device import FAKE, on_fake_device, recording_traffic
-from tests.test_train_loop import params, tiny_data  # noqa: F401  (fixture)
+from tests.test_train_loop import params, tiny_data
 
 # Steps 1 and 4 report metrics (a validation bound at the first step and every 4th); the work of
 # steps 3 and 4 runs after on_step(2) and on_step(3) and before any report.

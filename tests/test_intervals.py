@@ -68,8 +68,8 @@ def _coverage(std_a: float, std_b: float, n: int, draws: int, seed: int) -> tupl
     rng = random.Random(seed)
     welch = pooled = 0
     for _ in range(draws):
-        a = st.mean_std([rng.gauss(0.0, std_a) for _ in range(n)]) + (n,)
-        b = st.mean_std([rng.gauss(0.0, std_b) for _ in range(n)]) + (n,)
+        a = (*st.mean_std([rng.gauss(0.0, std_a) for _ in range(n)]), n)
+        b = (*st.mean_std([rng.gauss(0.0, std_b) for _ in range(n)]), n)
         interval = st.difference_interval(a, b)
         welch += interval["low"] <= 0.0 <= interval["high"]
         se = math.sqrt(a[1] ** 2 / n + b[1] ** 2 / n)

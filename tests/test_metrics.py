@@ -221,7 +221,7 @@ def test_bleu_with_zero_four_gram_matches_equals_nltks_tiny_positive_value():
         for _ in range(3):
             ref = rng.choice([r for r in refs if len(r) >= 3])
             start = rng.randint(0, len(ref) - 3)
-            parts += ref[start : start + 3] + ["glue"]
+            parts += [*ref[start : start + 3], "glue"]
         hyps.append(parts)
     expected = nltk_bleu(hyps, refs)
     assert 0 < expected < 1e-70  # nltk 3.10.4 substitutes sys.float_info.min, it does not return 0

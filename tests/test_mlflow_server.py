@@ -8,6 +8,7 @@ artifact files are looked for under the server's artifacts destination, not in t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -65,10 +66,8 @@ def kill_leftovers(marker: str) -> None:
         except OSError:
             continue
         if marker in cmdline:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(os.getpgid(int(proc.name)), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
 
 
 @dataclass
@@ -299,8 +298,20 @@ def test_a_cli_stage_logs_through_the_server_named_by_the_environment(mlflow_ser
     TokenStatistics(counts=counts, excluded_ids=(0, 1)).save(project / "data" / "token_stats")
     params = write_params(tmp_path)
     done = subprocess.run(
-        [sys.executable, "-m", "stages.cli", "schedule", "--params", str(params), "--root", str(project)]
-        + ["--set", "diffusion.num_timesteps=100", "--set", "tracking.experiment=served-cli"],
+        [
+            sys.executable,
+            "-m",
+            "stages.cli",
+            "schedule",
+            "--params",
+            str(params),
+            "--root",
+            str(project),
+            "--set",
+            "diffusion.num_timesteps=100",
+            "--set",
+            "tracking.experiment=served-cli",
+        ],
         cwd=project,
         env=child_env(MLFLOW_TRACKING_URI=mlflow_server.url),
         capture_output=True,

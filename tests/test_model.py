@@ -121,7 +121,7 @@ def test_a_missing_model_directory_is_a_clear_error(tmp_path):
         build_denoiser(str(tmp_path / "no-such-model"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ModelLoadError, match="no config.json"):
+    with pytest.raises(ModelLoadError, match=r"no config.json"):
         build_denoiser(str(empty))
 
 

@@ -343,7 +343,7 @@ def test_build_model_builds_the_family_params_name(family):
 def test_the_params_schema_knows_exactly_the_supported_families():
     assert get_args(ModelParams.model_fields["family"].annotation) == FAMILY_NAMES
     assert load_params(None, []).model.family == "bert"
-    with pytest.raises(ParamsError, match="model.family"):
+    with pytest.raises(ParamsError, match=r"model.family"):
         load_params(None, ["model.family=electra"])
 
 

@@ -26,8 +26,8 @@ from pipeline.train.ray.driver import run_training
 from pipeline.train.ray.runs import checkpoint_step, last_run
 from pipeline.train.ray.storage import StorageError
 from pipeline.train.ray.worker import weights_checksum
-from tests.ray_fixtures import checkpoint_model, layout, tiny_data, tiny_params  # noqa: F401 (fixtures)
-from tests.test_mlflow_server import mlflow_server  # noqa: F401 (fixture: a real `dbert mlflow-server`)
+from tests.ray_fixtures import checkpoint_model, layout, tiny_data, tiny_params
+from tests.test_mlflow_server import mlflow_server
 from tests.test_tune import check_tune_outputs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -108,7 +108,7 @@ def test_a_node_removed_mid_run_resumes_on_the_remaining_and_a_new_node_and_ends
     def train() -> None:
         try:
             outcome["result"] = run_training(params, layout, progress=lambda m: note(f"report step {m['step']}"))
-        except BaseException as err:  # noqa: BLE001  (handed to the test thread)
+        except BaseException as err:
             outcome["error"] = err
 
     thread = threading.Thread(target=train, daemon=True)
@@ -315,7 +315,7 @@ def test_a_cluster_that_grows_in_time_is_accepted_and_one_that_does_not_is_refus
         try:
             check_placement(need, 1.0, False, wait_s=90)  # returns once the new node is up
             outcome["done"] = time.monotonic()
-        except Exception as err:  # noqa: BLE001  (handed to the test thread)
+        except Exception as err:
             outcome["error"] = err
 
     waiter = threading.Thread(target=wait, daemon=True)

@@ -119,7 +119,7 @@ def _exact_final_distribution(denoiser, schedule, grid) -> torch.Tensor:
     with 1 - sum_v p(v) a(v), independently of the other position given x_t. [9] float64"""
     states = {(MASK, MASK): 1.0}
     T = schedule.num_timesteps
-    for t_step, s_step in zip(grid[:-1], grid[1:]):
+    for t_step, s_step in itertools.pairwise(grid):
         t = torch.full((1,), float(t_step), dtype=torch.float64)
         a = schedule.reveal_probability(t, torch.full_like(t, float(s_step)))[0].expand(VOCAB)
         new: dict = {}
@@ -164,7 +164,7 @@ ROWS = 20000
 
 
 @pytest.mark.parametrize(
-    "name,T,steps,cache",
+    ("name", "T", "steps", "cache"),
     [
         ("spindle", 6, 6, False),  # token-dependent reveal on every step
         ("spindle", 6, 2, True),  # a skipping step 6 -> 3, cached
@@ -208,7 +208,7 @@ def test_each_reverse_step_reveals_the_share_of_masks_the_schedule_asks_for(name
     )
     left = rows * length
     worst = 0.0
-    for (t_step, s_step), after in zip(zip(grid[:-1], grid[1:]), out.trace):
+    for (t_step, s_step), after in zip(itertools.pairwise(grid), out.trace):
         t = torch.full((1,), float(t_step), dtype=torch.float64)
         a = schedule.reveal_probability(t, torch.full_like(t, float(s_step)))[0].expand(VOCAB)
         chance = float((probs * a).sum()) if s_step > 0 else 1.0
@@ -228,7 +228,7 @@ def test_each_reverse_step_reveals_the_share_of_masks_the_schedule_asks_for(name
 
 # ---------------------------------------------------------------- the cached sampler
 @pytest.mark.parametrize("name", ["linear", "spindle"])
-@pytest.mark.parametrize("T,k", [(64, 1), (64, 4)])
+@pytest.mark.parametrize(("T", "k"), [(64, 1), (64, 4)])
 def test_cached_sampler_returns_the_uncached_tokens_for_a_context_dependent_denoiser(name, T, k):
     """The tiny random BERT barely reads its context; this denoiser's output changes with every
     revealed token, so a cache that is not refreshed after a reveal gives other tokens."""

@@ -3,6 +3,8 @@ for every family and time design that takes them, and a clear refusal for the ot
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,7 @@ from pipeline.diffusion.packing import first_fit_rows, pack_rows
 from pipeline.diffusion.schedules import build_schedule
 from pipeline.model.families import UnsupportedDesignError
 from tests.test_model_families import T, perturb_time_modules, tiny
-from tests.test_train_loop import tiny_data  # noqa: F401  (fixture)
+from tests.test_train_loop import tiny_data
 
 SENTENCES = [
     "the cat sat on the mat .",
@@ -149,7 +151,7 @@ def test_token_budget_batches_hold_at_most_the_budget_and_every_sentence_once():
     batches = token_budget_batches(lengths, 512, seed=7)
     assert all(lengths[b].sum() <= 512 for b in batches)
     assert sorted(np.concatenate(batches).tolist()) == list(range(1000))
-    assert all(lengths[b].sum() + lengths[a[0]] > 512 for b, a in zip(batches, batches[1:]))  # greedy fill
+    assert all(lengths[b].sum() + lengths[a[0]] > 512 for b, a in itertools.pairwise(batches))  # greedy fill
     again = token_budget_batches(lengths, 512, seed=7)
     assert all(np.array_equal(a, b) for a, b in zip(batches, again))
     dropped = token_budget_batches(lengths, 512, seed=7, drop_last=True)

@@ -16,7 +16,7 @@ from pipeline.train.ray.cluster import PlacementError, check_placement
 from pipeline.train.ray.driver import NothingToResumeError, run_training
 from pipeline.train.ray.runs import checkpoint_step, last_run
 from pipeline.train.ray.worker import WorkerConfig, train_worker, weights_checksum
-from tests.ray_fixtures import layout, ray_cluster, tiny_data, tiny_params  # noqa: F401 (fixtures)
+from tests.ray_fixtures import layout, ray_cluster, tiny_data, tiny_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

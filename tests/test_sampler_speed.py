@@ -156,7 +156,9 @@ def random_logits(rows: int = 200, seed: int = 0) -> torch.Tensor:
     return torch.randn(rows, V, generator=torch.Generator().manual_seed(seed)) * 3  # [N, V]
 
 
-@pytest.mark.parametrize("top_k,top_p,temperature", [(5, 1.0, 1.0), (20, 0.6, 1.3), (1, 1.0, 0.5), (63, 0.9, 1.0)])
+@pytest.mark.parametrize(
+    ("top_k", "top_p", "temperature"), [(5, 1.0, 1.0), (20, 0.6, 1.3), (1, 1.0, 0.5), (63, 0.9, 1.0)]
+)
 def test_kept_probabilities_are_the_dense_rows_bit_for_bit(top_k, top_p, temperature):
     logits = random_logits()
     probs, ids = sparse_truncation(logits, [PAD, MASK], top_k, top_p, temperature)  # [N, K]
@@ -231,7 +233,9 @@ def awkward_logits(top_k: int, forbidden) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("forbidden", [[PAD, MASK, 7, 8], [PAD, MASK, *range(40, 52)]], ids=["F=4", "F=14"])
-@pytest.mark.parametrize("top_k,top_p,temperature", [(5, 1.0, 1.0), (20, 0.6, 1.3), (3, 1.0, 0.7), (30, 1.0, 1.0)])
+@pytest.mark.parametrize(
+    ("top_k", "top_p", "temperature"), [(5, 1.0, 1.0), (20, 0.6, 1.3), (3, 1.0, 0.7), (30, 1.0, 1.0)]
+)
 def test_the_kept_entries_are_the_ones_a_dense_mask_keeps(monkeypatch, top_k, top_p, temperature, forbidden):
     """Against the old dense code, not the shared one: the top k + 1 + min(F, 8) raw logits decide
     the set unless a row is crowded by forbidden ids or tied at the k-th, and then the dense rows do."""

@@ -38,7 +38,7 @@ def run_sampler(kind: str, denoiser, schedule_name: str = "spindle", seed: int =
 
 @pytest.mark.parametrize("design", ["none"])
 @pytest.mark.parametrize("schedule_name", ["linear", "spindle"])
-@pytest.mark.parametrize("T,k", [(512, 1), (64, 4)])
+@pytest.mark.parametrize(("T", "k"), [(512, 1), (64, 4)])
 def test_cached_sampler_returns_the_uncached_tokens_with_at_most_length_calls_per_row(design, schedule_name, T, k):
     model = tiny_bert(design, T)
     schedule = toy_schedule(schedule_name, T)

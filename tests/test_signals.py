@@ -65,7 +65,7 @@ def signal_when_ready(proc: subprocess.Popen, ready: Path, signum: int, timeout:
     deadline = time.monotonic() + timeout
     while not ready.exists():
         if proc.poll() is not None:
-            out, err = proc.communicate()
+            _, err = proc.communicate()
             pytest.fail(f"child exited with {proc.returncode} before it was ready:\n{err[-3000:]}")
         if time.monotonic() > deadline:
             proc.kill()
@@ -76,7 +76,7 @@ def signal_when_ready(proc: subprocess.Popen, ready: Path, signum: int, timeout:
         return proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
         proc.kill()
-        out, err = proc.communicate()
+        _out, err = proc.communicate()
         pytest.fail(f"child ignored {signal.Signals(signum).name}:\n{err[-3000:]}")
 
 
@@ -116,11 +116,10 @@ def previous_handler():
 
 
 def test_a_stop_signal_raises_terminated_and_the_old_handlers_come_back(previous_handler):
-    with pytest.raises(signals.Terminated) as info:
-        with signals.terminate_on_signals() as stop:
-            assert signal.getsignal(signal.SIGTERM) is not previous_handler
-            signal.raise_signal(signal.SIGTERM)
-            pytest.fail("SIGTERM did not interrupt the block")
+    with pytest.raises(signals.Terminated) as info, signals.terminate_on_signals() as stop:
+        assert signal.getsignal(signal.SIGTERM) is not previous_handler
+        signal.raise_signal(signal.SIGTERM)
+        pytest.fail("SIGTERM did not interrupt the block")
     assert isinstance(info.value, KeyboardInterrupt)
     assert (info.value.signum, info.value.exit_code, str(info.value)) == (signal.SIGTERM, 143, "stopped by SIGTERM")
     assert (stop.signame, stop.exit_code) == ("SIGTERM", 143)
@@ -128,9 +127,8 @@ def test_a_stop_signal_raises_terminated_and_the_old_handlers_come_back(previous
         assert signal.getsignal(signum) is previous_handler
     assert signals.received() is None  # the next guard starts afresh
     for signum, code in ((signal.SIGINT, 130), (signal.SIGHUP, 129)):
-        with pytest.raises(signals.Terminated) as info:
-            with signals.terminate_on_signals():
-                signal.raise_signal(signum)
+        with pytest.raises(signals.Terminated) as info, signals.terminate_on_signals():
+            signal.raise_signal(signum)
         assert info.value.exit_code == code
     with pytest.raises(ReachedThePreviousHandler):
         signal.raise_signal(signal.SIGTERM)
@@ -138,12 +136,11 @@ def test_a_stop_signal_raises_terminated_and_the_old_handlers_come_back(previous
 
 def test_a_signal_inside_a_held_section_is_raised_at_its_end_and_repeats_are_ignored(previous_handler, capsys):
     steps = []
-    with pytest.raises(signals.Terminated):
-        with signals.terminate_on_signals():
-            with signals.held():
-                signal.raise_signal(signal.SIGTERM)
-                steps.append("finished the critical section")
-            steps.append("not reached")
+    with pytest.raises(signals.Terminated), signals.terminate_on_signals():
+        with signals.held():
+            signal.raise_signal(signal.SIGTERM)
+            steps.append("finished the critical section")
+        steps.append("not reached")
     assert steps == ["finished the critical section"]
 
     with signals.terminate_on_signals():
@@ -166,9 +163,8 @@ def test_ignored_signals_stay_ignored_and_other_threads_install_nothing(previous
     handlers = {}
 
     def in_thread():
-        with signals.terminate_on_signals():
-            with signals.held():
-                handlers["term"] = signal.getsignal(signal.SIGTERM)
+        with signals.terminate_on_signals(), signals.held():
+            handlers["term"] = signal.getsignal(signal.SIGTERM)
 
     before = signal.getsignal(signal.SIGTERM)
     thread = threading.Thread(target=in_thread)
@@ -181,13 +177,12 @@ def test_handlers_that_other_code_installs_inside_keep_handlers_are_replaced_by_
     def like_ray_init(signum, frame):  # what ray.init() puts on SIGTERM in the driver
         raise SystemExit(signum)
 
-    with pytest.raises(signals.Terminated):
-        with signals.terminate_on_signals():
-            ours = signal.getsignal(signal.SIGTERM)
-            with signals.keep_handlers():
-                signal.signal(signal.SIGTERM, like_ray_init)
-            assert signal.getsignal(signal.SIGTERM) is ours
-            signal.raise_signal(signal.SIGTERM)
+    with pytest.raises(signals.Terminated), signals.terminate_on_signals():
+        ours = signal.getsignal(signal.SIGTERM)
+        with signals.keep_handlers():
+            signal.signal(signal.SIGTERM, like_ray_init)
+        assert signal.getsignal(signal.SIGTERM) is ours
+        signal.raise_signal(signal.SIGTERM)
     with signals.keep_handlers():  # outside a guard it leaves other code alone
         signal.signal(signal.SIGTERM, like_ray_init)
     assert signal.getsignal(signal.SIGTERM) is like_ray_init
@@ -207,11 +202,9 @@ def test_a_signal_during_the_output_swap_waits_until_the_new_output_is_in_place(
             signal.raise_signal(signal.SIGTERM)
         return result
 
-    with pytest.raises(signals.Terminated):
-        with signals.terminate_on_signals():
-            with atomic_directory(target) as tmp:
-                (tmp / "new.txt").write_text("new")
-                monkeypatch.setattr(Path, "rename", rename_then_signal)
+    with pytest.raises(signals.Terminated), signals.terminate_on_signals(), atomic_directory(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+        monkeypatch.setattr(Path, "rename", rename_then_signal)
     monkeypatch.undo()
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
     assert hidden_entries(tmp_path) == []
@@ -386,7 +379,7 @@ def test_dbert_prepare_stopped_by_a_signal_exits_128_plus_it_with_one_line(tmp_p
         "data.max_seq_len=16",
     ]
     proc = spawn(command, cwd=root, env=child_env(DBERT_PROJECT_ROOT=str(root)))
-    out, err = signal_when_ready(proc, ready, signum)
+    _out, err = signal_when_ready(proc, ready, signum)
 
     name = signal.Signals(signum).name
     assert proc.returncode == 128 + signum, err

@@ -78,7 +78,7 @@ def project(tmp_path_factory, lm1b_dir):
         "digest": tree_digest(root / "data", root / "outputs" / "token_stats.json"),
     }
     mp.undo()
-    yield state
+    return state
 
 
 def test_prepare_token_stats_and_schedule_write_their_outputs(project):
@@ -140,7 +140,7 @@ def test_a_failing_prepare_keeps_the_previous_output_and_leaves_nothing_half_wri
     files = ["data.source=text_files", f"data.train_files=[{good}]"]
     from pipeline.data.sources import CorpusError
 
-    with pytest.raises(CorpusError, match="test.txt is not valid UTF-8: line 2"):
+    with pytest.raises(CorpusError, match=r"test.txt is not valid UTF-8: line 2"):
         prepare.run(load_params(None, [*files, f"data.test_files=[{bad}]"]), root)
     assert not (root / "data" / "prepared").exists()
     assert [r["status"] for r in runs_by_stage(root)["prepare"]] == ["FAILED"]
@@ -192,7 +192,7 @@ def test_a_failing_schedule_check_writes_nothing(project, monkeypatch, tmp_path)
 
 def test_missing_inputs_are_named(tmp_path, lm1b_dir):
     params = tiny_params(lm1b_dir)
-    with pytest.raises(FileNotFoundError, match="data/prepared/meta.json"):
+    with pytest.raises(FileNotFoundError, match=r"data/prepared/meta.json"):
         token_stats.run(params, tmp_path)
     with pytest.raises(FileNotFoundError, match="token_stats"):
         schedule.run(params, tmp_path)

@@ -12,7 +12,7 @@ from pipeline.train.checkpoint import META_FILE, MODEL_FILE, STATE_FILE
 from pipeline.train.ray import storage
 from pipeline.train.ray.runs import checkpoint_step, latest_checkpoint, persist_checkpoint
 from pipeline.train.ray.storage import RunStorage
-from tests.ray_fixtures import layout, tiny_data, tiny_params  # noqa: F401 (fixtures)
+from tests.ray_fixtures import layout, tiny_data, tiny_params
 
 
 def fake_checkpoint(directory: Path, step: int, *, complete: bool = True) -> Path:

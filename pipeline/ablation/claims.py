@@ -5,6 +5,7 @@ the per-row results, so a committed report can be re-rendered without re-running
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 
@@ -261,12 +262,12 @@ def claim_steps(rows: dict[str, list[dict]]) -> dict:
         n = len(table[0].get("seeds") or [0])
         seconds = [r["seconds_per_sample"] for r in table]
         steps_pairs = []
-        for lo, hi in zip(table, table[1:]):
+        for lo, hi in itertools.pairwise(table):
             interval = difference_interval(
                 (hi["ppl_token"], hi.get("ppl_token_std", 0.0), n), (lo["ppl_token"], lo.get("ppl_token_std", 0.0), n)
             )
             steps_pairs.append({"from": lo["steps"], "to": hi["steps"], **interval, "verdict": verdict_lower(interval)})
-        faster = all(a < b for a, b in zip(seconds, seconds[1:]))
+        faster = all(a < b for a, b in itertools.pairwise(seconds))
         any_worse = any(p["verdict"] == FAILS for p in steps_pairs)
         ends = difference_interval(
             (table[-1]["ppl_token"], table[-1].get("ppl_token_std", 0.0), n),

@@ -8,6 +8,7 @@ zero), so the MLM head only ever runs where something is masked.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -207,7 +208,7 @@ def sequence_bound(
     top = torch.full((batch,), float(T), dtype=torch.float64, device=device)
     schedule.reveal_probability(top, top, context)  # its tables move to the device now, not mid-chain
     id_tensor(special.forbidden_outputs, device)  # and the ids SUBS excludes
-    for t_step, s_step in zip(grid[:-1], grid[1:]):
+    for t_step, s_step in itertools.pairwise(grid):
         t_host = torch.full((batch,), float(t_step), dtype=torch.float64)
         _, masked = q_sample(x0_host, t_host, schedule, content_host, special.mask, generator)
         if hidden_content is not None:  # same draws as the unconditional bound, shown tokens unmasked

@@ -18,6 +18,7 @@ the device and answered, after the chain, by running the host sampler instead.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 
@@ -218,7 +219,7 @@ def ancestral_chain(
     masked = x == special.mask  # [B, L]
     free = masked.clone()
     _tables_on(schedule, device)
-    for step, (t_step, s_step) in enumerate(zip(grid[:-1], grid[1:])):
+    for step, (t_step, s_step) in enumerate(itertools.pairwise(grid)):
         u_reveal = torch.rand(batch, width, generator=generator, dtype=torch.float64, device=device)
         u_token = torch.rand(batch, width, generator=generator, dtype=torch.float64, device=device)
         u_remask = (
@@ -279,7 +280,7 @@ def confidence_chain(
     masked = x == special.mask
     owed = torch.zeros(batch, dtype=torch.float64, device=device)
     _tables_on(schedule, device)
-    for step, (t_step, s_step) in enumerate(zip(grid[:-1], grid[1:])):
+    for step, (t_step, s_step) in enumerate(itertools.pairwise(grid)):
         u_token = torch.rand(batch, width, generator=generator, dtype=torch.float64, device=device)
         probs, ids = chain.predict(x, attn, t_step / T)  # [M, K]
         still = slots.read(masked)  # [M]

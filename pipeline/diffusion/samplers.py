@@ -32,6 +32,8 @@ from torch import Tensor
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerBase
 
+import itertools
+
 from pipeline.diffusion.canvas import starting_canvas
 from pipeline.diffusion.forward import Denoiser, SpecialIds
 from pipeline.diffusion.reverse import (
@@ -255,7 +257,7 @@ def ancestral_sample(
         denoiser, special, top_k=top_k, top_p=top_p, temperature=temperature, cache=cache, device=device
     )
     trace: list[int] = []
-    for step, (t_step, s_step) in enumerate(zip(grid[:-1], grid[1:])):
+    for step, (t_step, s_step) in enumerate(itertools.pairwise(grid)):
         # One set of uniforms per step, drawn before any early exit, keeps every path in lockstep.
         u_reveal = torch.rand(batch, width, generator=gen, dtype=torch.float64)
         u_token = torch.rand(batch, width, generator=gen, dtype=torch.float64)
@@ -433,7 +435,7 @@ def confidence_sample(
     )
     owed = torch.zeros(batch, dtype=torch.float64)  # [B] expected reveals not yet made
     trace: list[int] = []
-    for step, (t_step, s_step) in enumerate(zip(grid[:-1], grid[1:])):
+    for step, (t_step, s_step) in enumerate(itertools.pairwise(grid)):
         u_token = torch.rand(batch, width, generator=gen, dtype=torch.float64)
         if not masked.any():
             trace.append(0)
@@ -443,10 +445,7 @@ def confidence_sample(
         t = torch.full((1,), float(t_step), dtype=torch.float64)
         s = torch.full((1,), float(s_step), dtype=torch.float64)
         reveal = schedule.reveal_probability(t, s)[0]  # [V] or [1]
-        if reveal.shape[-1] == 1:
-            chance = reveal.expand(len(b_idx))
-        else:
-            chance = reveal_chance(table, b_idx, l_idx, reveal)
+        chance = reveal.expand(len(b_idx)) if reveal.shape[-1] == 1 else reveal_chance(table, b_idx, l_idx, reveal)
         expected = torch.zeros(batch, dtype=torch.float64).index_add_(0, b_idx, chance)  # [B]
         counts = reveal_counts(masked.sum(1), expected, owed, last_step=s_step == 0)  # [B]
         rows = table.at(b_idx, l_idx)  # [M, K]

@@ -371,7 +371,7 @@ def time_grid(num_timesteps: int, step_size: int = 1) -> list[int]:
     if step_size < 1:
         raise ScheduleError(f"step size must be >= 1, got {step_size}")
     grid = list(range(num_timesteps, 0, -step_size))
-    return grid + [0]
+    return [*grid, 0]
 
 
 def grid_for_steps(num_timesteps: int, num_steps: int) -> list[int]:

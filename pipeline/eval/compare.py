@@ -43,7 +43,7 @@ class Comparison:
     histogram: np.ndarray
     references: list[str]
     params: Params
-    device: torch.device = torch.device("cpu")  # where the model is
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the model is
     memo: dict = field(default_factory=dict)
 
     def samples_quality(self, *, n: int, steps: int, top_k: int, sampler: str | None = None) -> dict:

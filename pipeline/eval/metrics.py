@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
-    "TOKENIZATION",
     "BLEU_PROTOCOL",
+    "TOKENIZATION",
     "BleuSummary",
     "bleu",
     "bleu_summary",
@@ -35,9 +35,9 @@ __all__ = [
     "generation_metrics",
     "normalize_words",
     "perplexity",
-    "self_bleu",
     "pooled_bleu_tokens",
     "pooled_self_bleu_tokens",
+    "self_bleu",
     "self_bleu_summary",
     "self_bleu_tokens",
     "self_sentence_bleus",

@@ -92,12 +92,12 @@ def log_and_register(export_dir: str | Path, registered_model: str) -> Any | Non
         return None
     try:
         info = log_pyfunc(export_dir)
-    except Exception as err:  # noqa: BLE001 - the trained model must survive any logging failure
+    except Exception as err:
         log.warning("could not log the model as an MLflow pyfunc (%s: %s); the export stays", type(err).__name__, err)
         return None
     try:
         return mlflow.register_model(info.model_uri, registered_model, tags={"source_stage": "train"})
-    except Exception as err:  # noqa: BLE001 - e.g. a file store or a server without a registry
+    except Exception as err:
         log.warning(
             "could not register the model as %r in the MLflow Model Registry of %s (%s: %s); it is logged "
             "in the run as %s, register it later with mlflow.register_model(%r, %r), or set "
@@ -137,7 +137,7 @@ def attach_metrics(
     client = mlflow.MlflowClient()
     try:
         versions = client.search_model_versions(f"run_id = '{train_run_id}'")
-    except Exception as err:  # noqa: BLE001 - a store without a registry
+    except Exception as err:
         log.warning("cannot tag the registered model with the metrics (%s: %s)", type(err).__name__, err)
         return []
     tags = metric_tags(metrics)

@@ -58,7 +58,7 @@ def _has_target(run_id: str | None) -> bool:
 
 
 def _as_float(value: Any) -> float | None:
-    if isinstance(value, bool) or isinstance(value, (str, bytes)):
+    if isinstance(value, (bool, str, bytes)):
         return None
     if hasattr(value, "numel") and hasattr(value, "item"):  # a torch tensor
         try:

@@ -253,18 +253,14 @@ def start(plan: ServerPlan, stdout: Any = None, stderr: Any = None) -> subproces
 def stop(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> None:
     """SIGTERM the server's process group, SIGKILL what is left after `timeout` seconds."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             continue
-        try:  # workers that outlived their parent
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # workers that outlived their parent
             os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         return
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipeline.artifacts import Layout, atomic_directory
 from pipeline.config import Params
@@ -90,25 +91,7 @@ def run_training(
 
     tp = params.train
     store = RunStorage.resolve(tp.storage, layout.root)
-    resume_from: str | Path | None = None
-    if resume:
-        record = last_run(layout)
-        if record is None:
-            raise NothingToResumeError(
-                f"nothing to resume: no earlier training run recorded in {layout.train_out / RUN_RECORD} "
-                f"(or {layout.ray_results / RUN_RECORD}); train without --resume first"
-            )
-        run_name = record["run_name"]
-        recorded = recorded_storage(record)
-        store = RunStorage(recorded, explicit=recorded != store.location or store.explicit)
-        resume_from = latest_checkpoint(store.child(run_name))
-        if resume_from is None:
-            raise NothingToResumeError(
-                f"nothing to resume: the last run {run_name} has no complete checkpoint under {store.child(run_name)}"
-            )
-        _log.info("resuming run %s from %s", run_name, resume_from)
-    else:
-        run_name = new_run_name("train")
+    run_name, store, resume_from = _the_run(layout, store, resume)
     run_dir = store.child(run_name)
     tp.accumulation_steps(max(tp.num_workers, 1))  # a global batch the workers cannot split: fail now
 
@@ -142,35 +125,9 @@ def run_training(
             except Exception as err:  # a broken progress bar must not stop training
                 _log.warning("progress callback failed: %s", err)
 
-    callbacks = []
-    queue = pump = None
-    sink_id = None
-    stop = threading.Event()
-    if tp.num_workers == 0:
-        sink_id = register_sink(take)
-    else:
-        import ray
-        from ray.util.queue import Empty, Queue
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        # on the driver's node: the reports must outlive any worker node that goes away
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
-        callbacks.append(forward_reports_callback(queue))
-
-        def drain(block: bool) -> None:
-            while True:
-                try:
-                    take(queue.get(block=block, timeout=0.5) if block else queue.get_nowait())
-                except Empty:
-                    return
-
-        def pump_loop() -> None:
-            while not stop.is_set():
-                drain(block=True)
-
-        pump = threading.Thread(target=pump_loop, name="dbert-train-progress", daemon=True)
-        pump.start()
+    reports = _Reports.open(take, local_mode=tp.num_workers == 0)
+    callbacks = reports.callbacks
+    queue, sink_id = reports.queue, reports.sink_id
 
     config = WorkerConfig.for_run(
         params,
@@ -201,31 +158,14 @@ def run_training(
     except Exception as err:
         raise TrainingError(f"training run {run_name} failed: {first_line(err)}") from err
     finally:
-        if queue is not None and pump is not None:
-            stop.set()
-            pump.join(timeout=10)
-            if not interrupted:
-                drain(block=False)
-                queue.shutdown()
-        else:
-            drop_sink(sink_id)
+        reports.close(interrupted)
+        if queue is None:
             train_logger.setLevel(saved_level)
         if interrupted:
             _stop_training(trainer, queue, started)
     if result.error:
         raise TrainingError(f"training run {run_name} failed: {first_line(result.error)}") from result.error
-    # A resume of a run that had already reached train.steps trains nothing and reports nothing:
-    # its final checkpoint is the one it resumed from.
-    final = result.checkpoint.path if result.checkpoint is not None else resume_from
-    if final is None:
-        raise TrainingError(f"training run {run_name} reported no checkpoint")
-
-    checkpoint_dir = (layout.checkpoints / run_name).resolve()
-    with atomic_directory(checkpoint_dir) as tmp:  # a stopped copy leaves no partial checkpoint
-        if result.checkpoint is not None:
-            result.checkpoint.to_directory(str(tmp))
-        else:
-            download_dir(final, tmp)
+    checkpoint_dir = _copy_final_checkpoint(result, resume_from, layout.checkpoints / run_name, run_name)
 
     precision = next((h["precision"] for h in reversed(history) if h.get("precision")), None)
     if precision is None:
@@ -241,6 +181,100 @@ def run_training(
         export_dir=Path(export_dir) if export_dir is not None else None,
         precision=precision,
     )
+
+
+def _the_run(layout: Layout, store: RunStorage, resume: bool) -> tuple[str, RunStorage, str | Path | None]:
+    """(run name, its storage, the checkpoint to resume from): a new run, or with `resume` the last
+    recorded one from its latest complete checkpoint (NothingToResumeError naming what is missing)."""
+    if not resume:
+        return new_run_name("train"), store, None
+    record = last_run(layout)
+    if record is None:
+        raise NothingToResumeError(
+            f"nothing to resume: no earlier training run recorded in {layout.train_out / RUN_RECORD} "
+            f"(or {layout.ray_results / RUN_RECORD}); train without --resume first"
+        )
+    run_name = record["run_name"]
+    recorded = recorded_storage(record)
+    store = RunStorage(recorded, explicit=recorded != store.location or store.explicit)
+    resume_from = latest_checkpoint(store.child(run_name))
+    if resume_from is None:
+        raise NothingToResumeError(
+            f"nothing to resume: the last run {run_name} has no complete checkpoint under {store.child(run_name)}"
+        )
+    _log.info("resuming run %s from %s", run_name, resume_from)
+    return run_name, store, resume_from
+
+
+@dataclass
+class _Reports:
+    """How rank 0's reports reach this process while training runs: in local mode a sink the
+    worker calls in-process; with Ray workers a queue actor on the driver's node (the reports must
+    outlive any worker node that goes away), drained by a thread into `take`."""
+
+    take: Callable[[dict], None]
+    callbacks: list = field(default_factory=list)
+    queue: Any = None
+    sink_id: str | None = None
+    pump: threading.Thread | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    @classmethod
+    def open(cls, take: Callable[[dict], None], *, local_mode: bool) -> _Reports:
+        reports = cls(take)
+        if local_mode:
+            reports.sink_id = register_sink(take)
+            return reports
+        import ray
+        from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        reports.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+        reports.callbacks.append(forward_reports_callback(reports.queue))
+        reports.pump = threading.Thread(target=reports._pump, name="dbert-train-progress", daemon=True)
+        reports.pump.start()
+        return reports
+
+    def drain(self, block: bool) -> None:
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                self.take(self.queue.get(block=block, timeout=0.5) if block else self.queue.get_nowait())
+            except Empty:
+                return
+
+    def _pump(self) -> None:
+        while not self.stop.is_set():
+            self.drain(block=True)
+
+    def close(self, interrupted: bool) -> None:
+        """Stop the pump; after a normal end take what is still queued and free the queue actor."""
+        if self.queue is None or self.pump is None:
+            drop_sink(self.sink_id)
+            return
+        self.stop.set()
+        self.pump.join(timeout=10)
+        if not interrupted:
+            self.drain(block=False)
+            self.queue.shutdown()
+
+
+def _copy_final_checkpoint(result, resume_from: str | Path | None, destination: Path, run_name: str) -> Path:
+    """The run's final checkpoint copied to `destination` (atomically). A resume of a run that had
+    already reached train.steps trains nothing and reports nothing: its final checkpoint is the one
+    it resumed from."""
+    final = result.checkpoint.path if result.checkpoint is not None else resume_from
+    if final is None:
+        raise TrainingError(f"training run {run_name} reported no checkpoint")
+    checkpoint_dir = destination.resolve()
+    with atomic_directory(checkpoint_dir) as tmp:  # a stopped copy leaves no partial checkpoint
+        if result.checkpoint is not None:
+            result.checkpoint.to_directory(str(tmp))
+        else:
+            download_dir(final, tmp)
+    return checkpoint_dir
 
 
 def trainer_class():

@@ -14,6 +14,7 @@ this module imports neither Ray nor pyarrow.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
 from dataclasses import dataclass
@@ -116,10 +117,8 @@ def download_dir(source: str | Path, target: Path) -> Path:
 
 def delete_dir(location: str | Path) -> None:
     fs, path = filesystem(location)
-    try:
+    with contextlib.suppress(OSError, FileNotFoundError):
         fs.delete_dir(path)
-    except (OSError, FileNotFoundError):
-        pass
 
 
 @dataclass(frozen=True)
