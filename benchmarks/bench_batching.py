@@ -29,17 +29,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import LM1B, ROOT, machine  # noqa: E402
-from pipeline.config import Params, load_params  # noqa: E402
-from pipeline.data.sources import load_lm1b_mirror  # noqa: E402
-from pipeline.data.stats import TokenStatistics  # noqa: E402
-from pipeline.data.tokenize import tokenize_lines  # noqa: E402
-from pipeline.diffusion.forward import SpecialIds  # noqa: E402
-from pipeline.diffusion.packing import first_fit_rows  # noqa: E402
-from pipeline.model.loading import load_tokenizer  # noqa: E402
-from pipeline.model.precision import resolve_precision  # noqa: E402
-from pipeline.train.checkpoint import TrainPosition  # noqa: E402
-from pipeline.train.loop import TrainData, train_loop, training_batches  # noqa: E402
+from benchmarks.common import LM1B, ROOT, machine
+from pipeline.config import Params, load_params
+from pipeline.data.sources import load_lm1b_mirror
+from pipeline.data.stats import TokenStatistics
+from pipeline.data.tokenize import tokenize_lines
+from pipeline.diffusion.forward import SpecialIds
+from pipeline.diffusion.packing import first_fit_rows
+from pipeline.model.loading import load_tokenizer
+from pipeline.model.precision import resolve_precision
+from pipeline.train.checkpoint import TrainPosition
+from pipeline.train.loop import TrainData, train_loop, training_batches
 
 MAX_SEQ_LEN = 64
 LAYOUTS = ("padded", "packed")

@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import lm1b_lines, machine  # noqa: E402
+from benchmarks.common import lm1b_lines, machine
 
 
 def synthetic_split(sentences: int, seed: int = 0):

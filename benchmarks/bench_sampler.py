@@ -38,13 +38,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, machine  # noqa: E402
-from pipeline.diffusion import samplers  # noqa: E402
-from pipeline.diffusion.forward import SpecialIds  # noqa: E402
-from pipeline.diffusion.samplers import SampleOutput, ancestral_sample  # noqa: E402
-from pipeline.diffusion.schedules import build_schedule, grid_for_steps, time_grid  # noqa: E402
-from pipeline.model.loading import build_denoiser, load_tokenizer, random_bert_config  # noqa: E402
-from pipeline.model.precision import autocast  # noqa: E402
+from benchmarks.common import ROOT, machine
+from pipeline.diffusion import samplers
+from pipeline.diffusion.forward import SpecialIds
+from pipeline.diffusion.samplers import SampleOutput, ancestral_sample
+from pipeline.diffusion.schedules import build_schedule, grid_for_steps, time_grid
+from pipeline.model.loading import build_denoiser, load_tokenizer, random_bert_config
+from pipeline.model.precision import autocast
 
 DEFAULT_EXPORT = ROOT / "models" / "final"
 

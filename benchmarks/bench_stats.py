@@ -17,14 +17,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import lm1b_lines, machine, timed  # noqa: E402
-from pipeline.data.stats import TokenStatistics, length_histogram, summarize  # noqa: E402
-from pipeline.data.tokenize import tokenize_lines  # noqa: E402
-from pipeline.diffusion.forward import SpecialIds  # noqa: E402
-from pipeline.diffusion.schedules import build_schedule  # noqa: E402
-from pipeline.eval.bound import bound_per_sequence  # noqa: E402
-from pipeline.model.loading import build_denoiser, load_tokenizer  # noqa: E402
-from pipeline.model.precision import autocast  # noqa: E402
+import functools
+import operator
+
+from benchmarks.common import lm1b_lines, machine, timed
+from pipeline.data.stats import TokenStatistics, length_histogram, summarize
+from pipeline.data.tokenize import tokenize_lines
+from pipeline.diffusion.forward import SpecialIds
+from pipeline.diffusion.schedules import build_schedule
+from pipeline.eval.bound import bound_per_sequence
+from pipeline.model.loading import build_denoiser, load_tokenizer
+from pipeline.model.precision import autocast
 
 
 def main() -> None:
@@ -35,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     tokenizer = load_tokenizer("default")
     special = SpecialIds.from_tokenizer(tokenizer)
-    lines = sum((lm1b_lines(10**6, shard) for shard in (10, 11, 12)), [])
+    lines = functools.reduce(operator.iadd, (lm1b_lines(10**6, shard) for shard in (10, 11, 12)), [])
     print(f"machine: {machine()}; {len(lines)} LM1B lines")
     tok_s = timed(lambda: tokenize_lines(lines, tokenizer, 64), 3)
     split = tokenize_lines(lines, tokenizer, 64)

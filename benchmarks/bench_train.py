@@ -18,16 +18,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.authors_step import authors_style_loss  # noqa: E402
-from benchmarks.common import lm1b_lines, machine, matmul_peak, model_flops_per_token, timed  # noqa: E402
-from pipeline.data.batching import length_bucketed_batches, pad_batch  # noqa: E402
-from pipeline.data.tokenize import tokenize_lines  # noqa: E402
-from pipeline.diffusion.forward import SpecialIds  # noqa: E402
-from pipeline.diffusion.loss import diffusion_loss  # noqa: E402
-from pipeline.diffusion.schedules import build_schedule  # noqa: E402
-from pipeline.model.loading import build_denoiser, load_tokenizer  # noqa: E402
-from pipeline.model.precision import autocast  # noqa: E402
-from pipeline.train.optim import build_optimizer  # noqa: E402
+from benchmarks.authors_step import authors_style_loss
+from benchmarks.common import lm1b_lines, machine, matmul_peak, model_flops_per_token, timed
+from pipeline.data.batching import length_bucketed_batches, pad_batch
+from pipeline.data.tokenize import tokenize_lines
+from pipeline.diffusion.forward import SpecialIds
+from pipeline.diffusion.loss import diffusion_loss
+from pipeline.diffusion.schedules import build_schedule
+from pipeline.model.loading import build_denoiser, load_tokenizer
+from pipeline.model.precision import autocast
+from pipeline.train.optim import build_optimizer
 
 BATCH, MAX_LEN, T = 32, 64, 2048
 

@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.artifacts import Layout  # noqa: E402
-from pipeline.config import load_params  # noqa: E402
+from pipeline.artifacts import Layout
+from pipeline.config import load_params
 
 
 def main() -> None:

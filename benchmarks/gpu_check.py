@@ -26,10 +26,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.diffusion.forward import SpecialIds  # noqa: E402  (torch-only modules)
-from pipeline.diffusion.loss import diffusion_loss  # noqa: E402
-from pipeline.diffusion.schedules import build_schedule  # noqa: E402
-from pipeline.tensors import at_positions  # noqa: E402
+from pipeline.diffusion.forward import SpecialIds
+from pipeline.diffusion.loss import diffusion_loss
+from pipeline.diffusion.schedules import build_schedule
+from pipeline.tensors import at_positions
 
 
 class TorchBert(nn.Module):

@@ -54,7 +54,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_check import sync  # noqa: E402
+from benchmarks.gpu_check import sync
 
 PRECISIONS = ("fp32", "bf16")
 TOP_K = 30

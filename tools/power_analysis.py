@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.ablation.statistics import detectable, seeds_for  # noqa: E402
-from pipeline.ablation.tables import by_row, train_seed_stats  # noqa: E402
-from pipeline.artifacts import read_json  # noqa: E402
+from pipeline.ablation.statistics import detectable, seeds_for
+from pipeline.ablation.tables import by_row, train_seed_stats
+from pipeline.artifacts import read_json
 
 
 def main(argv: list[str] | None = None) -> int:
