@@ -20,6 +20,7 @@ model's device with fixed shapes, so no step waits for the device; `resident=` f
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,11 +29,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:  # pragma: no cover
-    from transformers import PreTrainedTokenizerBase
-
-import itertools
 
 from pipeline.diffusion.canvas import starting_canvas
 from pipeline.diffusion.forward import Denoiser, SpecialIds
@@ -58,6 +54,9 @@ from pipeline.diffusion.truncation import (
     truncated_probs as truncated_probs,  # named here too: the dense reference the tests compare with
 )
 from pipeline.tensors import id_tensor, upload
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedTokenizerBase
 
 # False: keep dense [.., V] rows even under top-k (the reference the exactness tests and
 # benchmarks/bench_sampler.py compare the sparse path with). Same tokens either way.
