@@ -54,6 +54,7 @@ STRATA = [
 LAST_STEP = "tests/test_samplers.py::test_spindle_sampler_reveals_every_mask_on_its_last_step_with_a_full_vocabulary"
 TOKENIZE = "pipeline/data/tokenize.py"
 METRICS = "pipeline/eval/metrics.py"
+BLEU = "pipeline/eval/bleu.py"
 DEVICE_LOSS = "tests/test_devices.py::test_diffusion_loss_on_the_device_equals_the_cpu_loss"
 WORD_COUNTS = (
     "tests/test_data.py::test_a_line_over_max_seq_len_is_cut_at_a_word_boundary_and_counts_only_the_words_kept"
@@ -159,7 +160,7 @@ MUTATIONS = [
     Mutation(
         "4b",
         "sequence_bound: the one-step chain's KLs whatever the grid",
-        (Edit(LOSS, "zip(grid[:-1], grid[1:])", "zip(range(T, 0, -1), range(T - 1, -1, -1))"),),
+        (Edit(LOSS, "itertools.pairwise(grid)", "zip(range(T, 0, -1), range(T - 1, -1, -1))"),),
         (BOUND,),
     ),
     Mutation(
@@ -237,7 +238,7 @@ MUTATIONS = [
     Mutation(
         "d4",
         "BLEU headline = one corpus BLEU of pooled counts, not the per-sample mean",
-        (Edit(METRICS, "mean=sum(scores) / len(scores),", "mean=_pooled(stats, max_n),  # MUTANT", line=True),),
+        (Edit(BLEU, "mean=sum(scores) / len(scores),", "mean=_pooled(stats, max_n),  # MUTANT", line=True),),
         (PER_SAMPLE,),
     ),
     Mutation(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import re
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -200,3 +201,21 @@ def test_the_library_never_imports_the_stages_and_the_schema_needs_no_torch():
     code = "import sys, pipeline.config, pipeline.vocab, pipeline.limits; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_every_mutation_still_applies_to_the_code_it_names():
+    """tests/mutations.py puts bugs back by exact text: a refactor that moves an anchor must move
+    the mutation with it (make mutations would report it as no longer applying)."""
+    from tests import mutations
+
+    keys = [m.key for m in mutations.MUTATIONS]
+    assert len(keys) == len(set(keys)), "duplicate mutation keys"
+    for mutation in mutations.MUTATIONS:
+        with tempfile.TemporaryDirectory() as tmp:  # each on its own copy of the files it edits
+            for path in {edit.path for edit in mutation.edits}:
+                (Path(tmp) / path).parent.mkdir(parents=True, exist_ok=True)
+                (Path(tmp) / path).write_text((REPO / path).read_text())
+            for edit in mutation.edits:
+                mutations.apply(edit, Path(tmp))  # AnchorError when the anchor moved; compiles the mutant
+        for test in mutation.tests:
+            assert (REPO / test.split("::")[0]).is_file(), (mutation.key, test)
