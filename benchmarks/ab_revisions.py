@@ -3,7 +3,7 @@ long each part takes, in one run.
 
     .venv/bin/python benchmarks/ab_revisions.py --baseline REV [--steps 12] [--repeats 2]
 
-Each side trains the default model (all-MiniLM-L6-v2 denoiser, fp32, batch 32, LM1B sentences
+Each side trains the default model (all-MiniLM-L6-v2 denoiser, fp32 or --precision, batch 32, LM1B sentences
 capped at 64 WordPieces) for `--steps` steps through `pipeline.train.loop.train_loop`, scores the
 bound of 64 test sentences (32-step chain, seed 0) and generates 16 samples (32 steps, top-k 30),
 with the same seeds. REV is checked out into a temporary git worktree and imported from there
@@ -41,7 +41,7 @@ except ImportError:  # a revision before pipeline.generation
 from pipeline.model.loading import load_tokenizer
 from pipeline.train.loop import TrainData, train_loop
 
-root, steps, lm1b = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+root, steps, lm1b, precision = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 tokenizer = load_tokenizer("default")
 corpus = load_lm1b_mirror(lm1b, max_sentences=2000)
 special = SpecialIds.from_tokenizer(tokenizer)
@@ -50,7 +50,7 @@ data = TrainData(train, tokenize_lines(corpus.validation, tokenizer, 64),
                  TokenStatistics.from_split(train, tokenizer.vocab_size, special.forbidden_outputs), tokenizer)
 test = tokenize_lines(corpus.test[:64], tokenizer, 64)
 params = load_params(str(root / "params.yaml"), [f"train.steps={steps}", "train.eval_every=1000",
-    "train.checkpoint_every=1000", "train.precision=fp32", "train.batch_size=32", "train.warmup_steps=2"])
+    "train.checkpoint_every=1000", f"train.precision={precision}", "train.batch_size=32", "train.warmup_steps=2"])
 out = {}
 tick = time.perf_counter(); result = train_loop(params, data); out["train_s"] = time.perf_counter() - tick
 tick = time.perf_counter()
@@ -67,11 +67,11 @@ print(json.dumps(out))
 """
 
 
-def run_side(source: Path, steps: int, lm1b: str) -> dict:
+def run_side(source: Path, steps: int, lm1b: str, precision: str = "fp32") -> dict:
     env = {**os.environ, "PYTHONPATH": str(source), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env["TOKENIZERS_PARALLELISM"] = "false"
     done = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(source), str(steps), lm1b],
+        [sys.executable, "-c", MEASURE, str(source), str(steps), lm1b, precision],
         cwd=source,
         env=env,
         capture_output=True,
@@ -85,6 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", required=True, help="git revision to compare with")
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="training autocast")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(
         "--lm1b", default=os.environ.get("DBERT_LM1B_DIR", str(ROOT.parent / "shared" / "data" / "lm1b"))
@@ -96,11 +97,13 @@ def main() -> None:
         try:
             runs: dict[str, list[dict]] = {"baseline": [], "this checkout": []}
             for _ in range(args.repeats):
-                runs["baseline"].append(run_side(old, args.steps, args.lm1b))
-                runs["this checkout"].append(run_side(ROOT, args.steps, args.lm1b))
+                runs["baseline"].append(run_side(old, args.steps, args.lm1b, args.precision))
+                runs["this checkout"].append(run_side(ROOT, args.steps, args.lm1b, args.precision))
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False)
-    print(f"baseline {args.baseline}; {args.steps} training steps; {args.repeats} alternating runs each")
+    print(
+        f"baseline {args.baseline}; {args.steps} training steps ({args.precision}); {args.repeats} alternating runs each"
+    )
     print("| side | train s | bound s | generate s | PPL/token | last loss | weights md5 | samples md5 |")
     print("|---|---|---|---|---|---|---|---|")
     for side, results in runs.items():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from pipeline.ablation.student_t import t_ppf, welch_df
 
@@ -41,7 +42,9 @@ def difference_interval(a: tuple[float, float, int], b: tuple[float, float, int]
     return {"difference": diff, "low": diff - half, "high": diff + half, "n_a": na, "n_b": nb, "df": df}
 
 
-def paired_interval(a_runs: Sequence[dict], b_runs: Sequence[dict], metric: str = "ppl_token") -> dict[str, float]:
+def paired_interval(
+    a_runs: Sequence[dict[str, Any]], b_runs: Sequence[dict[str, Any]], metric: str = "ppl_token"
+) -> dict[str, float]:
     """95% interval of mean(a - b) over evaluation seeds both were bounded with. The same seed
     draws the same test sentences' times and masks for both models, so the seed-to-seed noise
     (which moves every model alike) cancels in the difference."""
