@@ -43,8 +43,8 @@ class Sampler:
 
     name: str
     exact: bool
-    options: dict[str, Any] = field(default_factory=dict)  # what it was built with, for reports
-    _draw: Callable[..., SampleOutput] = field(repr=False, default=ancestral_sample)
+    options: dict[str, Any]  # what it was built with, for reports
+    _draw: Callable[..., SampleOutput] = field(repr=False)  # (denoiser, lengths, special, cls_id, sep_id, **call)
 
     def __call__(
         self,
@@ -90,7 +90,7 @@ def sampler(
     if name == "gibbs":
         if isinstance(gibbs_sweeps, bool) or not isinstance(gibbs_sweeps, int) or gibbs_sweeps < 1:
             raise ValueError(f"gibbs_sweeps must be an integer >= 1, got {gibbs_sweeps!r}")
-        draw = partial(_gibbs, sweeps=gibbs_sweeps, resident=resident, **truncation)
+        draw = partial(gibbs_sample, sweeps=gibbs_sweeps, resident=resident, **truncation)
         return Sampler(name, False, {"sweeps": gibbs_sweeps, **truncation}, draw)
     if grid is None:
         grid = grid_for_steps(schedule.num_timesteps, 128 if steps is None else steps)
@@ -110,14 +110,11 @@ def sampler(
     return Sampler(name, name == "ancestral", options, draw)
 
 
-Lengths = Sequence[int] | Tensor | None
-
-
 def _chain(
     function: Callable[..., SampleOutput],
     schedule: Schedule,
     denoiser: Denoiser,
-    lengths: Lengths,
+    lengths: Sequence[int] | Tensor | None,
     special: SpecialIds,
     cls_id: int,
     sep_id: int,
@@ -126,9 +123,3 @@ def _chain(
     """The reverse-chain samplers take the schedule after the denoiser."""
     out: SampleOutput = function(denoiser, schedule, lengths, special, cls_id, sep_id, **options)
     return out
-
-
-def _gibbs(
-    denoiser: Denoiser, lengths: Lengths, special: SpecialIds, cls_id: int, sep_id: int, **options: object
-) -> SampleOutput:
-    return gibbs_sample(denoiser, lengths, special, cls_id, sep_id, **options)  # type: ignore[arg-type]
