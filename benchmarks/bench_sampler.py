@@ -7,7 +7,7 @@
 `overhead` (issue 12, item 6): for every sampler (ancestral uncached and cached, ReMDM, confidence
 and Gibbs) the sampling overhead = total sampling seconds / model-forward seconds (SampleOutput's
 `seconds` / `model_seconds`; the forward is the denoiser call only, truncation and everything
-after it is overhead), on the dense [.., V] bookkeeping (`samplers._SPARSE_TOP_K = False`) and on
+after it is overhead), on the dense [.., V] bookkeeping (`host_chain.SPARSE_TOP_K = False`) and on
 the sparse one (K = top-k entries per masked position), same seed, same model, in the same run;
 with `--baseline REV` also on samplers.py as it was at git revision REV (the code before). Each
 cell is the median over `--repeats`; the variants alternate which goes first. The sparse path
@@ -39,9 +39,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, machine
-from pipeline.diffusion import samplers
+from pipeline.diffusion import host_chain, samplers
 from pipeline.diffusion.forward import SpecialIds
-from pipeline.diffusion.samplers import SampleOutput, ancestral_sample
+from pipeline.diffusion.host_chain import SampleOutput
+from pipeline.diffusion.samplers import ancestral_sample
 from pipeline.diffusion.schedules import build_schedule, grid_for_steps, time_grid
 from pipeline.model.loading import build_denoiser, load_tokenizer, random_bert_config
 from pipeline.model.precision import autocast
@@ -99,7 +100,7 @@ def overhead(args: argparse.Namespace) -> None:
     path = args.model if args.model is not None else (str(DEFAULT_EXPORT) if DEFAULT_EXPORT.is_dir() else "")
     denoise, tokenizer, schedule, what = load_model(path, args.T)
     ids = (SpecialIds.from_tokenizer(tokenizer), tokenizer.cls_token_id, tokenizer.sep_token_id)
-    # (label, module, its _SPARSE_TOP_K or None); dense and sparse are this tree's two paths.
+    # (label, module, this tree's host_chain.SPARSE_TOP_K or None); dense and sparse are this tree's two paths.
     variants: list[tuple[str, ModuleType, bool | None]] = [("dense", samplers, False), ("sparse", samplers, True)]
     if args.baseline:
         variants.insert(0, (f"code at {args.baseline}", baseline_module(args.baseline), None))
@@ -121,9 +122,9 @@ def overhead(args: argparse.Namespace) -> None:
         for repeat in range(args.repeats):
             for label, module, sparse in variants if repeat % 2 == 0 else variants[::-1]:
                 if sparse is not None:
-                    setattr(module, "_SPARSE_TOP_K", sparse)  # noqa: B010 (a module's private flag)
+                    host_chain.SPARSE_TOP_K = sparse
                 runs[label].append(sampler_chains(module, denoise, schedule, args, ids)[name]())
-        samplers._SPARSE_TOP_K = True
+        host_chain.SPARSE_TOP_K = True
         ratio = {k: statistics.median(o.seconds / o.model_seconds for o in v) for k, v in runs.items()}
         over = {k: statistics.median(o.seconds - o.model_seconds for o in v) for k, v in runs.items()}
         same = all(torch.equal(d.tokens, s.tokens) for d, s in zip(runs["dense"], runs["sparse"]))

@@ -36,6 +36,7 @@ if str(ROOT) not in sys.path:  # run as a script: `tests` is importable from the
 from tests.env import OFFLINE  # noqa: E402
 
 SAMPLERS = "pipeline/diffusion/samplers.py"
+GIBBS = "pipeline/diffusion/gibbs.py"
 REVERSE = "pipeline/diffusion/reverse.py"
 TRUNCATION = "pipeline/diffusion/truncation.py"
 LOSS = "pipeline/diffusion/loss.py"
@@ -130,7 +131,7 @@ MUTATIONS = [
         (
             Edit(
                 SAMPLERS,
-                "# sum_v p(v) a(v), float64",  # the ancestral sampler's line (the confidence sampler has its own)
+                "# sum_v p(v) a(v), float64",  # the ancestral sampler's line
                 "chance = reveal.mean().expand(len(b_idx))  # MUTANT",
                 line=True,
             ),
@@ -400,7 +401,7 @@ MUTATIONS = [
         "Gibbs on the device: its uniforms drawn on the host",
         (
             Edit(
-                SAMPLERS,
+                GIBBS,
                 "u = torch.rand(batch, generator=gen, dtype=torch.float64, device=here)",
                 "u = torch.rand(batch, dtype=torch.float64).to(here)",
             ),

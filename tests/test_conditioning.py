@@ -8,13 +8,8 @@ import torch
 
 from pipeline.diffusion.canvas import template_canvas
 from pipeline.diffusion.forward import at_positions
-from pipeline.diffusion.samplers import (
-    ancestral_sample,
-    confidence,
-    confidence_sample,
-    gibbs_sample,
-    reveal_counts,
-)
+from pipeline.diffusion.reverse import confidence, reveal_counts
+from pipeline.diffusion.samplers import ancestral_sample, confidence_sample, gibbs_sample
 from pipeline.diffusion.schedules import time_grid
 from pipeline.generation.sampling import generated_spans
 from pipeline.generation.templates import (

@@ -13,16 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.diffusion import samplers, truncation
+from pipeline.diffusion import gibbs, host_chain, truncation
 from pipeline.diffusion.canvas import template_canvas
 from pipeline.diffusion.forward import SpecialIds, at_positions
-from pipeline.diffusion.samplers import (
-    ancestral_sample,
-    confidence,
-    confidence_sample,
-    draw_categorical,
-    gibbs_sample,
-)
+from pipeline.diffusion.reverse import confidence, draw_categorical
+from pipeline.diffusion.samplers import ancestral_sample, confidence_sample, gibbs_sample
 from pipeline.diffusion.schedules import build_schedule, max_spindle_lambda, time_grid
 from pipeline.diffusion.truncation import Kept, draw_token, reveal_chance, sparse_truncation, truncated_probs
 
@@ -88,17 +83,18 @@ def sample(kind: str, schedule_name: str, conditional: bool, ties: bool, seed: i
 def sample_both_ways(monkeypatch, *args, **kwargs):
     """(sparse output, dense output, widths of the sparse tables) for the same call."""
     widths: list[int] = []
-    truncate = samplers.truncate
+    truncate = truncation.truncate
 
     def spy(*a, **kw):
         kept = truncate(*a, **kw)
         widths.append(kept.probs.shape[-1] if kept.ids is not None else V)
         return kept
 
-    monkeypatch.setattr(samplers, "truncate", spy)
+    monkeypatch.setattr(host_chain, "truncate", spy)
+    monkeypatch.setattr(gibbs, "truncate", spy)
     sparse = sample(*args, **kwargs)
     sparse_widths = list(widths)
-    monkeypatch.setattr(samplers, "_SPARSE_TOP_K", False)
+    monkeypatch.setattr(host_chain, "SPARSE_TOP_K", False)
     dense = sample(*args, **kwargs)
     return sparse, dense, sparse_widths
 
@@ -269,7 +265,7 @@ def test_the_margin_of_a_single_kept_entry_is_its_probability():
 
 def test_a_sampler_keeps_k_entries_per_masked_position_not_the_vocabulary():
     """The speed contract: after each forward the bookkeeping is [.., K], whatever V is."""
-    predictions = samplers._Predictions(
+    predictions = host_chain.Predictions(
         ContextDenoiser(), SPECIAL, top_k=6, top_p=1.0, temperature=1.0, cache=False, device="cpu"
     )
     x = torch.full((2, 5), MASK)

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from pipeline.diffusion.forward import at_positions
-from pipeline.diffusion.samplers import ancestral_sample, draw_categorical, gibbs_sample, truncated_probs
+from pipeline.diffusion.reverse import draw_categorical
+from pipeline.diffusion.samplers import ancestral_sample, gibbs_sample
 from pipeline.diffusion.schedules import grid_for_steps, time_grid
+from pipeline.diffusion.truncation import truncated_probs
 from pipeline.model.loading import build_denoiser, random_bert_config
 from tests.toy import CLS, CONTENT, MASK, PAD, SEP, SPECIAL, VOCAB, ConstantDenoiser, toy_schedule
 

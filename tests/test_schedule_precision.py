@@ -9,7 +9,7 @@ import mpmath
 import pytest
 import torch
 
-from pipeline.diffusion.samplers import remdm_probabilities
+from pipeline.diffusion.reverse import remdm_probabilities
 from pipeline.diffusion.schedules import PowerSchedule, SpindleSchedule, max_spindle_lambda
 from pipeline.vocab import SCHEDULES
 from tests.toy import toy_schedule

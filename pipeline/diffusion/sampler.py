@@ -18,9 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pipeline.diffusion.confidence_unmasking import confidence_sample
 from pipeline.diffusion.forward import Denoiser, SpecialIds
+from pipeline.diffusion.gibbs import gibbs_sample
+from pipeline.diffusion.host_chain import SampleOutput
 from pipeline.diffusion.reverse import CONFIDENCE_SCORES
-from pipeline.diffusion.samplers import SampleOutput, ancestral_sample, confidence_sample, gibbs_sample
+from pipeline.diffusion.samplers import ancestral_sample
 from pipeline.diffusion.schedules import Schedule, grid_for_steps
 from pipeline.vocab import SAMPLERS
 
