@@ -1,4 +1,4 @@
-"""Typed schema of params.yaml, grouped by stage, with `a.b=c` overrides.
+"""Typed schema of params.yaml, grouped by stage (overrides and experiment files as text: `pipeline.overrides`).
 
 params.yaml is the single source of truth. Every stage reads it through `load_params`, so an
 unknown key, a wrong type or an out-of-range value fails the same way everywhere: one line that
@@ -15,11 +15,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.limits import max_spindle_lambda
+from pipeline.overrides import ParamsError as ParamsError
+from pipeline.overrides import apply_overrides
+from pipeline.overrides import flatten as flatten
 from pipeline.vocab import DEVICE_PATTERN, SAMPLERS, TIME_DESIGNS, Precision, SamplerName, ScheduleName, TimeDesign
-
-
-class ParamsError(ValueError):
-    """A params file or override that does not fit the schema; the message names the key."""
 
 
 class _Group(BaseModel):
@@ -310,55 +309,6 @@ class Params(_Group):
         return flatten(self.model_dump())
 
 
-def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested mapping as `a.b.c` -> value (an empty mapping stays a value): the one flattening
-    of params, for `Params.flat` and for MLflow params given as plain mappings."""
-    out: dict[str, Any] = {}
-    for key, value in obj.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b=c` -> (["a", "b"], c) with c parsed as YAML (so 3e-4, true, [1,2] work)."""
-    if "=" not in text:
-        raise ParamsError(f"override {text!r} is not of the form key=value (e.g. train.lr=3e-4)")
-    key, raw = text.split("=", 1)
-    path = [p for p in key.strip().split(".") if p]
-    if not path:
-        raise ParamsError(f"override {text!r} has an empty key")
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    if isinstance(value, str) and _looks_like_float(value):
-        value = float(value)  # YAML 1.1 reads 3e-4 as a string
-    return path, value
-
-
-def _looks_like_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set each `a.b=c` in a nested dict; an unknown group or key is caught by validation."""
-    for item in overrides:
-        path, value = parse_override(item)
-        node = raw
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ParamsError(f"override {item!r}: {part!r} is not a group")
-            node = child
-        node[path[-1]] = value
-    return raw
-
-
 def params_from_dict(raw: dict[str, Any]) -> Params:
     try:
         return Params.model_validate(raw)
@@ -390,27 +340,6 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
             raise ParamsError(f"params file {p} must hold a mapping of stage groups")
         raw = loaded or {}
     return params_from_dict(apply_overrides(raw, list(overrides or [])))
-
-
-def experiment_overrides(path: str | Path) -> list[str]:
-    """An experiment file (a YAML mapping in params.yaml's shape holding only what the experiment
-    changes) as `key=value` overrides, applied before any `--set`. Its values are the params an
-    experiment's rows run with, so a row fingerprints the same whether it came from the file or
-    from the same `--set` arguments."""
-    p = Path(path)
-    if not p.is_file():
-        raise ParamsError(f"experiment file {p} does not exist")
-    loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-    if not isinstance(loaded, dict) or not loaded:
-        raise ParamsError(f"experiment file {p} must hold a mapping of param groups (like params.yaml)")
-    overrides = []
-    for key, value in flatten(loaded).items():
-        if "." not in key:
-            raise ParamsError(f"experiment file {p}: {key!r} is not a group of keys (e.g. train: {{steps: 100}})")
-        overrides.append(
-            f"{key}={yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix('...').strip()}"
-        )
-    return overrides
 
 
 def _describe(err: ValidationError) -> str:

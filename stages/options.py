@@ -49,7 +49,7 @@ def with_experiment(experiment: Path | None, overrides: list[str] | None) -> lis
     """The experiment file's overrides, then the command line's `--set`s (a bad file: one-line error)."""
     if experiment is None:
         return list(overrides or [])
-    from pipeline.config import experiment_overrides
+    from pipeline.overrides import experiment_overrides
 
     with user_errors():
         return [*experiment_overrides(experiment), *(overrides or [])]

@@ -74,7 +74,7 @@ def make_ablations(target: str) -> list[tuple[list[str], list[str]]]:
     import shlex
     import subprocess
 
-    from pipeline.config import experiment_overrides
+    from pipeline.overrides import experiment_overrides
 
     make = subprocess.run(["make", "-n", target], capture_output=True, text=True, check=True).stdout
     commands = []

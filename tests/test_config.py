@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Params, ParamsError, load_params, parse_override
+from pipeline.config import Params, ParamsError, load_params
+from pipeline.overrides import parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +91,7 @@ def test_an_experiment_file_is_its_overrides_and_keeps_the_carried_rows_fingerpr
     import json
 
     from pipeline.ablation.rows import plan
-    from pipeline.config import experiment_overrides
+    from pipeline.overrides import experiment_overrides
 
     root = Path(__file__).resolve().parents[1]
     for experiment, published in (("schedules", "reports/schedules/rows"), ("ablation", "reports/ablation/rows")):
@@ -105,7 +106,7 @@ def test_an_experiment_file_is_its_overrides_and_keeps_the_carried_rows_fingerpr
 
 
 def test_an_experiment_file_equals_the_same_set_arguments_and_set_still_wins(tmp_path):
-    from pipeline.config import experiment_overrides
+    from pipeline.overrides import experiment_overrides
 
     path = tmp_path / "e.yaml"
     path.write_text("train:\n  steps: 7\n  lr: 3.0e-4\nablation:\n  seeds: [0, 2]\n")
@@ -126,7 +127,7 @@ def test_an_experiment_file_equals_the_same_set_arguments_and_set_still_wins(tmp
     ],
 )
 def test_a_bad_experiment_file_is_refused_by_name(tmp_path, text, match):
-    from pipeline.config import experiment_overrides
+    from pipeline.overrides import experiment_overrides
 
     path = tmp_path / "e.yaml"
     if text is not None:

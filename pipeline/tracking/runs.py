@@ -13,8 +13,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import flatten
 from pipeline.lineage import lineage_tags
+from pipeline.overrides import flatten
 from pipeline.tracking.store import DEFAULT_EXPERIMENT, setup_tracking
 
 if TYPE_CHECKING:  # pragma: no cover
