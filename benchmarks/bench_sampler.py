@@ -4,7 +4,7 @@
         [--steps 32] [--top-k 30] [--repeats 2] [--baseline REV] [--json PATH]
     .venv/bin/python benchmarks/bench_sampler.py cache [--samples 32] [--length 32] [--T 512]
 
-`overhead` (issue 12, item 6): for every sampler (ancestral uncached and cached, ReMDM, confidence
+`overhead`: for every sampler (ancestral uncached and cached, ReMDM, confidence
 and Gibbs) the sampling overhead = total sampling seconds / model-forward seconds (SampleOutput's
 `seconds` / `model_seconds`; the forward is the denoiser call only, truncation and everything
 after it is overhead), on the dense [.., V] bookkeeping (`host_chain.SPARSE_TOP_K = False`) and on

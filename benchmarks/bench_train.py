@@ -113,7 +113,7 @@ def main() -> None:
         f"{flops / 1e6:.1f} MFLOP per token; {tokens:.0f} non-pad tokens per batch of {BATCH}"
     )
     # Our loss runs the MLM head only at masked positions (half the tokens on average), so the
-    # issue's model-FLOPs count overstates the work done; the last column counts the head at 50%.
+    # standard model-FLOPs count (head at every token) overstates the work done; the last column counts the head at 50%.
     head = 6 * model.mlm.config.hidden_size * model.mlm.config.vocab_size
     print(
         "| row | s/step | tokens/s | vs baseline | MFU (own dtype peak) | MFU, head at 50% |\n|---|---|---|---|---|---|"

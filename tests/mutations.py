@@ -1,7 +1,8 @@
-"""Mutation check for issue 9 ("tests that could not fail for their bug").
+"""Mutation check: tests that could not fail for their bug are found here.
 
-Each mutation below is a bug an independent review could apply to the library while the whole
-suite still passed (keys 1-7b), one of issue 9's defects put back (keys d1-d5), or a claims bug of issue 13 (c1). This script copies pipeline/, tests/ and pyproject.toml into a temporary
+Each mutation below is a bug put back into the library: one an independent review could apply
+while the whole suite still passed (keys 1-7b), an earlier defect (d1-d5), a claims bug (c1), and
+so on for each group of keys. This script copies pipeline/, tests/ and pyproject.toml into a temporary
 directory, applies one mutation there by exact text replacement (asserting that the original text
 is found exactly once and that the result still compiles), runs the tests that must catch it with
 this venv's python and PYTHONPATH = the copy, and reports caught / NOT caught. It first checks that
@@ -209,7 +210,7 @@ MUTATIONS = [
         ),
         tuple(STRATA),
     ),
-    # The defects of issue 9 themselves, put back (d<N> = defect N).
+    # Earlier defects of the bound, sampler, data and metrics, put back (d<N>).
     Mutation(
         "d1",
         "q_sample draws its uniforms on the CPU next to device data (every GPU run crashed)",
@@ -248,7 +249,7 @@ MUTATIONS = [
         (Edit(METRICS, "math.log2(c / total)", "math.log(c / total)"),),
         (ENTROPY,),
     ),
-    # Issue 13: claim 3 with LTE/PTE trained once (make schedules).
+    # Claims: claim 3 with LTE/PTE trained once (make schedules).
     Mutation(
         "c1",
         "a row trained once is compared as if it were the mean of as many seeds as the repeated row",
@@ -539,6 +540,31 @@ MUTATIONS = [
         (
             "tests/test_sampler_contract.py::TestEverySampler::test_bad_truncation_is_refused_by_name_before_any_model_call",
         ),
+    ),
+    Mutation(
+        "k3",
+        "blocks: the context shown before a block is not cut to the window",
+        (
+            Edit(
+                "pipeline/diffusion/block_sampler.py",
+                "shown = min(at, window - new)",
+                "shown = at  # MUTANT",
+                line=True,
+            ),
+        ),
+        ("tests/test_sampler_contract.py::test_blocks_never_show_the_model_more_than_its_window_and_write_every_mask",),
+    ),
+    Mutation(
+        "k4",
+        "blocks: a block's fixed tokens are sampled over",
+        (
+            Edit(
+                "pipeline/diffusion/block_sampler.py",
+                "templates.append([None if tok == special.mask else tok for tok in piece])",
+                "templates.append([None] * len(piece))  # MUTANT",
+            ),
+        ),
+        ("tests/test_sampler_contract.py::TestEverySampler::test_fixed_canvas_tokens_are_never_changed",),
     ),
     Mutation(
         "l1",

@@ -225,8 +225,8 @@ def test_tokenized_split_records_word_counts_and_dtypes(tokenizer):
 
 
 def test_a_line_over_max_seq_len_is_cut_at_a_word_boundary_and_counts_only_the_words_kept(tokenizer):
-    """Issue 9 defect 3: a cut line used to keep the word count of the whole raw line, so the
-    per-word bound divided the NLL of a prefix by every word of the line."""
+    """A cut line must not keep the word count of the whole raw line: the per-word bound would
+    divide the NLL of a prefix by every word of the line."""
     long_line = " ".join(["internationalization"] * 30)  # several WordPieces per word
     split = tokenize_lines([long_line, "it 's short ."], tokenizer, max_seq_len=16)
     assert split.truncated.tolist() == [True, False] and split.num_truncated == 1

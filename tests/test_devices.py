@@ -142,7 +142,7 @@ def test_the_fake_device_rejects_what_cuda_rejects_and_allows_what_it_allows():
 
 @fake_only
 def test_the_original_q_sample_bug_is_a_device_mix_here():
-    """What issue 9 reported: the uniforms drawn on the CPU compared with a device alpha."""
+    """The original code's bug: the uniforms drawn on the CPU compared with a device alpha."""
     schedule = toy_schedule("linear", T)
     with on_fake_device():
         x0, maskable = IDS.to(FAKE), content_mask(IDS, SPECIAL, ATTN).to(FAKE)

@@ -326,7 +326,7 @@ def test_spindle_paper_counts_are_only_used_by_that_schedule():
     assert schedule.leaky and schedule.describe()["leaky"] is True
 
 
-# ---------------------------------------------------------------- stratified t (issue 9, defect 6)
+# ---------------------------------------------------------------- stratified t
 def _strata(t: torch.Tensor, T: int, batch: int) -> list[int]:
     return ((t.double() - 1) * batch // T).long().tolist()  # t in (T k / B, T (k+1) / B] -> k
 

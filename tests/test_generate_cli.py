@@ -84,15 +84,6 @@ def test_the_three_line_api_completes_infills_and_samples(tiny_model):
         model.generate(1, 5, sampler="vibes")
 
 
-def test_block_plan_shows_the_latest_context_and_covers_the_length():
-    from pipeline.generation.blocks import block_plan
-
-    assert block_plan(10, 4, 8) == [(0, 4), (4, 4), (6, 2)]  # as much context as the window holds
-    assert block_plan(5, 5, 8, prompt_length=6) == [(3, 5)]  # context cut to fit the window
-    with pytest.raises(ValueError, match="block must lie in"):
-        block_plan(10, 9, 8)
-
-
 def test_block_decoding_writes_past_the_window_and_keeps_the_prompt(tiny_model):
     from pipeline.api import load
     from pipeline.generation.blocks import generate_blocks

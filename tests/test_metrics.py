@@ -170,7 +170,7 @@ def test_every_sample_s_bleu_equals_nltk_corpus_bleu_of_that_sample_alone():
 
 
 def test_the_headline_is_the_per_sample_mean_not_the_pooled_corpus_bleu():
-    """Issue 9 defect 4: pooling every sample's n-gram counts into one corpus BLEU gives a
+    """Pooling every sample's n-gram counts into one corpus BLEU gives a
     different (larger) number than the paper's per-sample average."""
     hyps, refs = tok(HYPOTHESES), tok(LM1B_REFERENCES)
     pooled, mean = nltk_pooled_bleu(hyps, refs), nltk_bleu(hyps, refs)
@@ -328,7 +328,7 @@ def test_every_empty_input_raises_value_error_naming_the_argument(call, name):
 
 def test_unigram_entropy_is_exact_on_tiny_cases():
     assert unigram_entropy(["a a a a"]) == 0.0
-    # in bits (issue 9 defect 5: it was nats labelled bits): four equally likely words = 2 bits
+    # in bits (nats labelled bits would be wrong): four equally likely words = 2 bits
     assert unigram_entropy(["a b", "c d"]) == pytest.approx(2.0, abs=1e-15)
     # counts a:2 b:1 c:1 -> -(1/2 log2 1/2 + 2 * 1/4 log2 1/4) = 1.5 bits
     assert unigram_entropy(["A a", "b c"]) == pytest.approx(1.5, abs=1e-15)

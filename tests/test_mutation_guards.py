@@ -1,5 +1,5 @@
 """Tests that fail under the specific bugs an independent review could slip past the suite
-(issue 9, "tests that could not fail for their bug"). `tests/mutations.py` applies each bug to a
+(tests that could not fail for their bug). `tests/mutations.py` applies each bug to a
 copy of the repository and checks that at least one test here (or the named older one) fails.
 
 Every check compares the library with an exact answer of the toy world of `tests/toy.py`

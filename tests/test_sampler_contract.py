@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from pipeline.diffusion.block_sampler import blocks
 from pipeline.diffusion.canvas import template_canvas
 from pipeline.diffusion.sampler import Sampler, sampler
 from pipeline.vocab import SAMPLERS
@@ -30,11 +31,19 @@ KINDS = {
     "confidence-entropy": ("confidence", {"steps": 8, "confidence_score": "entropy"}),
     "gibbs": ("gibbs", {"gibbs_sweeps": 2}),
 }
-EVERY = [*KINDS, *(f"resident-{k}" for k in ("ancestral", "remdm", "confidence-prob", "gibbs"))]
+# blocks-<kind>: <kind> written BLOCK positions at a time in a window of WINDOW (below the longest row)
+BLOCK, WINDOW = 2, 3
+EVERY = [
+    *KINDS,
+    *(f"resident-{k}" for k in ("ancestral", "remdm", "confidence-prob", "gibbs")),
+    *(f"blocks-{k}" for k in ("ancestral", "remdm", "confidence-prob", "gibbs")),
+]
 PROBS = torch.tensor([0, 0, 0, 0, 0.2, 0.5, 0.3])
 
 
 def build(kind: str, schedule_name: str = "spindle", **options) -> Sampler:
+    if kind.startswith("blocks-"):
+        return blocks(build(kind.removeprefix("blocks-"), schedule_name, **options), block=BLOCK, window=WINDOW)
     resident = kind.startswith("resident-")
     name, base = KINDS[kind.removeprefix("resident-")]
     return sampler(name, toy_schedule(schedule_name, T), **{**base, **options}, resident=resident or None)
@@ -126,3 +135,41 @@ def test_a_sampler_that_claims_the_model_chain_draws_its_exact_token_distributio
     expected = PROBS[list(CONTENT)].double() * tokens.numel()
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 13.8, (counts, expected)
+
+
+class WindowSpy(ConstantDenoiser):
+    """A constant denoiser that records the widest canvas it was shown."""
+
+    def __init__(self, probs):
+        super().__init__(probs)
+        self.widest = 0
+
+    def __call__(self, x, attention_mask, *args, **kwargs):
+        self.widest = max(self.widest, int(attention_mask.sum(1).max()))
+        return super().__call__(x, attention_mask, *args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["ancestral", "gibbs"])
+def test_blocks_never_show_the_model_more_than_its_window_and_write_every_mask(kind):
+    spy = WindowSpy(PROBS)
+    templates = [[4, 4, 4, 4, 4, None, None, 6, None], [None] * 7]  # a fixed run longer than the window
+    canvas = template_canvas(templates, SPECIAL, CLS, SEP)
+    out = build(f"blocks-{kind}")(spy, SPECIAL, CLS, SEP, canvas=canvas, seed=0)
+    assert spy.widest <= WINDOW + 2  # [CLS] + window + [SEP]
+    for row, template in enumerate(templates):
+        content = out.tokens[row, 1 : len(template) + 1].tolist()
+        assert MASK not in content and all(got == fixed for got, fixed in zip(content, template) if fixed is not None)
+    assert out.row_calls.tolist()[1] > out.row_calls.tolist()[0] > 0  # 7 free positions take more blocks than 3
+
+
+@pytest.mark.parametrize(
+    ("block", "window", "match"),
+    [
+        (0, 3, r"block must lie in 1\.\.3"),
+        (4, 3, r"block must lie in 1\.\.3"),
+        (1, 0, "window must be an integer >= 1"),
+    ],
+)
+def test_a_bad_block_or_window_is_refused_by_name(block, window, match):
+    with pytest.raises(ValueError, match=match):
+        blocks(build("ancestral"), block=block, window=window)

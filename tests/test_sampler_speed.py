@@ -1,4 +1,4 @@
-"""Sparse top-k bookkeeping (issue 12, item 6): with 0 < top_k < V every sampler works on the K
+"""Sparse top-k bookkeeping: with 0 < top_k < V every sampler works on the K
 kept entries after each forward instead of dense [.., V] rows, and returns exactly the tokens of
 the dense path for the same seed: cached and uncached, ReMDM, confidence (every score) and Gibbs,
 unconditional and from a canvas, linear and token-dependent (spindle) schedules, with top-p,

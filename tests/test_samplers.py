@@ -120,7 +120,7 @@ def test_samples_never_contain_mask_even_when_the_model_prefers_it():
 
 
 def test_spindle_sampler_reveals_every_mask_on_its_last_step_with_a_full_vocabulary():
-    """Issue 9 defect 2: sum_v p(v) a(v) over 30,522 ids in float32 came out ~1 - 1e-5 at s = 0,
+    """A past defect: sum_v p(v) a(v) over 30,522 ids in float32 came out ~1 - 1e-5 at s = 0,
     so a position could stay masked and sampling raised. Seeds 1103, 1861 and 2424 drew a
     uniform above that float32 chance on this setup (found by replaying the old arithmetic);
     17799 is the seed the review saw fail with the trained model."""

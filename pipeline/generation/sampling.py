@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from pipeline.data.batching import sorted_batches
+from pipeline.diffusion.block_sampler import blocks
 from pipeline.diffusion.canvas import template_canvas
 from pipeline.diffusion.forward import SpecialIds
 from pipeline.diffusion.sampler import sampler as make_sampler
@@ -66,11 +67,14 @@ def generate(
     device: torch.device | str = "cpu",
     denoiser: Callable | None = None,
     progress: Callable[[int], None] | None = None,
+    block: int | None = None,
 ) -> Generation:
     """Sample one sentence per entry of `lengths` (unconditional), or complete each of `templates`
     (content token ids, None where generated: prompts, suffixes, infilling; see
     `pipeline.generation.templates`). Fixed tokens are never changed, by every sampler.
-    `cache=None` caches exactly when the model is time-agnostic."""
+    `cache=None` caches exactly when the model is time-agnostic. `block`: write `block` positions
+    at a time, each block seeing at most the model's window (`pipeline.diffusion.block_sampler`),
+    so requests may be longer than the window."""
     if (lengths is None) == (templates is None):
         raise ValueError("give either lengths (unconditional) or templates (conditional), not both")
     special = SpecialIds.from_tokenizer(tokenizer)
@@ -82,6 +86,8 @@ def generate(
         sampler, schedule, steps=steps, cache=use_cache, top_k=top_k, top_p=top_p, temperature=temperature,
         remdm_eta=remdm_eta, confidence_score=confidence_score, gibbs_sweeps=gibbs_sweeps,
     )  # fmt: skip
+    if block is not None:
+        draw = blocks(draw, block=block, window=int(model.max_positions) - 2)
     requests: list[Sequence[int | None]] = (
         list(templates) if templates is not None else [[None] * int(n) for n in lengths or []]
     )
