@@ -23,6 +23,9 @@ SCHEDULES: tuple[ScheduleName, ...] = get_args(ScheduleName)
 # the model's reverse chain, ReMDM remasking, confidence-ordered unmasking, BERT-Mouth Gibbs.
 SamplerName = Literal["ancestral", "remdm", "confidence", "gibbs"]
 SAMPLERS: tuple[SamplerName, ...] = get_args(SamplerName)
+# How a `[MASK*?]` gap gets its length (`pipeline.generation.gap_length`).
+GapLengthMethod = Literal["context", "bound", "prior"]
+GAP_LENGTH_METHODS: tuple[GapLengthMethod, ...] = get_args(GapLengthMethod)
 
 # Floating-point precision of training and evaluation; auto picks bf16 where it is fast.
 Precision = Literal["auto", "fp32", "bf16"]

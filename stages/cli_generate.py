@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from pipeline.vocab import GapLengthMethod
 from stages import generate
 from stages.invoke import run_stage, stage_help
 from stages.options import ParamsOption, RootOption, SetOption
@@ -98,6 +99,15 @@ def generate_command(
         typer.Option("--output", "-o", help="Write the sentences to this file instead of stdout.", dir_okay=False),
     ] = None,
     track: Annotated[bool, typer.Option("--track", help="Record the samples as an MLflow run.")] = False,
+    gap_length: Annotated[
+        GapLengthMethod,
+        typer.Option(
+            "--gap-length",
+            help="How a [MASK*?] gap gets its length: context (from how many WordPieces are shown and where the "
+            "gap sits, under the training length histogram; no model call), bound (the model's bound, slow) or "
+            "prior (the length histogram alone).",
+        ),
+    ] = "context",
 ) -> None:
     given = {
         "length": length,
@@ -125,6 +135,7 @@ def generate_command(
         output_format=output_format,
         output=output,
         track=track,
+        gap_length=gap_length,
     )
     if output is None:
         for line in summary["lines"]:

@@ -97,6 +97,7 @@ def run(
     output: Path | None = None,
     track: bool = False,
     progress: ProgressCallback | None = None,
+    gap_length: str = "context",
 ) -> dict:
     """`num` is the number of sentences (unconditional, default 8) or of samples per request
     (conditional, default 1)."""
@@ -120,12 +121,12 @@ def run(
     model, tokenizer, schedule = load_exported(model_dir, device=device)
     if conditional:
         requests = build_requests(tokenizer, list(prompts or []), list(infills or []), lines, settings["length"])
-        if any(r.auto_gap is not None for r in requests):  # [MASK*?]: the model's bound picks the length
+        if any(r.auto_gap is not None for r in requests):  # [MASK*?]: its length chosen first
             from pipeline.generation.gap_length import length_prior, resolve_open_gap
 
             hist = layout.token_stats / "lengths.npy"
             prior = length_prior(str(hist) if hist.is_file() else None, model.max_positions)
-            requests = [resolve_open_gap(r, model, tokenizer, schedule, prior) for r in requests]
+            requests = [resolve_open_gap(r, model, tokenizer, schedule, prior, method=gap_length) for r in requests]
         check_fits(requests, model.max_positions - 2)
         requests = [r for r in requests for _ in range(num)]
         lengths, how = None, "given by the requests"

@@ -38,6 +38,8 @@ from tests.env import OFFLINE  # noqa: E402
 
 SAMPLERS = "pipeline/diffusion/samplers.py"
 GIBBS = "pipeline/diffusion/gibbs.py"
+GAP = "pipeline/generation/gap_length.py"
+GAP_TEST = "tests/test_gap_length.py"
 REVERSE = "pipeline/diffusion/reverse.py"
 TRUNCATION = "pipeline/diffusion/truncation.py"
 LOSS = "pipeline/diffusion/loss.py"
@@ -565,6 +567,30 @@ MUTATIONS = [
             ),
         ),
         ("tests/test_sampler_contract.py::TestEverySampler::test_fixed_canvas_tokens_are_never_changed",),
+    ),
+    Mutation(
+        "m1",
+        "open gaps: a gap at the end taken for the middle third (and the other way round)",
+        (
+            Edit(
+                GAP,
+                "shown, at_end = left + right, left == 0 or right == 0",
+                "shown, at_end = left + right, left > 0 and right > 0  # MUTANT",
+            ),
+        ),
+        (GAP_TEST,),
+    ),
+    Mutation(
+        "m2",
+        "open gaps: the context method scores a gap by the prior's length (the shown count ignored)",
+        (
+            Edit(
+                GAP,
+                "if abs(seen - shown) <= width and 1 <= hidden < len(weight):",
+                "if 1 <= hidden < len(weight):  # MUTANT",
+            ),
+        ),
+        (GAP_TEST,),
     ),
     Mutation(
         "l1",

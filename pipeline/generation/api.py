@@ -111,15 +111,21 @@ class DiffusionBert:
             **asdict(SamplingOptions(**options)),  # its fields are generate's keywords
         ).texts
 
-    def infill(self, templates: str | list[str], num: int = 1, **options: Any) -> list[str]:
-        """Each template with its [MASK] / [MASK*n] gaps filled, `num` samples per template."""
+    def infill(
+        self, templates: str | list[str], num: int = 1, gap_length: str = "context", **options: Any
+    ) -> list[str]:
+        """Each template with its [MASK] / [MASK*n] gaps filled, `num` samples per template; a
+        `[MASK*?]` gap gets its length by `gap_length` (`pipeline.generation.gap_length`)."""
         texts = [templates] if isinstance(templates, str) else list(templates)
         requests = [infill_template(self.tokenizer, text) for text in texts]
-        if any(r.auto_gap is not None for r in requests):  # [MASK*?]: the model's bound picks the length
+        if any(r.auto_gap is not None for r in requests):  # [MASK*?]: its length chosen first
             from pipeline.generation.gap_length import length_prior, resolve_open_gap
 
             prior = length_prior(self.length_histogram, int(self.model.max_positions))
-            requests = [resolve_open_gap(r, self.model, self.tokenizer, self.schedule, prior) for r in requests]
+            requests = [
+                resolve_open_gap(r, self.model, self.tokenizer, self.schedule, prior, method=gap_length)
+                for r in requests
+            ]
         return self._run(requests, num, **options).texts
 
     def _run(self, requests: list, num: int, **options: Any) -> Generation:
