@@ -80,9 +80,9 @@ schedules-parallel: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
-# Bugs put back by hand, one at a time, each must turn a named test red (tests/mutations.py).
+# Bugs put back by hand, one at a time, each must turn a named test red (tests/support/mutations.py).
 mutations: $(STAMP)
-	$(BIN)/python tests/mutations.py
+	$(BIN)/python tests/support/mutations.py
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration" tests

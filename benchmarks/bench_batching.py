@@ -60,7 +60,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def train_data(sentences: int) -> TrainData:
-    """The tiny_data recipe of tests/test_train_loop.py at benchmark size."""
+    """The tiny_data recipe of tests/unit/test_train_loop.py at benchmark size."""
     tokenizer = load_tokenizer("default")
     corpus = load_lm1b_mirror(LM1B, max_sentences=sentences)
     special = SpecialIds.from_tokenizer(tokenizer)

@@ -100,7 +100,7 @@ def main() -> None:
             ema.update(model)
         if step in eval_at:
             if state["schedule"] is None:
-                from pipeline.assembly import schedule_for
+                from pipeline.assembly.schedule import schedule_for
 
                 state["schedule"] = schedule_for(params, data.stats)
             row = {"step": step, "seconds": round(time.perf_counter() - start, 1), "raw": score(model)}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one run. Each part runs in its own process under its own
 # timeout (and the suite's overall budget), and the suite keeps going when one fails:
-#   device_tests    tests/test_devices.py + tests/test_host_sync.py with DBERT_TEST_DEVICE=cuda
+#   device_tests    tests/unit/test_devices.py + tests/unit/test_host_sync.py with DBERT_TEST_DEVICE=cuda
 #   train_eager     benchmarks/gpu_pipeline.py --part train: the pipeline's Ray Train driver, a random
 #                   bert-base-shaped denoiser, batches of 16,384 real tokens in packed rows of 128
 #                   (train.tokens_per_batch), eager; real tokens/s and MFU against a bf16 matmul peak
@@ -121,10 +121,10 @@ ROOT=$(cd "$ROOT" && pwd)
 
 if [ "$SMALL" = 1 ]; then  # the CUDA tests skip without CUDA: one host-sync case on the fake device instead
   part device_tests 150 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/pipeline/device_tests.xml" \
-    tests/test_host_sync.py -k "diffusion and none and token_budget"
+    tests/unit/test_host_sync.py -k "diffusion and none and token_budget"
 else
   part device_tests 150 env DBERT_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider \
-    --junitxml="$OUT/pipeline/device_tests.xml" tests/test_devices.py tests/test_host_sync.py
+    --junitxml="$OUT/pipeline/device_tests.xml" tests/unit/test_devices.py tests/unit/test_host_sync.py
 fi
 part train_eager "$DEFAULT_TIMEOUT" "${PIPELINE[@]}" --part train --compile off --root "$ROOT" "${TRAIN_SIZES[@]}" "${EXTRA[@]}"
 part bound 60 "${PIPELINE[@]}" --part bound --root "$ROOT" "${EXTRA[@]}"

@@ -56,7 +56,7 @@ def tokenize(lines: list[str], tokenizer, max_seq_len: int, task: str, progress:
 
 
 def run(params: Params, root: Path, *, progress: ProgressCallback | None = None) -> dict:
-    from pipeline.data.corpus import corpus_request
+    from pipeline.assembly.corpus import corpus_request
     from pipeline.model.loading import load_tokenizer
     from pipeline.tracking.log import log_artifact, log_metrics
 

@@ -36,7 +36,7 @@ OUTPUTS = ("data/schedule/schedule.json", "data/schedule/alpha_curves.csv", "dat
 def run(
     params: Params, root: Path, *, progress: ProgressCallback | None = None, tracking_uri: str | None = None
 ) -> dict:
-    from pipeline.assembly import schedule_from_params
+    from pipeline.assembly.schedule import schedule_from_params
     from pipeline.data.stats import TokenStatistics
     from pipeline.diffusion.checks import LINEAR, alpha_curves, probe_tokens, require_monotone, schedule_report
     from pipeline.tracking.log import log_artifact, log_metrics

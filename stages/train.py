@@ -38,7 +38,7 @@ OUTPUTS = ("models/final", "outputs/train/metrics.json", "outputs/train/history.
 
 def check_schedule(params: Params, layout: Layout) -> dict:
     """The schedule stage's report must describe the schedule these params build, and have passed."""
-    from pipeline.assembly import schedule_from_params
+    from pipeline.assembly.schedule import schedule_from_params
     from pipeline.data.stats import TokenStatistics
     from pipeline.diffusion.checks import require_passed
 

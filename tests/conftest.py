@@ -1,11 +1,15 @@
-"""Shared fixtures: offline, quiet environment; paths to the real LM1B sample and MiniLM."""
+"""Shared fixtures: offline, quiet environment; paths to the real LM1B sample and MiniLM.
+
+tests/unit/ holds the library's tests, tests/integration/ those that run real Ray, MLflow, DVC,
+subprocesses or whole stages (marked `integration` here by their folder), tests/support/ the
+helpers both share (toy worlds, tiny params, fixtures, the mutation check)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from tests.env import OFFLINE, end_active_runs, without_project_env
+from tests.support.env import OFFLINE, end_active_runs, without_project_env
 
 for _key, _value in OFFLINE.items():
     os.environ.setdefault(_key, _value)
@@ -39,8 +43,15 @@ def tokenizer(minilm_dir):
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    """No `tests.env.PROJECT_ENV` variable set and no active MLflow run, before and after."""
+    """No `tests.support.env.PROJECT_ENV` variable set and no active MLflow run, before and after."""
     without_project_env(monkeypatch)
     end_active_runs()
     yield
     end_active_runs()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/integration/ is an integration test (`-m "not integration"` skips it)."""
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.integration)

@@ -1,7 +1,7 @@
 """One interface for every sampler: `sampler(name, schedule, ...)` checks and binds a sampler's
 options once and returns a `Sampler`, which draws for unconditional `lengths` or fills the [MASK]
 slots of a `canvas`, the same way whichever sampler it is. The generation front, the evaluation and
-the contract test (`tests/test_sampler_contract.py`) go through it.
+the contract test (`tests/unit/test_sampler_contract.py`) go through it.
 
     draw = sampler("remdm", schedule, steps=128, top_k=30, remdm_eta=0.04)
     out = draw(model.denoise, special, cls_id, sep_id, lengths=[12, 20], seed=0)   # SampleOutput

@@ -287,9 +287,9 @@ def _initial_model_bound(
     params: Params, schedule, test, special, settings: dict, length_lp, precision: str, device: torch.device
 ) -> dict:
     """The same bound for the model as it was before training (first seed only)."""
-    from pipeline.model.loading import build_model
+    from pipeline.assembly.model import model_from_params
 
-    initial = build_model(params, schedule).to(device).eval()  # type: ignore[arg-type]  # transformers' wrapped .to
+    initial = model_from_params(params, schedule).to(device).eval()  # type: ignore[arg-type]  # transformers' wrapped .to
     with torch.no_grad():
         report = perplexity_bound(
             with_precision(initial.denoise, precision, device),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, BertConfig, PretrainedConfig, PreTrainedModel
@@ -28,10 +28,6 @@ from pipeline.model.families import (
     mlm_class,
 )
 from pipeline.vocab import TIME_DESIGNS
-
-if TYPE_CHECKING:  # pragma: no cover
-    from pipeline.config import Params
-    from pipeline.diffusion.schedules import Schedule
 
 DEFAULT_MODEL = "default"
 RANDOM_MODEL = "random"
@@ -242,32 +238,3 @@ def _check_design(config: PretrainedConfig, time_design: str) -> None:
         family_of(config).check_design(time_design)
     except (UnsupportedDesignError, UnsupportedFamilyError) as err:
         raise ModelLoadError(str(err)) from None
-
-
-def build_model(params: Params, schedule: Schedule) -> DiffusionBertForDenoising:
-    """The denoiser `params.model` describes, for `schedule` (its description goes into the config).
-
-    `model.family` picks the architecture of a `random` model (over the default model's WordPiece
-    vocabulary); a checkpoint's family is its own `model_type`."""
-    m = params.model
-    random_config = None
-    if m.name_or_path == "random":
-        random_config = random_encoder_config(
-            m.family,
-            load_tokenizer("random"),
-            m.hidden_size,
-            m.num_layers,
-            m.num_heads,
-            m.intermediate_size,
-            max_positions=max(512, params.data.max_seq_len),
-        )
-    return build_denoiser(
-        m.name_or_path,
-        time_design=m.time_design,
-        num_timesteps=params.diffusion.num_timesteps,
-        max_seq_len=params.data.max_seq_len,
-        random_init=m.random_init,
-        random_config=random_config,
-        seed=m.head_init_seed,
-        diffusion={**schedule.describe(), "hybrid_lambda": params.diffusion.hybrid_lambda},
-    )

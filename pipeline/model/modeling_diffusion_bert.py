@@ -7,7 +7,7 @@ time design (`embedding`, `layerwise`, `prefix`), so that anyone can load the ex
 
 (`AutoModel` works too). The time-agnostic design (`none`) is exported as its encoder's own
 `*ForMaskedLM` and needs no code. The training code's denoiser is `pipeline.model.denoiser`; this
-is its twin for users, and tests/test_export.py checks both give the same logits for every
+is its twin for users, and tests/unit/test_export.py checks both give the same logits for every
 family and design. The encoder is any masked-LM family (BERT, RoBERTa, DistilBERT, ModernBERT):
 `config.encoder_layout` names where its parts live, so this file holds no per-family code.
 """

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from pipeline.assembly import schedule_for
+from pipeline.assembly.model import model_from_params
+from pipeline.assembly.schedule import schedule_for
 from pipeline.config import Params
 from pipeline.data.batching import iterate_batches, num_batches
 from pipeline.data.stats import TokenStatistics
@@ -27,7 +28,7 @@ from pipeline.diffusion.noising import NoisedBatch, noise_for_diffusion, noise_f
 from pipeline.diffusion.packing import SentenceRows, pack_rows
 from pipeline.diffusion.schedules import Schedule
 from pipeline.model.denoiser import DiffusionBertForDenoising
-from pipeline.model.loading import build_model, load_tokenizer
+from pipeline.model.loading import load_tokenizer
 from pipeline.model.precision import autocast, prefer_fast_attention, resolve_precision
 from pipeline.train.checkpoint import TrainPosition, load_checkpoint, save_checkpoint
 from pipeline.train.optim import EMA, build_optimizer, build_scheduler
@@ -168,7 +169,7 @@ def train_loop(
     special = SpecialIds.from_tokenizer(data.tokenizer)
     schedule = schedule_for(params, data.stats)
     torch.manual_seed(tp.seed + rank)
-    model = build_model(params, schedule).to(device)  # type: ignore[arg-type]  # transformers' wrapped .to
+    model = model_from_params(params, schedule).to(device)  # type: ignore[arg-type]  # transformers' wrapped .to
     prefer_fast_attention(model, device)
     if tp.tokens_per_batch is not None:  # refuse a family or design that cannot pack before any step
         model.encoder_family.check_packing(model.mlm.config, model.config.time_design)

@@ -326,10 +326,11 @@ def export_checkpoint(params: Params, layout: Layout, checkpoint_dir: Path, expo
     write the Hugging Face export with its tokenizer and schedule inputs."""
     import torch
 
-    from pipeline.assembly import schedule_for
+    from pipeline.assembly.model import model_from_params
+    from pipeline.assembly.schedule import schedule_for
     from pipeline.data.stats import TokenStatistics
     from pipeline.model.export import export_model
-    from pipeline.model.loading import build_model, load_tokenizer
+    from pipeline.model.loading import load_tokenizer
     from pipeline.train.checkpoint import load_checkpoint
     from pipeline.train.optim import EMA
 
@@ -338,7 +339,7 @@ def export_checkpoint(params: Params, layout: Layout, checkpoint_dir: Path, expo
     schedule = schedule_for(params, stats)
     rng = torch.get_rng_state()  # load_checkpoint restores the workers' RNG; keep ours
     try:
-        model = build_model(params, schedule)
+        model = model_from_params(params, schedule)
         ema = EMA(model, params.train.ema_decay) if params.train.ema_decay > 0 else None
         load_checkpoint(checkpoint_dir, model, ema=ema)
         if ema is not None:

@@ -1,6 +1,6 @@
 """Test-only fault injection: make rank 0 of a training run die (or pause) at a chosen step, once.
 
-Why it exists: the resume tests (tests/test_ray_train.py) must see a real worker die mid-run and
+Why it exists: the resume tests (tests/integration/test_ray_train.py) must see a real worker die mid-run and
 Ray Train restart it from its last checkpoint, and nothing else makes a worker die on cue. Set
 `DBERT_FAIL_AT_STEP=<step>` (and, to fire only once across restarts, `DBERT_FAIL_MARKER=<file>`)
 in the driver's environment: the driver turns them into a `FaultPlan` (`plan_from_env`) that
