@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pipeline.tracking.failures import best_effort, tracking_failed
 from pipeline.tracking.runs import MAX_TAG_VAL_LENGTH, safe_key
 
 PIPELINE_DIR = Path(__file__).resolve().parents[1]  # the package that travels with the model
@@ -87,6 +88,10 @@ def log_and_register(export_dir: str | Path, registered_model: str) -> Any | Non
 
     if not registered_model:
         return None
+    failed = tracking_failed()
+    if failed is not None:
+        log.warning("MLflow tracking failed (%s): the model is not logged as a pyfunc nor registered", failed)
+        return None
     if mlflow.active_run() is None:
         log.warning("no active MLflow run: the model is not logged as a pyfunc nor registered")
         return None
@@ -124,12 +129,14 @@ def metric_tags(metrics: Mapping[str, Any]) -> dict[str, str]:
     return tags
 
 
+@best_effort
 def attach_metrics(
     train_run_id: str | None, metrics: Mapping[str, Any], evaluate_run_id: str | None = None
 ) -> list[str]:
     """Tag every registered version logged by `train_run_id` with `metric_tags(metrics)` (and
     `evaluate_mlflow_run_id`); the `name/version` strings tagged. Uses the current tracking store;
-    best effort like registration: [] with a warning when the registry cannot be searched."""
+    best effort like registration: [] with a warning when the registry cannot be searched, None
+    once tracking failed in this process."""
     import mlflow
 
     if not train_run_id:

@@ -1,5 +1,6 @@
-"""Logging to MLflow from any process of a run: rank 0 only, finite numbers only, and never a
-run MLflow would start on its own (`run_id`, or the active run, or nothing)."""
+"""Logging to MLflow from any process of a run: rank 0 only, finite numbers only, never a run
+MLflow would start on its own (`run_id`, or the active run, or nothing), and best effort
+(`pipeline.tracking.failures`): a failure to log never costs the stage its outputs."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipeline.tracking.failures import best_effort
 from pipeline.tracking.runs import safe_key
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -76,6 +78,7 @@ def _as_float(value: Any) -> float | None:
 
 
 @rank_zero_only
+@best_effort
 def log_metrics(metrics: Mapping[str, Any], step: int | None = None, run_id: str | None = None) -> dict[str, float]:
     """Log the finite numeric entries of `metrics` (others are skipped); what was logged.
 
@@ -95,6 +98,7 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None, run_id: str
 
 
 @rank_zero_only
+@best_effort
 def log_artifact(path: Path | str, artifact_path: str | None = None, run_id: str | None = None) -> None:
     """Log a file, or a directory's contents, under `artifact_path` (rank 0, active run or `run_id`)."""
     if not _has_target(run_id):
@@ -109,6 +113,7 @@ def log_artifact(path: Path | str, artifact_path: str | None = None, run_id: str
 
 
 @rank_zero_only
+@best_effort
 def log_dict_artifact(obj: Any, name: str, run_id: str | None = None) -> None:
     """Log `obj` as JSON at artifact path `name` (e.g. "reports/bound.json"); str() for the rest."""
     if not _has_target(run_id):

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.lineage import lineage_tags
 from pipeline.overrides import flatten
+from pipeline.tracking.failures import note_failure, reset, tracking_failed
 from pipeline.tracking.store import DEFAULT_EXPERIMENT, setup_tracking
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -132,6 +133,8 @@ def start_stage_run(
                         tags=safe_tags,
                     )
                     run_id = run.info.run_id
+            if not nested:
+                reset()
             flat = flat_params(params)
             if flat:
                 mlflow.log_params(flat, run_id=run_id)
@@ -142,7 +145,22 @@ def start_stage_run(
         finally:
             if run_id is not None:
                 with held():
-                    _end_run(run_id, status)
+                    _close(run_id, status)
+
+
+def _close(run_id: str, status: str) -> None:
+    """End the run, best effort: MLflow takes it off this thread's stack before it asks the
+    store, so a store that does not answer leaves no run open here (it stays RUNNING in the
+    store; `dbert train --resume` closes it), and the failure is one warning, never an exception
+    that would hide how the stage ended."""
+    failed = tracking_failed()
+    try:
+        _end_run(run_id, status)
+    except Exception as err:
+        if failed is None:
+            note_failure(f"ending run {run_id} {status}", err)
+        else:
+            warnings.warn(f"MLflow run {run_id} is left RUNNING in the store: tracking failed ({failed})", stacklevel=3)
 
 
 def _run_exists(run_id: str) -> bool:

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import tempfile
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -26,6 +27,46 @@ DB_NAME = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 _QUIET_LOGGERS = ("alembic", "mlflow.store", "mlflow.tracking._tracking_service")
 _WARNED: set[tuple[str, str, str | None]] = set()
+
+
+# MLflow waits minutes per call on a server that does not answer (7 retries, 120 s timeouts);
+# a stage waits at most about a minute per call, then goes on without tracking. Set any of these
+# in the environment to choose otherwise.
+SERVER_HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+PREFLIGHT_TIMEOUT_S = 5.0
+
+
+class TrackingServerUnavailable(ConnectionError):
+    """The tracking server the URI names does not answer: the stage stops before any work."""
+
+
+def check_tracking_server(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> None:
+    """For an http(s) tracking server: bound MLflow's retries (`SERVER_HTTP_LIMITS`, unless set)
+    and ask `<uri>/health` once, raising `TrackingServerUnavailable` (one line naming the URI)
+    within `timeout` seconds when it does not answer. Other stores: nothing to check."""
+    if urllib.parse.urlparse(uri).scheme.lower() not in {"http", "https"}:
+        return
+    for name, value in SERVER_HTTP_LIMITS.items():
+        os.environ.setdefault(name, value)
+    # A server on this machine is asked directly, never through a proxy of the environment.
+    opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if _is_loopback_server(uri) else []))
+    try:
+        with opener.open(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            reason = f"HTTP {response.status}"
+    except urllib.error.HTTPError as err:
+        reason = f"HTTP {err.code}"
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = str(getattr(err, "reason", err)) or type(err).__name__
+    raise TrackingServerUnavailable(
+        f"the MLflow tracking server {uri} does not answer ({reason}); start it (dbert mlflow-server) "
+        f"or unset MLFLOW_TRACKING_URI to track in the project's own store"
+    )
 
 
 def tracking_uri(root: Path | str | None = None) -> str:
@@ -163,6 +204,7 @@ def setup_tracking(experiment: str = DEFAULT_EXPERIMENT, root: Path | str | None
 
     quiet_mlflow_logs()
     uri = uri or tracking_uri(root)
+    check_tracking_server(uri)
     local = _is_local_store(uri)
     db = _sqlite_path(uri)
     if db is not None:

@@ -40,6 +40,7 @@ SAMPLERS = "pipeline/diffusion/samplers.py"
 GIBBS = "pipeline/diffusion/gibbs.py"
 GAP = "pipeline/generation/gap_length.py"
 GAP_TEST = "tests/unit/test_gap_length.py"
+OUTAGE = "tests/integration/test_tracking_outage.py"
 REVERSE = "pipeline/diffusion/reverse.py"
 TRUNCATION = "pipeline/diffusion/truncation.py"
 LOSS = "pipeline/diffusion/loss.py"
@@ -599,6 +600,30 @@ MUTATIONS = [
             ),
         ),
         (GAP_TEST,),
+    ),
+    Mutation(
+        "t1",
+        "tracking: a failure to log is an exception again (the finished model is lost with it)",
+        (
+            Edit(
+                "pipeline/tracking/failures.py",
+                "        if _FAILED:\n            return None\n        try:\n            return fn(*args, **kwargs)",
+                "        if True:  # MUTANT\n            return fn(*args, **kwargs)\n        try:\n            return fn(*args, **kwargs)",
+            ),
+        ),
+        (OUTAGE + "::test_a_server_killed_mid_training_costs_one_warning_not_the_model",),
+    ),
+    Mutation(
+        "t2",
+        "tracking: no preflight of the server (MLflow's own retries, minutes, then a traceback)",
+        (
+            Edit(
+                "pipeline/tracking/store.py",
+                "    check_tracking_server(uri)\n    local = _is_local_store(uri)",
+                "    local = _is_local_store(uri)",
+            ),
+        ),
+        (OUTAGE + "::test_a_server_that_does_not_answer_stops_a_stage_in_seconds_with_one_line",),
     ),
     Mutation(
         "l1",
