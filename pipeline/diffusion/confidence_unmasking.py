@@ -100,14 +100,4 @@ def confidence_sample(
         trace.append(int(masked.sum()))
         if progress is not None:
             progress(step + 1)
-    if masked.any():
-        raise RuntimeError("sampling ended with [MASK] tokens left")
-    return SampleOutput(
-        x,
-        attn,
-        predictions.calls,
-        predictions.counts(batch),
-        time.perf_counter() - start,
-        predictions.model_seconds,
-        trace,
-    )
+    return predictions.output(x, attn, masked, start, trace)

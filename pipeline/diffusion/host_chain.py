@@ -114,6 +114,14 @@ class Predictions:
     def counts(self, batch: int) -> Tensor:
         return self.row_calls if self.row_calls is not None else torch.zeros(batch, dtype=torch.long)
 
+    def output(self, x: Tensor, attn: Tensor, masked: Tensor, start: float, trace: list[int]) -> SampleOutput:
+        """The chain's result, with these predictions' call counts and model time; a [MASK] left
+        cannot happen on a grid that ends at 0 (every [MASK] is revealed there), guarded anyway."""
+        if masked.any():
+            raise RuntimeError("sampling ended with [MASK] tokens left")
+        seconds = time.perf_counter() - start
+        return SampleOutput(x, attn, self.calls, self.counts(x.shape[0]), seconds, self.model_seconds, trace)
+
 
 def runs_resident(device: torch.device | str, resident: bool | None) -> bool:
     """Whether a sampler runs device-resident: by default exactly on accelerators."""

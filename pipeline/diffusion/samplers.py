@@ -144,17 +144,7 @@ def ancestral_sample(
         trace.append(int(masked.sum()))
         if progress is not None:
             progress(step + 1)
-    if masked.any():  # cannot happen on a grid that ends at 0 (a = 1 there); guard anyway
-        raise RuntimeError("sampling ended with [MASK] tokens left")
-    return SampleOutput(
-        x,
-        attn,
-        predictions.calls,
-        predictions.counts(batch),
-        time.perf_counter() - start,
-        predictions.model_seconds,
-        trace,
-    )
+    return predictions.output(x, attn, masked, start, trace)
 
 
 def decode(tokens: Tensor, tokenizer: PreTrainedTokenizerBase) -> list[str]:

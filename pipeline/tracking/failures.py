@@ -31,7 +31,7 @@ def best_effort(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except Exception as err:
-            _FAILED.append(" ".join(f"{type(err).__name__}: {err}".split())[:300])
+            _record(err)
             warnings.warn(
                 f"MLflow tracking failed ({_FAILED[0]}); the stage goes on and writes its outputs, "
                 "but logs nothing more to MLflow",
@@ -40,6 +40,10 @@ def best_effort(fn: F) -> F:
             return None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _record(err: BaseException) -> None:
+    _FAILED.append(" ".join(f"{type(err).__name__}: {err}".split())[:300])
 
 
 def reset() -> None:
@@ -52,5 +56,5 @@ def note_failure(what: str, err: BaseException) -> None:
     warning, once per process."""
     if _FAILED:
         return
-    _FAILED.append(" ".join(f"{type(err).__name__}: {err}".split())[:300])
+    _record(err)
     warnings.warn(f"MLflow tracking failed while {what} ({_FAILED[0]}); logging nothing more to MLflow", stacklevel=3)

@@ -27,14 +27,12 @@ import sqlite3
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.tracking.store import is_tracking_server, local_artifact_root, tracking_uri
+from pipeline.tracking.store import health_problem, is_tracking_server, local_artifact_root, tracking_uri
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
@@ -219,12 +217,7 @@ def ensure_port_free(host: str, port: int) -> None:
 
 def is_ready(url: str, timeout: float = 2.0) -> bool:
     """`<url>/health` answers 200 (no proxy: the server is local)."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(f"{url}/health", timeout=timeout) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
+    return health_problem(url, timeout, direct=True) is None
 
 
 def wait_until_ready(process: subprocess.Popen, url: str, timeout: float = READY_TIMEOUT_S) -> None:

@@ -53,20 +53,26 @@ def check_tracking_server(uri: str, timeout: float = PREFLIGHT_TIMEOUT_S) -> Non
     for name, value in SERVER_HTTP_LIMITS.items():
         os.environ.setdefault(name, value)
     # A server on this machine is asked directly, never through a proxy of the environment.
-    opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if _is_loopback_server(uri) else []))
-    try:
-        with opener.open(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
-            if response.status == 200:
-                return
-            reason = f"HTTP {response.status}"
-    except urllib.error.HTTPError as err:
-        reason = f"HTTP {err.code}"
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        reason = str(getattr(err, "reason", err)) or type(err).__name__
+    reason = health_problem(uri, timeout, direct=_is_loopback_server(uri))
+    if reason is None:
+        return
     raise TrackingServerUnavailable(
         f"the MLflow tracking server {uri} does not answer ({reason}); start it (dbert mlflow-server) "
         f"or unset MLFLOW_TRACKING_URI to track in the project's own store"
     )
+
+
+def health_problem(url: str, timeout: float, *, direct: bool) -> str | None:
+    """Why `<url>/health` does not answer 200 within `timeout` seconds, or None when it does;
+    `direct` bypasses the environment's proxies."""
+    opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if direct else []))
+    try:
+        with opener.open(f"{url.rstrip('/')}/health", timeout=timeout) as response:
+            return None if response.status == 200 else f"HTTP {response.status}"
+    except urllib.error.HTTPError as err:
+        return f"HTTP {err.code}"
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        return str(getattr(err, "reason", err)) or type(err).__name__
 
 
 def tracking_uri(root: Path | str | None = None) -> str:
